@@ -1,0 +1,175 @@
+"""The embedded demo: a few small checkpoints of one architecture plus Parquet partitions.
+
+The checkpoints deliberately share every variable name (``mlp/dense_0/kernel`` ...) and
+differ only in their weights: the case in which restoring them into one graph goes
+silently wrong. Tests and benchmarks build their fixtures with the same helpers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+__all__ = [
+    "DEMO_DIR",
+    "build_demo",
+    "build_mlp_checkpoint",
+    "feature_names",
+    "mlp_reference",
+    "write_partitions",
+]
+
+DEMO_DIR = Path(".demo")
+INPUT_NAME = "features"
+OUTPUT_NAME = "score"
+
+
+def feature_names(n: int) -> list[str]:
+    return [f"f{i:02d}" for i in range(n)]
+
+
+def build_mlp_checkpoint(
+    prefix: Path,
+    *,
+    seed: int,
+    n_features: int = 32,
+    hidden: Sequence[int] = (256, 256),
+    with_training_ops: bool = False,
+) -> Path:
+    """Write a TF1 Saver checkpoint of a ReLU MLP with a sigmoid output.
+
+    The graph takes ``features:0`` (None, n_features) float32 and yields ``score:0`` (None, 1).
+    Weights come from ``seed``, so different seeds give different models with identical
+    variable names. ``with_training_ops`` keeps a loss and an Adam optimizer in the graph,
+    as checkpoints saved during training do.
+    """
+    from loaders._tf import tf
+
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [None, n_features], name=INPUT_NAME)
+        h = x
+        width = n_features
+        with tf.compat.v1.variable_scope("mlp"):
+            for i, units in enumerate(hidden):
+                with tf.compat.v1.variable_scope(f"dense_{i}"):
+                    scale = np.sqrt(2.0 / width)
+                    w = tf.compat.v1.get_variable(
+                        "kernel",
+                        initializer=(rng.standard_normal((width, units)) * scale).astype(
+                            np.float32
+                        ),
+                    )
+                    b = tf.compat.v1.get_variable(
+                        "bias", initializer=(rng.standard_normal(units) * 0.1).astype(np.float32)
+                    )
+                    h = tf.nn.relu(tf.matmul(h, w) + b)
+                width = units
+            with tf.compat.v1.variable_scope("head"):
+                w = tf.compat.v1.get_variable(
+                    "kernel",
+                    initializer=(rng.standard_normal((width, 1)) / np.sqrt(width)).astype(
+                        np.float32
+                    ),
+                )
+                b = tf.compat.v1.get_variable("bias", initializer=np.zeros(1, np.float32))
+                logits = tf.matmul(h, w) + b
+        tf.sigmoid(logits, name=OUTPUT_NAME)
+        if with_training_ops:
+            labels = tf.compat.v1.placeholder(tf.float32, [None, 1], name="labels")
+            loss = tf.compat.v1.losses.sigmoid_cross_entropy(labels, logits)
+            tf.compat.v1.train.AdamOptimizer(1e-3).minimize(
+                loss, global_step=tf.compat.v1.train.get_or_create_global_step()
+            )
+        saver = tf.compat.v1.train.Saver()
+        with tf.compat.v1.Session(graph=graph) as sess:
+            sess.run(tf.compat.v1.global_variables_initializer())
+            saver.save(sess, str(prefix))
+    return prefix
+
+
+def mlp_reference(prefix: Path | str, features: np.ndarray) -> np.ndarray:
+    """Score with numpy from the checkpoint's own variables: the ground truth in tests."""
+    from loaders._tf import tf
+
+    reader = tf.train.load_checkpoint(str(prefix))
+    names = sorted(
+        n for n in reader.get_variable_to_shape_map() if n.startswith("mlp/dense_")
+        and n.rsplit("/", 1)[-1] in ("kernel", "bias") and "Adam" not in n
+    )
+    layers = sorted({n.rsplit("/", 1)[0] for n in names}, key=lambda s: int(s.rsplit("_", 1)[1]))
+    h = features.astype(np.float64)
+    for layer in layers:
+        h = np.maximum(h @ reader.get_tensor(f"{layer}/kernel") + reader.get_tensor(f"{layer}/bias"), 0)
+    logits = h @ reader.get_tensor("mlp/head/kernel") + reader.get_tensor("mlp/head/bias")
+    return (1.0 / (1.0 + np.exp(-logits))).reshape(-1)
+
+
+def write_partitions(
+    folder: Path,
+    *,
+    partitions: int,
+    rows: int,
+    n_features: int = 32,
+    seed: int = 0,
+    id_column: str = "id",
+    row_group_size: int = 256 * 1024,
+) -> list[Path]:
+    """Write ``partitions`` Parquet files of ``rows`` rows: an int64 id plus float32 features.
+
+    Written one row group at a time so generating a large partition needs little memory.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    names = feature_names(n_features)
+    schema = pa.schema([(id_column, pa.int64())] + [(n, pa.float32()) for n in names])
+    paths = []
+    for p in range(partitions):
+        path = folder / f"part-{p:04d}.parquet"
+        rng = np.random.default_rng((seed, p))
+        with pq.ParquetWriter(path, schema) as writer:
+            for start in range(0, rows, row_group_size):
+                n = min(row_group_size, rows - start)
+                x = rng.standard_normal((n, n_features), dtype=np.float32)
+                ids = np.arange(p * rows + start, p * rows + start + n, dtype=np.int64)
+                arrays = [pa.array(ids)] + [pa.array(x[:, j]) for j in range(n_features)]
+                writer.write_table(pa.Table.from_arrays(arrays, schema=schema))
+        paths.append(path)
+    return paths
+
+
+def build_demo(folder: Path = DEMO_DIR, *, members: int = 3, partitions: int = 4,
+               rows: int = 50_000, n_features: int = 32) -> Path:
+    """Build the demo once under ``folder``; returns the manifest path.
+
+    A marker file written last makes a half-built demo (interrupted build) rebuild.
+    """
+    manifest_path = folder / "manifest.yaml"
+    marker = folder / ".built"
+    wanted = {"members": members, "partitions": partitions, "rows": rows, "features": n_features}
+    if marker.is_file() and json.loads(marker.read_text()) == wanted and manifest_path.is_file():
+        return manifest_path
+    models = []
+    for i in range(members):
+        prefix = build_mlp_checkpoint(
+            folder / "models" / f"seed-{i}" / "model.ckpt", seed=1000 + i, n_features=n_features,
+            hidden=(64, 32),
+        )
+        models.append({
+            "name": f"seed{i}",
+            "path": str(prefix.relative_to(folder)),
+            "input": f"{INPUT_NAME}:0",
+            "output": f"{OUTPUT_NAME}:0",
+        })
+    write_partitions(folder / "data", partitions=partitions, rows=rows, n_features=n_features)
+    manifest = {"id_column": "id", "features": feature_names(n_features), "models": models}
+    manifest_path.write_text(yaml.safe_dump(manifest, sort_keys=False), encoding="utf-8")
+    marker.write_text(json.dumps(wanted))
+    return manifest_path

@@ -1,0 +1,125 @@
+"""The models manifest: what the ensemble is, as plain configuration.
+
+A :class:`ModelSpec` is cheap, frozen and picklable so it can cross task and process
+boundaries; the loaded graph and session never do (see :mod:`loaders.cache`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from loaders.errors import ManifestError
+
+__all__ = ["BadRowPolicy", "Manifest", "ModelFormat", "ModelSpec", "load_manifest", "parse_manifest"]
+
+ModelFormat = Literal["auto", "checkpoint", "saved_model"]
+BadRowPolicy = Literal["fail", "quarantine"]
+
+# Member names become column names (score_<name>) and folder names; keep them tame so
+# no manifest can steer output outside the output folder.
+_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+
+
+class ModelSpec(BaseModel):
+    """One ensemble member, as configured (never the loaded model)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=_NAME_PATTERN, description="Unique member name; becomes score_<name>.")
+    path: str = Field(description="TF1 checkpoint prefix or folder, or SavedModel folder.")
+    format: ModelFormat = Field("auto", description="Detected from the files when 'auto'.")
+    input: str | None = Field(None, description="TF1: input tensor name. SavedModel: input key.")
+    output: str | None = Field(None, description="TF1: output tensor name. SavedModel: output key.")
+    signature: str = Field("serving_default", description="SavedModel signature to call.")
+    tags: tuple[str, ...] = Field(("serve",), description="SavedModel meta graph tags.")
+    weight: float = Field(1.0, gt=0, description="Weight for --ensemble weighted.")
+
+
+class Manifest(BaseModel):
+    """The whole ensemble: feature order, id column, members and the bad-row policy."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id_column: str = Field(min_length=1)
+    features: tuple[str, ...] = Field(min_length=1)
+    models: tuple[ModelSpec, ...] = Field(min_length=1)
+    bad_rows: BadRowPolicy = "fail"
+
+    @field_validator("features")
+    @classmethod
+    def _unique_features(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        seen: set[str] = set()
+        dupes = sorted({f for f in value if f in seen or seen.add(f)})  # type: ignore[func-returns-value]
+        if dupes:
+            raise ValueError(f"feature columns listed twice: {dupes}; list each column once")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Manifest:
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(
+                f"duplicate model names: {dupes}; give every model a unique 'name'"
+            )
+        if self.id_column in self.features:
+            raise ValueError(
+                f"id_column {self.id_column!r} is also listed in features; ids are not features"
+            )
+        return self
+
+    @property
+    def member_names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+
+def parse_manifest(data: Any, base_dir: Path | None = None, *, source: str = "manifest") -> Manifest:
+    """Validate manifest data and resolve model paths against ``base_dir``.
+
+    Raises:
+        ManifestError: with every problem pydantic found, each with its location.
+    """
+    if not isinstance(data, dict):
+        raise ManifestError(
+            f"{source}: expected a mapping with 'id_column', 'features' and 'models', "
+            f"got {type(data).__name__}"
+        )
+    try:
+        manifest = Manifest.model_validate(data)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
+            for e in err.errors()
+        )
+        raise ManifestError(f"{source} is invalid: {problems}") from err
+    if base_dir is None:
+        return manifest
+    resolved = tuple(
+        m.model_copy(update={"path": str((base_dir / Path(m.path).expanduser()).resolve())})
+        for m in manifest.models
+    )
+    return manifest.model_copy(update={"models": resolved})
+
+
+def load_manifest(path: str | Path) -> Manifest:
+    """Read a YAML manifest; relative model paths are taken from the manifest's folder.
+
+    Raises:
+        ManifestError: the file is missing, is not YAML, or does not validate.
+    """
+    file = Path(path).expanduser()
+    try:
+        text = file.read_text(encoding="utf-8")
+    except FileNotFoundError as err:
+        raise ManifestError(f"manifest {file} does not exist; check --models") from err
+    except OSError as err:
+        raise ManifestError(f"manifest {file} cannot be read: {err}") from err
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ManifestError(f"manifest {file} is not valid YAML: {err}") from err
+    return parse_manifest(data, file.resolve().parent, source=f"manifest {file}")

@@ -1,0 +1,78 @@
+"""TF1 ``tf.compat.v1.train.Saver`` checkpoints (prefix + .meta + .index + .data-*)."""
+
+from __future__ import annotations
+
+import time
+
+from loaders._tf import tf
+from loaders.base import GraphScorer, new_session, tensor_name
+from loaders.errors import ModelLoadError
+from loaders.manifest import ModelSpec
+
+__all__ = ["load_checkpoint", "placeholders"]
+
+
+def placeholders(graph: tf.Graph) -> list[str]:
+    """Placeholder tensor names, offered in errors when a configured name is wrong."""
+    return [op.outputs[0].name for op in graph.get_operations() if op.type == "Placeholder"]
+
+
+def _get_tensor(graph: tf.Graph, spec: ModelSpec, role: str, name: str) -> tf.Tensor:
+    try:
+        return graph.get_tensor_by_name(tensor_name(name))
+    except (KeyError, ValueError) as err:
+        hint = f"placeholders in this graph: {placeholders(graph)[:10]}" if role == "input" else (
+            "check the name with `saved_model_cli` or by listing graph.get_operations()"
+        )
+        raise ModelLoadError(
+            f"model {spec.name!r}: {role} tensor {tensor_name(name)!r} is not in the graph "
+            f"of {spec.path}; {hint}"
+        ) from err
+
+
+def load_checkpoint(spec: ModelSpec, prefix: str, digest: str) -> GraphScorer:
+    """Import the meta graph into a fresh graph and restore the variables into its session.
+
+    Both the import and the restore must run inside ``graph.as_default()``: TF 2.x refuses
+    meta graph import under eager execution, and a restore outside finds no variables.
+
+    Raises:
+        ModelLoadError: unreadable or incomplete checkpoint, or unknown tensor names.
+    """
+    assert spec.input is not None and spec.output is not None
+    start = time.perf_counter()
+    graph = tf.Graph()
+    with graph.as_default():
+        try:
+            saver = tf.compat.v1.train.import_meta_graph(f"{prefix}.meta", clear_devices=True)
+        except Exception as err:  # protobuf and TF raise a zoo of types here
+            raise ModelLoadError(
+                f"model {spec.name!r}: cannot import meta graph {prefix}.meta: "
+                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}; "
+                "the file may be truncated or from an incompatible TensorFlow"
+            ) from err
+        input_tensor = _get_tensor(graph, spec, "input", spec.input)
+        output_tensor = _get_tensor(graph, spec, "output", spec.output)
+    session = new_session(graph)
+    try:
+        if saver is not None:
+            with graph.as_default():
+                saver.restore(session, prefix)
+    except (tf.errors.OpError, ValueError) as err:
+        session.close()
+        detail = getattr(err, "message", str(err)).splitlines()[0]
+        raise ModelLoadError(
+            f"model {spec.name!r}: cannot restore checkpoint {prefix}: {detail}. Check that "
+            "the .index and every .data-* shard were copied completely"
+        ) from err
+    graph.finalize()
+    return GraphScorer(
+        name=spec.name,
+        digest=digest,
+        source=prefix,
+        graph=graph,
+        session=session,
+        input_tensor=input_tensor,
+        output_tensor=output_tensor,
+        load_seconds=time.perf_counter() - start,
+    )
