@@ -1,0 +1,224 @@
+"""The scoring flow: plan, load members, score partitions, merge, commit a run record.
+
+Reads top to bottom like the data flow in the README. Partitions are fanned out with
+Prefect's task runner, a bounded number in flight so memory stays flat however many
+partitions there are; each partition's merge is submitted as soon as its scoring ends.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, runtime
+from prefect.futures import PrefectFuture, as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.utilities.annotations import unmapped
+from pydantic import BaseModel
+
+from flows.params import ScoreParams
+from loaders.errors import ScoringError
+from loaders.manifest import Manifest
+from tasks.merge import PartitionMerged
+from tasks.partitions import Partition
+from tasks.plan import MemberInfo, Plan, make_plan
+from tasks.scoring import PartitionScored
+from tasks.steps import load_member, merge_partition_task, score_partition_task
+from tasks.storage import ENSEMBLE_DIR, write_json_atomic
+
+__all__ = ["PartitionsFailed", "RunSummary", "score_ensemble"]
+
+RUN_RECORD = "_run.json"
+
+
+class PartitionsFailed(ScoringError, RuntimeError):
+    """Some partitions failed; the others are committed and a re-run finishes the rest."""
+
+
+class RunSummary(BaseModel):
+    output_dir: str
+    ensemble_dir: str
+    partitions: int
+    rows: int
+    bad_rows: int
+    members: list[MemberInfo]
+    skipped_member_partitions: int
+    seconds: float
+    scoring_seconds: float
+    failed: dict[str, str]
+    ensemble_mean: float
+    ensemble_std_mean: float
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / self.scoring_seconds if self.scoring_seconds > 0 else 0.0
+
+
+def _error_text(exc: BaseException) -> str:
+    return str(exc) if isinstance(exc, ScoringError) else f"{type(exc).__name__}: {exc}"
+
+
+class _Progress:
+    """Logs one line per finished partition: count, rows and the running throughput."""
+
+    def __init__(self, total: int, logger: Any) -> None:
+        self.total, self.logger, self.done, self.rows = total, logger, 0, 0
+        self.start = time.perf_counter()
+
+    def partition_done(self, merged: PartitionMerged, scored: PartitionScored) -> None:
+        self.done += 1
+        self.rows += merged.rows
+        elapsed = time.perf_counter() - self.start
+        rate = self.rows / elapsed if elapsed > 0 else 0.0
+        eta = elapsed / self.done * (self.total - self.done)
+        skipped = sum(m.skipped for m in scored.members)
+        note = f", {skipped} member output(s) reused" if skipped else ""
+        self.logger.info(
+            f"[{self.done}/{self.total}] {merged.relpath}: {merged.rows:,} rows{note}; "
+            f"{self.rows:,} rows so far at {rate:,.0f} rows/s, ETA {eta:.0f} s"
+        )
+
+
+def _run_partitions(
+    plan: Plan, manifest: Manifest, params: ScoreParams, logger: Any
+) -> tuple[dict[str, PartitionScored], dict[str, PartitionMerged], dict[str, str]]:
+    score = score_partition_task.with_options(retries=params.retries)
+    merge = merge_partition_task.with_options(retries=params.retries)
+    pending: deque[Partition] = deque(plan.partitions)
+    inflight: dict[PrefectFuture[Any], tuple[str, Partition]] = {}
+    scored: dict[str, PartitionScored] = {}
+    merged: dict[str, PartitionMerged] = {}
+    failed: dict[str, str] = {}
+    progress = _Progress(len(plan.partitions), logger)
+    policy = params.policy(manifest)
+
+    def submit_next() -> None:
+        if pending:
+            part = pending.popleft()
+            fut = score.submit(part, manifest, plan.output_dir, batch_size=params.batch_size,
+                               bad_rows=policy, force=params.force)
+            inflight[fut] = ("score", part)
+
+    for _ in range(params.concurrency):
+        submit_next()
+    while inflight:
+        fut = next(as_completed(list(inflight)))
+        kind, part = inflight.pop(fut)
+        try:
+            result = fut.result()
+        except Exception as exc:
+            failed[part.relpath] = _error_text(exc)
+            logger.error(f"partition {part.relpath} failed: {failed[part.relpath]}")
+            if kind == "score":
+                submit_next()
+            continue
+        if kind == "score":
+            scored[part.relpath] = result
+            inflight[merge.submit(part, manifest, plan.output_dir, method=params.ensemble)] = (
+                "merge", part)
+            submit_next()
+        else:
+            merged[part.relpath] = result
+            progress.partition_done(result, scored[part.relpath])
+    return scored, merged, failed
+
+
+def _versions() -> dict[str, str]:
+    import numpy
+    import prefect
+    import pyarrow
+
+    from loaders._tf import tf
+
+    return {"python": platform.python_version(), "tensorflow": tf.__version__,
+            "prefect": prefect.__version__, "pyarrow": pyarrow.__version__,
+            "numpy": numpy.__version__}
+
+
+@flow(
+    name="ensemble-score",
+    task_runner=ThreadPoolTaskRunner(max_workers=16),
+    validate_parameters=True,
+    log_prints=False,
+)
+def score_ensemble(params: ScoreParams) -> RunSummary:
+    """Score Parquet partitions with every model in the manifest and write the ensemble table.
+
+    Each model is loaded into its own TensorFlow graph and session, once per process.
+    Partitions that fail are listed at the end; those that succeeded stay committed and a
+    re-run skips them.
+    """
+    logger = get_run_logger()
+    started = time.perf_counter()
+    manifest = params.load_manifest()
+    plan = make_plan(manifest, params.input, params.output)
+    logger.info(
+        f"Scoring {len(plan.partitions)} partition(s) ({plan.total_bytes / 1e6:,.1f} MB) with "
+        f"{len(manifest.models)} member(s) into {plan.output_dir}"
+    )
+    for relpath, why in plan.unreadable.items():
+        logger.error(f"partition {relpath} set aside: {why}")
+
+    loads = load_member.with_options(retries=params.retries).map(
+        list(manifest.models), n_features=unmapped(len(manifest.features))
+    )
+    members = [f.result() for f in loads]
+    for m in members:
+        logger.info(f"member {m.name}: {m.format} {m.location} (digest {m.digest[:12]}, "
+                    f"loaded in {m.load_seconds:.2f} s)")
+
+    scoring_start = time.perf_counter()
+    scored, merged, failed = _run_partitions(plan, manifest, params, logger)
+    scoring_seconds = time.perf_counter() - scoring_start
+    failed.update(plan.unreadable)
+
+    rows = sum(m.rows for m in merged.values())
+    total_sum = sum(m.score_sum for m in merged.values())
+    summary = RunSummary(
+        output_dir=plan.output_dir,
+        ensemble_dir=str(Path(plan.output_dir) / ENSEMBLE_DIR),
+        partitions=len(merged),
+        rows=rows,
+        bad_rows=sum(s.bad_rows for s in scored.values()),
+        members=members,
+        skipped_member_partitions=sum(
+            m.skipped for s in scored.values() for m in s.members
+        ),
+        seconds=time.perf_counter() - started,
+        scoring_seconds=scoring_seconds,
+        failed=failed,
+        ensemble_mean=total_sum / rows if rows else 0.0,
+        ensemble_std_mean=sum(m.std_sum for m in merged.values()) / rows if rows else 0.0,
+    )
+    write_json_atomic(Path(plan.output_dir) / RUN_RECORD, {
+        "flow_run_id": str(runtime.flow_run.id),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "params": params.model_dump(mode="json"),
+        "members": [m.model_dump() for m in members],
+        "partitions": {
+            p.relpath: {
+                "fingerprint": p.fingerprint,
+                "rows": merged[p.relpath].rows if p.relpath in merged else None,
+                "bad_rows": scored[p.relpath].bad_rows if p.relpath in scored else None,
+                "status": "failed" if p.relpath in failed else "committed",
+            }
+            for p in plan.partitions
+        },
+        "failed": failed,
+        "versions": _versions(),
+        "summary": summary.model_dump(exclude={"members"}),
+    })
+    logger.info(
+        f"Done: {rows:,} rows in {len(merged)} partition(s) in {summary.seconds:.1f} s "
+        f"({summary.rows_per_second:,.0f} rows/s while scoring); table at {summary.ensemble_dir}"
+    )
+    if failed:
+        listing = "\n".join(f"  - {rel}: {why}" for rel, why in sorted(failed.items()))
+        raise PartitionsFailed(
+            f"{len(failed)} of {len(failed) + len(merged)} partition(s) failed; the other "
+            f"{len(merged)} are committed and a re-run scores only what is missing:\n{listing}"
+        )
+    return summary

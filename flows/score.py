@@ -1,0 +1,205 @@
+"""Command line: ``python -m flows.score`` (the demo), ``python -m flows.score --models M
+--input P --output D`` (your models), ``python -m flows.score serve`` (deployments).
+
+Heavy imports (TensorFlow, Prefect) happen after the arguments are parsed, so ``--help``
+is instant and ``--debug`` can turn TensorFlow's own logging back on before it loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+EPILOG = """\
+examples:
+  python -m flows.score                      run the embedded demo (builds it once in .demo/)
+  python -m flows.score --models models.yaml --input data/ --output out/
+  python -m flows.score --models m.yaml --input 'data/**/*.parquet' --output out/ --ensemble median
+  python -m flows.score serve                serve the deployments on this host
+
+output: <output>/ensemble/ mirrors the input's relative paths, one Parquet file per input
+partition, with the id column, score_<member>, ensemble_score, ensemble_std and n_members.
+exit codes: 0 success, 1 some partitions failed (the rest are committed), 2 bad arguments,
+manifest, models or data (nothing was scored).
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m flows.score",
+        description="Score Parquet data with an ensemble of TensorFlow models, each in its "
+        "own graph and session, orchestrated by Prefect. With no arguments, runs the demo.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--models", metavar="MANIFEST", help="models manifest (YAML): id_column, "
+                   "features, models (name, path, input/output or signature, weight)")
+    p.add_argument("--input", metavar="PATH", help="a Parquet file, a folder of them "
+                   "(recursive, hive key=value folders allowed) or a glob")
+    p.add_argument("--output", metavar="DIR", help="output folder; the table goes to "
+                   "DIR/ensemble/, member outputs to DIR/members/, the run record to "
+                   "DIR/_run.json")
+    p.add_argument("--ensemble", choices=["mean", "weighted", "median"], default="mean",
+                   help="how member scores combine (default: mean; weighted uses the "
+                   "manifest's weights)")
+    p.add_argument("--bad-rows", choices=["fail", "quarantine"], default=None,
+                   help="rows with null/NaN/inf features: fail the partition, or set them "
+                   "aside in DIR/quarantine/ (default: the manifest's, else fail)")
+    p.add_argument("--concurrency", type=int, default=2, metavar="N",
+                   help="partitions in flight at once (default: 2)")
+    p.add_argument("--batch-size", type=int, default=65_536, metavar="ROWS",
+                   help="rows per batch fed to the models (default: 65536)")
+    p.add_argument("--retries", type=int, default=3, metavar="N",
+                   help="retries for transient I/O errors (default: 3)")
+    p.add_argument("--runner", choices=["threads"], default="threads",
+                   help="Prefect task runner (default: threads)")
+    p.add_argument("--force", action="store_true",
+                   help="re-score everything, ignoring committed member outputs")
+    p.add_argument("--demo-dir", metavar="DIR", default=".demo",
+                   help="where the demo is built when no --models is given (default: .demo)")
+    p.add_argument("--quiet", action="store_true", help="only warnings and the final summary")
+    p.add_argument("--debug", action="store_true",
+                   help="show tracebacks and TensorFlow's own logs")
+    return p
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def _format_rows(path: Path, limit: int = 5) -> str:
+    """The first rows of one ensemble file as a small fixed-width table (no pandas)."""
+    import pyarrow.parquet as pq
+
+    table = pq.ParquetFile(path).read_row_group(0).slice(0, limit) if pq.ParquetFile(
+        path).num_row_groups else None
+    if table is None or table.num_rows == 0:
+        return "  (no rows)"
+    cols = table.column_names
+    cells = [[f"{v:.6f}" if isinstance(v, float) else str(v) for v in table.column(c).to_pylist()]
+             for c in cols]
+    widths = [max(len(c), *(len(v) for v in col)) for c, col in zip(cols, cells, strict=True)]
+    lines = ["  " + "  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))]
+    for i in range(table.num_rows):
+        lines.append("  " + "  ".join(col[i].rjust(w) for col, w in zip(cells, widths,
+                                                                        strict=True)))
+    return "\n".join(lines)
+
+
+def print_summary(summary: Any, wall: float) -> None:
+    files = sorted(Path(summary.ensemble_dir).rglob("*.parquet"))
+    members = ", ".join(m.name for m in summary.members)
+    print()
+    print(f"Ensemble table: {summary.ensemble_dir}  ({len(files)} file(s))")
+    print(f"Rows:           {summary.rows:,} in {summary.partitions} partition(s)"
+          + (f", {summary.bad_rows:,} bad row(s) set aside" if summary.bad_rows else ""))
+    print(f"Members:        {len(summary.members)} ({members})")
+    if summary.skipped_member_partitions:
+        print(f"Reused:         {summary.skipped_member_partitions} member output(s) already "
+              "committed with matching inputs (use --force to re-score)")
+    print(f"Time:           {wall:.1f} s in all, {summary.scoring_seconds:.1f} s scoring "
+          f"({summary.rows_per_second:,.0f} rows/s)")
+    print(f"Ensemble score: mean {summary.ensemble_mean:.4f}, mean member std "
+          f"{summary.ensemble_std_mean:.4f}")
+    if files:
+        print(f"First rows of {files[0].relative_to(summary.ensemble_dir)}:")
+        print(_format_rows(files[0]))
+
+
+def _configure(args: argparse.Namespace) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if args.debug else "3")
+    # A fresh ephemeral server migrates its database first; on a slow disk that can take
+    # longer than Prefect's default wait. Telemetry is of no use here and its writes
+    # contend with ours for the SQLite lock.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if args.quiet:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Validate everything, then run the flow; returns the exit code."""
+    started = time.perf_counter()
+    from pydantic import ValidationError
+
+    from loaders.errors import ScoringError
+
+    try:
+        from flows.params import ScoreParams
+
+        if args.models is None:
+            from flows.demo import build_demo
+
+            demo = Path(args.demo_dir)
+            print(f"Demo: building (once) 3 checkpoints with identical variable names and 4 "
+                  f"Parquet partitions in {demo.resolve()}", flush=True)
+            args.models = str(build_demo(demo))
+            args.input = args.input or str(demo / "data")
+            args.output = args.output or str(demo / "output")
+        elif args.input is None or args.output is None:
+            return _fail("--models needs --input and --output (see --help)", EXIT_USAGE)
+        params = ScoreParams(
+            models=args.models, input=args.input, output=args.output, ensemble=args.ensemble,
+            bad_rows=args.bad_rows, concurrency=args.concurrency, batch_size=args.batch_size,
+            retries=args.retries, force=args.force, runner=args.runner,
+        )
+        preflight(params)
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        return _fail(f"invalid arguments: {problems}", EXIT_USAGE)
+    except ScoringError as err:
+        if args.debug:
+            raise
+        return _fail(f"{err}\nNothing was scored.", EXIT_USAGE)
+
+    from flows.ensemble import score_ensemble
+
+    state = score_ensemble(params, return_state=True)
+    if not state.is_completed():
+        exc = state.result(raise_on_failure=False)
+        if args.debug and isinstance(exc, BaseException):
+            raise exc
+        return _fail(str(exc) if isinstance(exc, ScoringError) else f"run failed: {exc!r}",
+                     EXIT_FAILED)
+    print_summary(state.result(), time.perf_counter() - started)
+    return EXIT_OK
+
+
+def preflight(params: Any) -> None:
+    """Check the manifest, data and models before Prefect starts, so mistakes show in
+    seconds. Models are loaded into this process's cache, which the flow then reuses."""
+    from loaders.cache import MODEL_CACHE
+    from tasks.plan import make_plan, resolve_members
+
+    manifest = params.load_manifest()
+    resolve_members(manifest)
+    make_plan(manifest, params.input, params.output)
+    for spec in manifest.models:
+        MODEL_CACHE.get(spec, len(manifest.features))
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["serve"]:
+        from deployments.serve import main as serve_main
+
+        return serve_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    _configure(args)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        return _fail("interrupted; committed partitions are kept, re-run to finish", 130)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

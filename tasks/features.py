@@ -1,0 +1,70 @@
+"""Arrow record batches to the float32 matrix the models take, without pandas.
+
+Each feature column is copied once, straight from Arrow's buffer into its column of a
+C-contiguous (rows, features) array; no per-row Python runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+__all__ = ["BadRows", "find_bad_rows", "to_matrix"]
+
+
+def _column_values(col: pa.Array) -> np.ndarray:
+    if pa.types.is_decimal(col.type):
+        col = pc.cast(col, pa.float64())
+    if col.null_count:
+        # Nulls become NaN so one finiteness check catches null, NaN and inf alike.
+        col = pc.cast(col, pa.float64()) if not pa.types.is_floating(col.type) else col
+        return col.to_numpy(zero_copy_only=False)
+    return col.to_numpy(zero_copy_only=False)
+
+
+def to_matrix(batch: pa.RecordBatch, features: tuple[str, ...], out: np.ndarray | None = None
+              ) -> np.ndarray:
+    """The batch's feature columns, in manifest order, as a (rows, features) float32 matrix.
+
+    ``out`` may be a preallocated buffer at least ``batch.num_rows`` rows tall; a view on
+    its first rows is returned, so the caller must not keep it across batches.
+    """
+    rows = batch.num_rows
+    if out is None or out.shape[0] < rows or out.shape[1] != len(features):
+        out = np.empty((rows, len(features)), dtype=np.float32)
+    view = out[:rows]
+    schema = batch.schema
+    for j, name in enumerate(features):
+        view[:, j] = _column_values(batch.column(schema.get_field_index(name)))
+    return view
+
+
+@dataclass
+class BadRows:
+    """Rows that cannot be scored, with a reason per row."""
+
+    mask: np.ndarray  # True where the row is bad
+    reasons: list[str]  # one per bad row, in row order
+
+    @property
+    def count(self) -> int:
+        return len(self.reasons)
+
+
+def find_bad_rows(matrix: np.ndarray, features: tuple[str, ...]) -> BadRows | None:
+    """``None`` when every value is finite (the common, fast case); otherwise which rows
+    are bad and why: the first offending column and whether it is null/NaN or infinite."""
+    finite = np.isfinite(matrix)
+    good = finite.all(axis=1)
+    if good.all():
+        return None
+    bad_idx = np.flatnonzero(~good)
+    reasons = []
+    for i in bad_idx:
+        j = int(np.argmin(finite[i]))
+        kind = "null or NaN" if np.isnan(matrix[i, j]) else "infinite"
+        reasons.append(f"{features[j]} is {kind}")
+    return BadRows(mask=~good, reasons=reasons)

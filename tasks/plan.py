@@ -1,0 +1,77 @@
+"""Planning a run: everything checked before the first expensive step.
+
+Config mistakes (missing files, columns, tensors, an unwritable output) surface here in
+seconds, naming what is wrong; a partition whose footer cannot be read is set aside so
+the others still run (it is reported, and the run ends failed).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from loaders.errors import DataError
+from loaders.inspect import digest_files, resolve_model
+from loaders.manifest import Manifest
+from tasks.partitions import Partition, check_schema, discover_partitions
+from tasks.storage import check_writable
+
+__all__ = ["MemberInfo", "Plan", "make_plan", "resolve_members"]
+
+
+class MemberInfo(BaseModel):
+    name: str
+    format: str
+    location: str
+    digest: str
+    load_seconds: float = 0.0
+
+
+class Plan(BaseModel):
+    output_dir: str
+    partitions: list[Partition]
+    unreadable: dict[str, str]  # relpath -> why, for partitions set aside
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(p.size for p in self.partitions)
+
+
+def resolve_members(manifest: Manifest) -> list[MemberInfo]:
+    """Find every member's files and fingerprint them (no TensorFlow needed).
+
+    Raises:
+        ManifestError: a member's files are missing or incomplete.
+    """
+    infos = []
+    for spec in manifest.models:
+        resolved = resolve_model(spec)
+        infos.append(MemberInfo(name=spec.name, format=resolved.format,
+                                location=resolved.location,
+                                digest=digest_files(resolved.files)))
+    return infos
+
+
+def make_plan(manifest: Manifest, input_path: str, output_dir: str) -> Plan:
+    """List and check the partitions and the output folder.
+
+    Raises:
+        DataError: no input, or a partition lacks a column or has a non-numeric feature.
+        OutputError: the output folder is not writable.
+    """
+    out = Path(output_dir).expanduser().resolve()
+    check_writable(out)
+    partitions = discover_partitions(input_path, exclude=out)
+    unreadable: dict[str, str] = {}
+    good = []
+    for part in partitions:
+        try:
+            check_schema(part, manifest)
+        except DataError as err:
+            if "not a readable Parquet file" not in str(err):
+                raise
+            unreadable[part.relpath] = str(err)
+            continue
+        good.append(part)
+    return Plan(output_dir=str(out), partitions=good, unreadable=unreadable)

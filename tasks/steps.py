@@ -1,0 +1,70 @@
+"""The Prefect tasks: thin wrappers over the plain functions, which tests call directly.
+
+Retries are declared here and only for what a second try can fix (I/O errors, timeouts,
+lost connections); a bad schema or a broken checkpoint fails at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from loaders.cache import MODEL_CACHE
+from loaders.errors import ScoringError
+from loaders.inspect import resolve_model
+from loaders.manifest import ModelSpec
+from tasks.merge import merge_partition
+from tasks.plan import MemberInfo
+from tasks.scoring import score_partition
+
+__all__ = ["is_transient", "load_member", "merge_partition_task", "score_partition_task"]
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Worth another try: I/O and network trouble, but not our own explained errors nor
+    Arrow's complaints about file contents (which reading again will not change)."""
+    if isinstance(exc, ScoringError):
+        return False
+    if isinstance(exc, pa.ArrowInvalid):
+        return False
+    return isinstance(exc, (OSError, TimeoutError, ConnectionError))
+
+
+def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    try:
+        state.result()
+    except Exception as exc:  # the task's own exception, re-raised by result()
+        return is_transient(exc)
+    return False
+
+
+_RETRY = dict(
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=1),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=_retry_transient,
+    cache_policy=NO_CACHE,
+)
+
+
+@task(name="load-member", task_run_name="load {spec.name}", **_RETRY)  # type: ignore[arg-type]
+def load_member(spec: ModelSpec, n_features: int) -> MemberInfo:
+    """Load one member into this process's cache (its own graph and session)."""
+    scorer = MODEL_CACHE.get(spec, n_features)
+    return MemberInfo(name=spec.name, format=resolve_model(spec).format, location=scorer.source,
+                      digest=scorer.digest, load_seconds=scorer.load_seconds)
+
+
+score_partition_task = task(
+    score_partition, name="score-partition",
+    task_run_name="score {partition.relpath}", **_RETRY,  # type: ignore[arg-type]
+)
+merge_partition_task = task(
+    merge_partition, name="merge-partition",
+    task_run_name="merge {partition.relpath}", **_RETRY,  # type: ignore[arg-type]
+)
+

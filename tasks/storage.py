@@ -1,0 +1,97 @@
+"""Atomic file commits and output-folder layout.
+
+Every file the pipeline publishes is written under a hidden staging name in its final
+folder and renamed into place only when complete, so readers of ``DIR/ensemble/`` (which
+skip names starting with ``.`` or ``_``, as pyarrow datasets do) never see a partial file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from loaders.errors import OutputError
+
+__all__ = [
+    "ENSEMBLE_DIR",
+    "MEMBERS_DIR",
+    "QUARANTINE_DIR",
+    "check_writable",
+    "member_path",
+    "safe_join",
+    "staged",
+    "write_json_atomic",
+]
+
+ENSEMBLE_DIR = "ensemble"
+MEMBERS_DIR = "members"
+QUARANTINE_DIR = "quarantine"
+
+
+def safe_join(root: Path, relpath: str) -> Path:
+    """``root / relpath``, refusing anything that would land outside ``root``.
+
+    Raises:
+        OutputError: ``relpath`` is absolute or climbs out with ``..``.
+    """
+    rel = PurePosixPath(relpath)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise OutputError(f"refusing to write {relpath!r}: it would land outside {root}")
+    return root.joinpath(*rel.parts)
+
+
+def member_path(output_dir: Path, member: str, relpath: str) -> Path:
+    return safe_join(output_dir / MEMBERS_DIR / member, relpath)
+
+
+@contextlib.contextmanager
+def staged(final: Path) -> Iterator[Path]:
+    """Yield a staging path beside ``final``; rename it into place if the block succeeds.
+
+    On any failure, including KeyboardInterrupt, the staging file is removed and ``final``
+    is left as it was. A ``kill -9`` can leave a hidden ``.*.tmp`` file, never a partial
+    ``final``.
+    """
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputError(
+            f"cannot create output folder {final.parent}: {err.strerror or err}; choose a "
+            "writable --output"
+        ) from err
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def write_json_atomic(final: Path, data: Any) -> None:
+    with staged(final) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def check_writable(output_dir: Path) -> None:
+    """Fail before scoring, not after, when the output folder cannot be written.
+
+    Raises:
+        OutputError: the folder cannot be created or written.
+    """
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        probe = output_dir / f".write-probe-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise OutputError(
+            f"output folder {output_dir} is not writable ({err.strerror or err}); choose "
+            "another --output or fix its permissions"
+        ) from err
