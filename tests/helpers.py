@@ -1,0 +1,122 @@
+"""Builders for small real models and data, and the numpy references they are checked
+against. Every model here is a real TensorFlow artefact written to disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from loaders._tf import tf
+
+
+def mlp_weights(seed: int, n_features: int, hidden: tuple[int, ...] = (16, 8)
+                ) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    layers = []
+    width = n_features
+    for units in (*hidden, 1):
+        layers.append((
+            (rng.standard_normal((width, units)) / np.sqrt(width)).astype(np.float32),
+            (rng.standard_normal(units) * 0.1).astype(np.float32),
+        ))
+        width = units
+    return layers
+
+
+def numpy_mlp(weights: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray) -> np.ndarray:
+    h = x.astype(np.float64)
+    for w, b in weights[:-1]:
+        h = np.maximum(h @ w + b, 0.0)
+    w, b = weights[-1]
+    return (1 / (1 + np.exp(-(h @ w + b)))).reshape(-1)
+
+
+def save_tf2_saved_model(path: Path, weights: list[tuple[np.ndarray, np.ndarray]]) -> Path:
+    """A TF2 ``tf.saved_model.save`` export of a tf.Module with a serving signature."""
+    n_features = weights[0][0].shape[0]
+
+    class MLP(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ws = [(tf.Variable(w), tf.Variable(b)) for w, b in weights]
+
+        @tf.function(input_signature=[tf.TensorSpec([None, n_features], tf.float32,
+                                                    name="features")])
+        def serve(self, x: Any) -> dict[str, Any]:
+            h = x
+            for w, b in self.ws[:-1]:
+                h = tf.nn.relu(tf.matmul(h, w) + b)
+            w, b = self.ws[-1]
+            return {"probability": tf.sigmoid(tf.matmul(h, w) + b)}
+
+    module = MLP()
+    tf.saved_model.save(module, str(path), signatures={"serving_default": module.serve})
+    return path
+
+
+def save_tf1_builder_saved_model(path: Path, weights: list[tuple[np.ndarray, np.ndarray]],
+                                 scope: str = "outer/inner") -> Path:
+    """A TF1 ``SavedModelBuilder`` export, variables under nested scopes."""
+    n_features = weights[0][0].shape[0]
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [None, n_features], name="x")
+        h = x
+        with tf.compat.v1.variable_scope(scope.split("/")[0]), \
+                tf.compat.v1.variable_scope(scope.split("/")[1]):
+            for i, (w, b) in enumerate(weights):
+                wv = tf.compat.v1.get_variable(f"w{i}", initializer=w)
+                bv = tf.compat.v1.get_variable(f"b{i}", initializer=b)
+                h = tf.matmul(h, wv) + bv
+                if i < len(weights) - 1:
+                    h = tf.nn.relu(h)
+        y = tf.sigmoid(h, name="y")
+        with tf.compat.v1.Session(graph=graph) as sess:
+            sess.run(tf.compat.v1.global_variables_initializer())
+            builder = tf.compat.v1.saved_model.Builder(str(path))
+            sig = tf.compat.v1.saved_model.predict_signature_def({"x": x}, {"y": y})
+            builder.add_meta_graph_and_variables(sess, ["serve"],
+                                                 signature_def_map={"serving_default": sig})
+            builder.save()
+    return path
+
+
+def save_keras_export(path: Path, weights: list[tuple[np.ndarray, np.ndarray]]) -> Path:
+    """A Keras model exported with ``model.export()`` (a SavedModel)."""
+    import keras
+
+    n_features = weights[0][0].shape[0]
+    inputs = keras.Input((n_features,), name="features")
+    h = inputs
+    for i, (w, _) in enumerate(weights):
+        act = "relu" if i < len(weights) - 1 else "sigmoid"
+        layer = keras.layers.Dense(w.shape[1], activation=act)
+        h = layer(h)
+    model = keras.Model(inputs, h)
+    dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    for layer, (w, b) in zip(dense, weights, strict=True):
+        layer.set_weights([w, b])
+    model.export(str(path), verbose=False)
+    return path
+
+
+def write_table(path: Path, columns: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def write_manifest(path: Path, data: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def read_dataset(folder: Path) -> pa.Table:
+    files = sorted(p for p in folder.rglob("*.parquet") if not p.name.startswith((".", "_")))
+    return pa.concat_tables([pq.read_table(f) for f in files])

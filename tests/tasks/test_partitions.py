@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from loaders.errors import DataError
+from loaders.manifest import Manifest, ModelSpec
+from tasks.partitions import check_schema, discover_partitions
+from tests.helpers import write_table
+
+
+def _table(n: int = 3) -> dict[str, object]:
+    return {"id": np.arange(n), "a": np.ones(n, np.float32), "b": np.zeros(n)}
+
+
+def _manifest(features: tuple[str, ...] = ("a", "b")) -> Manifest:
+    return Manifest(id_column="id", features=features,
+                    models=(ModelSpec(name="m", path="x", input="i", output="o"),))
+
+
+def test_folder_is_searched_recursively_and_skips_metadata(tmp_path: Path) -> None:
+    write_table(tmp_path / "day=1" / "part-0.parquet", _table())
+    write_table(tmp_path / "day=2" / "part-0.parquet", _table())
+    write_table(tmp_path / "_common_metadata.parquet", _table())
+    (tmp_path / "_SUCCESS").write_text("")
+    (tmp_path / "notes.txt").write_text("")
+    parts = discover_partitions(str(tmp_path))
+    assert [p.relpath for p in parts] == ["day=1/part-0.parquet", "day=2/part-0.parquet"]
+
+
+def test_single_file_and_glob(tmp_path: Path) -> None:
+    write_table(tmp_path / "d" / "x" / "a.parquet", _table())
+    write_table(tmp_path / "d" / "y" / "b.parquet", _table())
+    assert [p.relpath for p in discover_partitions(str(tmp_path / "d" / "x" / "a.parquet"))] == [
+        "a.parquet"]
+    parts = discover_partitions(str(tmp_path / "d" / "**" / "*.parquet"))
+    assert [p.relpath for p in parts] == ["x/a.parquet", "y/b.parquet"]
+
+
+def test_output_below_input_is_excluded(tmp_path: Path) -> None:
+    write_table(tmp_path / "a.parquet", _table())
+    write_table(tmp_path / "out" / "ensemble" / "a.parquet", _table())
+    parts = discover_partitions(str(tmp_path), exclude=tmp_path / "out")
+    assert [p.relpath for p in parts] == ["a.parquet"]
+
+
+def test_nothing_found(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist; check --input"):
+        discover_partitions(str(tmp_path / "missing"))
+    with pytest.raises(DataError, match="no Parquet files found"):
+        discover_partitions(str(tmp_path))
+
+
+def test_schema_errors_name_partition_and_column(tmp_path: Path) -> None:
+    write_table(tmp_path / "p.parquet", {"id": [1], "a": ["text"], "b": [1.0]})
+    part = discover_partitions(str(tmp_path))[0]
+    with pytest.raises(DataError, match=r"p.parquet lacks column\(s\) \['zz'\]"):
+        check_schema(part, _manifest(("a", "zz")))
+    with pytest.raises(DataError, match=r"p.parquet: feature column\(s\) \['a \(string\)'\]"):
+        check_schema(part, _manifest())
+
+
+def test_corrupt_footer(tmp_path: Path) -> None:
+    path = write_table(tmp_path / "p.parquet", _table(1000))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    part = discover_partitions(str(tmp_path))[0]
+    with pytest.raises(DataError, match="not a readable Parquet file"):
+        check_schema(part, _manifest())
+    assert isinstance(pa.ArrowException, type)
