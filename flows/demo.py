@@ -108,7 +108,8 @@ def mlp_reference(prefix: Path | str, features: np.ndarray) -> np.ndarray:
     layers = sorted({n.rsplit("/", 1)[0] for n in names}, key=lambda s: int(s.rsplit("_", 1)[1]))
     h = features.astype(np.float64)
     for layer in layers:
-        h = np.maximum(h @ reader.get_tensor(f"{layer}/kernel") + reader.get_tensor(f"{layer}/bias"), 0)
+        w, b = reader.get_tensor(f"{layer}/kernel"), reader.get_tensor(f"{layer}/bias")
+        h = np.maximum(h @ w + b, 0)
     logits = h @ reader.get_tensor("mlp/head/kernel") + reader.get_tensor("mlp/head/bias")
     return (1.0 / (1.0 + np.exp(-logits))).reshape(-1)
 

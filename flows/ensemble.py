@@ -140,7 +140,7 @@ def _versions() -> dict[str, str]:
 
 @flow(
     name="ensemble-score",
-    task_runner=ThreadPoolTaskRunner(max_workers=16),
+    task_runner=ThreadPoolTaskRunner(max_workers=16),  # type: ignore[arg-type]
     validate_parameters=True,
     log_prints=False,
 )

@@ -148,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
         elif args.input is None or args.output is None:
             return _fail("--models needs --input and --output (see --help)", EXIT_USAGE)
         params = ScoreParams(
-            models=args.models, input=args.input, output=args.output, ensemble=args.ensemble,
+            models=args.models, manifest=None, input=args.input, output=args.output,
+            ensemble=args.ensemble,
             bad_rows=args.bad_rows, concurrency=args.concurrency, batch_size=args.batch_size,
             retries=args.retries, force=args.force, runner=args.runner,
         )

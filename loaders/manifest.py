@@ -14,7 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from loaders.errors import ManifestError
 
-__all__ = ["BadRowPolicy", "Manifest", "ModelFormat", "ModelSpec", "load_manifest", "parse_manifest"]
+__all__ = [
+    "BadRowPolicy",
+    "Manifest",
+    "ModelFormat",
+    "ModelSpec",
+    "load_manifest",
+    "parse_manifest",
+]
 
 ModelFormat = Literal["auto", "checkpoint", "saved_model"]
 BadRowPolicy = Literal["fail", "quarantine"]
@@ -29,7 +36,9 @@ class ModelSpec(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    name: str = Field(pattern=_NAME_PATTERN, description="Unique member name; becomes score_<name>.")
+    name: str = Field(
+        pattern=_NAME_PATTERN, description="Unique member name; becomes score_<name>."
+    )
     path: str = Field(description="TF1 checkpoint prefix or folder, or SavedModel folder.")
     format: ModelFormat = Field("auto", description="Detected from the files when 'auto'.")
     input: str | None = Field(None, description="TF1: input tensor name. SavedModel: input key.")
@@ -77,7 +86,9 @@ class Manifest(BaseModel):
         return [m.name for m in self.models]
 
 
-def parse_manifest(data: Any, base_dir: Path | None = None, *, source: str = "manifest") -> Manifest:
+def parse_manifest(
+    data: Any, base_dir: Path | None = None, *, source: str = "manifest"
+) -> Manifest:
     """Validate manifest data and resolve model paths against ``base_dir``.
 
     Raises:

@@ -6,10 +6,11 @@ lost connections); a bad schema or a broken checkpoint fails at once.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ParamSpec, TypeVar
 
 import pyarrow as pa
-from prefect import task
+from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
@@ -22,6 +23,9 @@ from tasks.plan import MemberInfo
 from tasks.scoring import score_partition
 
 __all__ = ["is_transient", "load_member", "merge_partition_task", "score_partition_task"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -42,29 +46,25 @@ def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-_RETRY = dict(
-    retries=3,
-    retry_delay_seconds=exponential_backoff(backoff_factor=1),
-    retry_jitter_factor=0.5,
-    retry_condition_fn=_retry_transient,
-    cache_policy=NO_CACHE,
-)
+def _retrying(fn: Callable[P, R], name: str, run_name: str) -> Task[P, R]:
+    return task(
+        name=name,
+        task_run_name=run_name,
+        retries=3,
+        retry_delay_seconds=exponential_backoff(backoff_factor=1),
+        retry_jitter_factor=0.5,
+        retry_condition_fn=_retry_transient,
+        cache_policy=NO_CACHE,
+    )(fn)
 
 
-@task(name="load-member", task_run_name="load {spec.name}", **_RETRY)  # type: ignore[arg-type]
-def load_member(spec: ModelSpec, n_features: int) -> MemberInfo:
+def _load_member(spec: ModelSpec, n_features: int) -> MemberInfo:
     """Load one member into this process's cache (its own graph and session)."""
     scorer = MODEL_CACHE.get(spec, n_features)
     return MemberInfo(name=spec.name, format=resolve_model(spec).format, location=scorer.source,
                       digest=scorer.digest, load_seconds=scorer.load_seconds)
 
 
-score_partition_task = task(
-    score_partition, name="score-partition",
-    task_run_name="score {partition.relpath}", **_RETRY,  # type: ignore[arg-type]
-)
-merge_partition_task = task(
-    merge_partition, name="merge-partition",
-    task_run_name="merge {partition.relpath}", **_RETRY,  # type: ignore[arg-type]
-)
-
+load_member = _retrying(_load_member, "load-member", "load {spec.name}")
+score_partition_task = _retrying(score_partition, "score-partition", "score {partition.relpath}")
+merge_partition_task = _retrying(merge_partition, "merge-partition", "merge {partition.relpath}")

@@ -11,7 +11,7 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from flows.demo import build_mlp_checkpoint, feature_names  # noqa: E402
+from flows.demo import build_mlp_checkpoint, feature_names
 
 N_FEATURES = 8
 SEEDS = (11, 22, 33)

@@ -1,0 +1,111 @@
+"""The whole flow under a real Prefect test server, on real checkpoints and Parquet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from flows.demo import mlp_reference
+from flows.ensemble import PartitionsFailed, score_ensemble
+from flows.params import ScoreParams
+from tests.conftest import N_FEATURES
+from tests.helpers import (
+    mlp_weights,
+    numpy_mlp,
+    read_dataset,
+    save_tf2_saved_model,
+    write_manifest,
+    write_table,
+)
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def _hive_data(root: Path, features: list[str]) -> dict[str, np.ndarray]:
+    """Hive-partitioned input with string ids, extra columns, features out of order."""
+    rng = np.random.default_rng(42)
+    rows: dict[str, np.ndarray] = {}
+    for day, n in (("2026-11-01", 700), ("2026-11-02", 300), ("2026-11-03", 1)):
+        for part in range(2):
+            x = rng.standard_normal((n, N_FEATURES)).astype(np.float32)
+            ids = [f"{day}/{part}/{i}" for i in range(n)]
+            cols: dict[str, object] = {"note": ["x"] * n}
+            for j in reversed(range(N_FEATURES)):
+                cols[features[j]] = x[:, j]
+            cols["customer"] = ids
+            write_table(root / f"day={day}" / f"part-{part}.parquet", cols)
+            rows.update(zip(ids, x, strict=True))
+    return rows
+
+
+def test_mixed_formats_hive_string_ids(tmp_path: Path, checkpoints: list[Path],
+                                       features: list[str]) -> None:
+    weights = mlp_weights(99, N_FEATURES)
+    save_tf2_saved_model(tmp_path / "models" / "tf2", weights)
+    manifest = write_manifest(tmp_path / "models" / "manifest.yaml", {
+        "id_column": "customer",
+        "features": features,
+        "models": [
+            {"name": "ckpt_a", "path": str(checkpoints[0]), "input": "features:0",
+             "output": "score:0"},
+            {"name": "ckpt_b", "path": str(checkpoints[1]), "input": "features",
+             "output": "score"},
+            {"name": "saved", "path": "tf2"},  # relative to the manifest's folder
+        ],
+    })
+    rows = _hive_data(tmp_path / "data", features)
+    summary = score_ensemble(ScoreParams(models=str(manifest), input=str(tmp_path / "data"),
+                                         output=str(tmp_path / "out")))
+    assert summary.rows == len(rows) and summary.partitions == 6 and not summary.failed
+
+    files = sorted(p.relative_to(tmp_path / "out" / "ensemble").as_posix()
+                   for p in (tmp_path / "out" / "ensemble").rglob("*.parquet"))
+    assert files == [f"day={d}/part-{p}.parquet" for d in ("2026-11-01", "2026-11-02",
+                                                           "2026-11-03") for p in (0, 1)]
+    table = read_dataset(tmp_path / "out" / "ensemble")
+    assert table.column_names == ["customer", "score_ckpt_a", "score_ckpt_b", "score_saved",
+                                  "ensemble_score", "ensemble_std", "n_members"]
+    assert str(table.schema.field("score_saved").type) == "float"
+    ids = table.column("customer").to_pylist()
+    assert sorted(ids) == sorted(rows) and len(set(ids)) == len(ids)
+
+    x = np.stack([rows[i] for i in ids])
+    refs = np.stack([mlp_reference(checkpoints[0], x), mlp_reference(checkpoints[1], x),
+                     numpy_mlp(weights, x)], axis=1)
+    for k, name in enumerate(["ckpt_a", "ckpt_b", "saved"]):
+        assert np.abs(table.column(f"score_{name}").to_numpy() - refs[:, k]).max() <= 1e-5
+    assert np.abs(table.column("ensemble_score").to_numpy() - refs.mean(1)).max() <= 1e-5
+    assert np.abs(table.column("ensemble_std").to_numpy() - refs.std(1)).max() <= 1e-5
+    assert set(table.column("n_members").to_pylist()) == {3}
+    assert (tmp_path / "out" / "_run.json").is_file()
+
+
+def test_failed_partition_keeps_the_others_and_rerun_finishes(
+        tmp_path: Path, checkpoints: list[Path], features: list[str]) -> None:
+    manifest = write_manifest(tmp_path / "m.yaml", {
+        "id_column": "id", "features": features,
+        "models": [{"name": f"m{i}", "path": str(p), "input": "features", "output": "score"}
+                   for i, p in enumerate(checkpoints)],
+    })
+    rng = np.random.default_rng(0)
+    for p in range(3):
+        cols: dict[str, object] = {"id": np.arange(p * 100, p * 100 + 100)}
+        for f in features:
+            cols[f] = rng.standard_normal(100).astype(np.float32)
+        write_table(tmp_path / "in" / f"p{p}.parquet", cols)
+    bad = tmp_path / "in" / "p1.parquet"
+    good_bytes = bad.read_bytes()
+    bad.write_bytes(good_bytes[: len(good_bytes) // 3])
+    params = ScoreParams(models=str(manifest), input=str(tmp_path / "in"),
+                         output=str(tmp_path / "out"))
+    with pytest.raises(PartitionsFailed, match=r"(?s)1 of 3 partition\(s\) failed.*p1.parquet"):
+        score_ensemble(params)
+    assert sorted(p.name for p in (tmp_path / "out" / "ensemble").glob("*.parquet")) == [
+        "p0.parquet", "p2.parquet"]
+    bad.write_bytes(good_bytes)
+    summary = score_ensemble(params)
+    assert summary.skipped_member_partitions == 6  # p0 and p2 were not re-scored
+    assert pq.read_table(tmp_path / "out" / "ensemble" / "p1.parquet").num_rows == 100
