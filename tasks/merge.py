@@ -26,7 +26,16 @@ EnsembleMethod = Literal["mean", "weighted", "median"]
 HISTOGRAM_BINS = 20
 
 
+SAMPLE_ROWS = 1000
+
+
 class PartitionMerged(BaseModel):
+    """One partition's slice of the table plus the sums the run report is built from.
+
+    Sums (not means) so partitions add up exactly; ``cross`` is the members' score
+    cross-product matrix, from which the flow derives their pairwise correlations.
+    """
+
     relpath: str
     rows: int
     path: str
@@ -35,6 +44,11 @@ class PartitionMerged(BaseModel):
     std_sum: float
     score_min: float
     score_max: float
+    member_sum: list[float]
+    member_sumsq: list[float]
+    cross: list[list[float]]
+    sample_score: list[float]  # up to SAMPLE_ROWS evenly spaced rows, for histograms
+    sample_std: list[float]
 
 
 def aligned_batches(
@@ -128,6 +142,13 @@ def merge_partition(
     rows = 0
     ssum = ssq = stdsum = 0.0
     smin, smax = np.inf, -np.inf
+    k = len(names)
+    msum = np.zeros(k)
+    cross = np.zeros((k, k))
+    total_rows = readers[0].metadata.num_rows
+    stride = max(1, total_rows // SAMPLE_ROWS)
+    samples: list[np.ndarray] = []
+    std_samples: list[np.ndarray] = []
     target = safe_join(out / ENSEMBLE_DIR, partition.relpath)
     with staged(target) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for batches in aligned_batches(readers, batch_size):
@@ -145,6 +166,14 @@ def merge_partition(
             writer.write_batch(pa.record_batch(
                 [ids, *cols, pa.array(ens), pa.array(std), pa.array(n)], schema=schema
             ))
+            if len(ens):
+                m64 = matrix.astype(np.float64)
+                m64[~np.isfinite(m64)] = 0.0
+                msum += m64.sum(axis=0)
+                cross += m64.T @ m64
+                first = (-rows) % stride
+                samples.append(ens[first::stride])
+                std_samples.append(std[first::stride])
             rows += len(ens)
             if len(ens):
                 e64 = ens.astype(np.float64)
@@ -155,4 +184,12 @@ def merge_partition(
                 smax = max(smax, float(np.nanmax(ens)))
     return PartitionMerged(relpath=partition.relpath, rows=rows, path=str(target),
                            score_sum=ssum, score_sumsq=ssq, std_sum=stdsum,
-                           score_min=smin if rows else 0.0, score_max=smax if rows else 0.0)
+                           score_min=smin if rows else 0.0, score_max=smax if rows else 0.0,
+                           member_sum=msum.tolist(), member_sumsq=np.diag(cross).tolist(),
+                           cross=cross.tolist(),
+                           sample_score=_concat(samples)[:SAMPLE_ROWS].tolist(),
+                           sample_std=_concat(std_samples)[:SAMPLE_ROWS].tolist())
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts).astype(np.float64) if parts else np.zeros(0)

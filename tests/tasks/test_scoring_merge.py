@@ -136,3 +136,20 @@ def test_staged_leaves_nothing_on_failure(tmp_path: Path) -> None:
         tmp.write_text("half")
         raise RuntimeError("boom")
     assert list((tmp_path / "x").iterdir()) == []
+
+
+def test_merge_statistics_add_up(tmp_path: Path, checkpoints: list[Path],
+                                 features: list[str]) -> None:
+    _data(tmp_path, features, n=2500)
+    manifest = _manifest(checkpoints, features)
+    part = discover_partitions(str(tmp_path / "in"))[0]
+    out = tmp_path / "out"
+    score_partition(part, manifest, str(out))
+    merged = merge_partition(part, manifest, str(out), batch_size=700)
+    table = pq.read_table(merged.path)
+    s = np.stack([table.column(f"score_m{k}").to_numpy() for k in range(3)], 1).astype(float)
+    assert np.allclose(merged.member_sum, s.sum(0))
+    assert np.allclose(merged.cross, s.T @ s)
+    assert np.isclose(merged.score_sum, table.column("ensemble_score").to_numpy().sum(),
+                      rtol=1e-6)
+    assert 900 <= len(merged.sample_score) <= 1000
