@@ -20,6 +20,7 @@ from prefect.utilities.annotations import unmapped
 from pydantic import BaseModel
 
 from flows.params import ScoreParams
+from loaders.cache import MODEL_CACHE
 from loaders.errors import ScoringError
 from loaders.manifest import Manifest
 from tasks.merge import PartitionMerged
@@ -153,6 +154,7 @@ def score_ensemble(params: ScoreParams) -> RunSummary:
     """
     logger = get_run_logger()
     started = time.perf_counter()
+    started_at = time.time()
     manifest = params.load_manifest()
     plan = make_plan(manifest, params.input, params.output)
     logger.info(
@@ -208,6 +210,13 @@ def score_ensemble(params: ScoreParams) -> RunSummary:
             for p in plan.partitions
         },
         "failed": failed,
+        "timing": {
+            "flow_started_at": started_at,
+            "first_batch_at": min((s.first_batch_at for s in scored.values()
+                                   if s.first_batch_at is not None), default=None),
+            "committed_at": time.time(),
+        },
+        "model_loads": {digest[:12]: n for digest, n in MODEL_CACHE.loads.items()},
         "versions": _versions(),
         "summary": summary.model_dump(exclude={"members"}),
     })

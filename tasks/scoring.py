@@ -56,6 +56,7 @@ class PartitionScored(BaseModel):
     bad_rows: int
     seconds: float
     members: list[MemberStats]
+    first_batch_at: float | None = None  # wall clock when the first batch was scored
 
 
 def committed_member_metadata(path: Path) -> dict[str, object] | None:
@@ -125,6 +126,7 @@ def score_partition(
         ) from err
     seconds = [0.0] * len(todo)
     rows = scored = n_bad = 0
+    first_batch_at: float | None = None
     buffer: np.ndarray | None = None
     quarantine_schema = pa.schema([id_field, pa.field("reason", pa.string())])
 
@@ -190,6 +192,8 @@ def score_partition(
                     writers[k].write_batch(
                         pa.record_batch([ids, pa.array(scores)], schema=writers[k].schema)
                     )
+                if first_batch_at is None:
+                    first_batch_at = time.time()
         except (OSError, pa.ArrowException) as err:
             if isinstance(err, pa.ArrowException) and not isinstance(err, OSError):
                 raise DataError(
@@ -209,4 +213,5 @@ def score_partition(
     order = {name: i for i, name in enumerate(manifest.member_names)}
     members = sorted(done + stats, key=lambda s: order[s.name])
     return PartitionScored(relpath=partition.relpath, rows=rows, scored_rows=scored,
-                           bad_rows=n_bad, seconds=time.perf_counter() - start, members=members)
+                           bad_rows=n_bad, seconds=time.perf_counter() - start, members=members,
+                           first_batch_at=first_batch_at)
