@@ -96,20 +96,20 @@ def _format_rows(path: Path, limit: int = 5) -> str:
 
 
 def print_summary(summary: Any, wall: float) -> None:
-    files = sorted(Path(summary.ensemble_dir).rglob("*.parquet"))
-    members = ", ".join(m.name for m in summary.members)
+    """Print the run report's summary (the same as the UI's summary artifact) and the
+    table's first rows."""
     print()
-    print(f"Ensemble table: {summary.ensemble_dir}  ({len(files)} file(s))")
-    print(f"Rows:           {summary.rows:,} in {summary.partitions} partition(s)"
-          + (f", {summary.bad_rows:,} bad row(s) set aside" if summary.bad_rows else ""))
-    print(f"Members:        {len(summary.members)} ({members})")
-    if summary.skipped_member_partitions:
-        print(f"Reused:         {summary.skipped_member_partitions} member output(s) already "
-              "committed with matching inputs (use --force to re-score)")
-    print(f"Time:           {wall:.1f} s in all, {summary.scoring_seconds:.1f} s scoring "
-          f"({summary.rows_per_second:,.0f} rows/s)")
-    print(f"Ensemble score: mean {summary.ensemble_mean:.4f}, mean member std "
-          f"{summary.ensemble_std_mean:.4f}")
+    if summary.report is not None:
+        from flows.report import render_summary_text
+
+        print(render_summary_text(summary.report))
+    else:  # the report could not be built (the flow logged why): the basic figures
+        print(f"Ensemble table: {summary.ensemble_dir}")
+        print(f"Rows:           {summary.rows:,} in {summary.partitions} partition(s)")
+        print(f"Members:        {len(summary.members)} "
+              f"({', '.join(m.name for m in summary.members)})")
+    print(f"Wall time:      {wall:.1f} s, with checks and start-up")
+    files = sorted(Path(summary.ensemble_dir).rglob("*.parquet"))
     if files:
         print(f"First rows of {files[0].relative_to(summary.ensemble_dir)}:")
         print(_format_rows(files[0]))
@@ -126,9 +126,31 @@ def _configure(args: argparse.Namespace) -> None:
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
+def _start_prefect_early() -> Any:
+    """Start a private Prefect server now, in parallel with TensorFlow's import, unless the
+    user points at a server (PREFECT_API_URL) or turned ephemeral mode off."""
+    if os.environ.get("PREFECT_API_URL") or os.environ.get(
+            "PREFECT_SERVER_EPHEMERAL_ENABLED", "true").lower() in ("0", "false"):
+        return None
+    from flows.server import EarlyServer
+
+    server = EarlyServer()
+    server.start()
+    return server
+
+
 def run(args: argparse.Namespace) -> int:
     """Validate everything, then run the flow; returns the exit code."""
     started = time.perf_counter()
+    server = _start_prefect_early()
+    try:
+        return _run(args, server, started)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _run(args: argparse.Namespace, server: Any, started: float) -> int:
     from pydantic import ValidationError
 
     from loaders.errors import ScoringError
@@ -162,9 +184,19 @@ def run(args: argparse.Namespace) -> int:
             raise
         return _fail(f"{err}\nNothing was scored.", EXIT_USAGE)
 
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     from flows.ensemble import score_ensemble
 
-    state = score_ensemble(params, return_state=True)
+    api_url = None
+    if server is not None:
+        try:
+            server.wait()
+        except RuntimeError as err:
+            return _fail(f"{err}\nSet PREFECT_API_URL to use a running server.", EXIT_FAILED)
+        api_url = server.api_url
+    with temporary_settings(updates={PREFECT_API_URL: api_url} if api_url else {}):
+        state = score_ensemble(params, return_state=True)
     if not state.is_completed():
         exc = state.result(raise_on_failure=False)
         if args.debug and isinstance(exc, BaseException):

@@ -1,0 +1,101 @@
+"""A private, temporary Prefect API server for one CLI run, started before TensorFlow loads.
+
+Prefect's ephemeral mode starts the same server (uvicorn on ``create_app``) lazily, when
+the first flow begins, so a run pays for TensorFlow's import and then for the server's
+start, one after the other (about 4 s + 5.5 s here). Starting it as the very first step,
+as a separate process and without importing Prefect's server modules into this process
+(they would contend with TensorFlow's import for the GIL), overlaps the two on two cores.
+The server keeps Prefect's ephemeral settings (same database under PREFECT_HOME, no UI)
+and is stopped when the run ends.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+__all__ = ["EarlyServer"]
+
+
+def _free_port() -> int:
+    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class EarlyServer:
+    """Start with :meth:`start`; :meth:`wait` before the first flow; :meth:`stop` at exit."""
+
+    def __init__(self, timeout: float = 120.0) -> None:
+        self.timeout = timeout
+        self.port = _free_port()
+        self.api_url = f"http://127.0.0.1:{self.port}/api"
+        self.process: subprocess.Popen[bytes] | None = None
+        self._ready = threading.Event()
+        self._error: str | None = None
+
+    def start(self) -> None:
+        env = {
+            **os.environ,
+            "PREFECT_UI_ENABLED": "0",
+            "PREFECT__SERVER_EPHEMERAL": "1",
+            "PREFECT__SERVER_FINAL": "1",
+        }
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "--factory",
+             "prefect.server.api.server:create_app", "--host", "127.0.0.1",
+             "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )
+        atexit.register(self.stop)
+        threading.Thread(target=self._poll, name="prefect-server-health", daemon=True).start()
+
+    def _poll(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                err = self.process.stderr.read().decode(errors="replace") if (
+                    self.process.stderr) else ""
+                self._error = f"Prefect server exited with code {self.process.returncode}: " \
+                    f"{err[-2000:]}"
+                break
+            try:
+                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        self._ready.set()
+                        return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        else:
+            self._error = f"Prefect server did not answer within {self.timeout:.0f} s"
+        self._ready.set()
+
+    def wait(self) -> None:
+        """Block until the server answers.
+
+        Raises:
+            RuntimeError: it exited or did not answer in time.
+        """
+        self._ready.wait()
+        if self._error:
+            raise RuntimeError(self._error)
+
+    def stop(self) -> None:
+        proc, self.process = self.process, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
