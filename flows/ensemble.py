@@ -20,6 +20,7 @@ from prefect.utilities.annotations import unmapped
 from pydantic import BaseModel
 
 from flows.params import ScoreParams
+from flows.report import RunProgress, RunReport, report_run
 from loaders.cache import MODEL_CACHE
 from loaders.errors import ScoringError
 from loaders.manifest import Manifest
@@ -52,6 +53,7 @@ class RunSummary(BaseModel):
     failed: dict[str, str]
     ensemble_mean: float
     ensemble_std_mean: float
+    report: RunReport | None = None  # the run report, as published in the artifacts
 
     @property
     def rows_per_second(self) -> float:
@@ -63,11 +65,13 @@ def _error_text(exc: BaseException) -> str:
 
 
 class _Progress:
-    """Logs one line per finished partition: count, rows and the running throughput."""
+    """Logs one line per finished partition (count, rows, running throughput) and keeps the
+    run's progress artifact up to date."""
 
     def __init__(self, total: int, logger: Any) -> None:
         self.total, self.logger, self.done, self.rows = total, logger, 0, 0
         self.start = time.perf_counter()
+        self.artifact = RunProgress(total, logger)
 
     def partition_done(self, merged: PartitionMerged, scored: PartitionScored) -> None:
         self.done += 1
@@ -81,6 +85,7 @@ class _Progress:
             f"[{self.done}/{self.total}] {merged.relpath}: {merged.rows:,} rows{note}; "
             f"{self.rows:,} rows so far at {rate:,.0f} rows/s, ETA {eta:.0f} s"
         )
+        self.artifact.update(self.done)
 
 
 def _run_partitions(
@@ -195,6 +200,7 @@ def score_ensemble(params: ScoreParams) -> RunSummary:
         ensemble_mean=total_sum / rows if rows else 0.0,
         ensemble_std_mean=sum(m.std_sum for m in merged.values()) / rows if rows else 0.0,
     )
+    summary.report = report_run(summary, scored, merged, plan.partitions, logger)
     write_json_atomic(Path(plan.output_dir) / RUN_RECORD, {
         "flow_run_id": str(runtime.flow_run.id),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -20,31 +20,44 @@ class ScoreParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     models: str | None = Field(
-        None, description="Path to the models manifest (YAML). Give this or 'manifest'."
+        None, min_length=1, title="Models manifest (path)",
+        description="Path to the models manifest (YAML); relative model paths in it are taken "
+        "from its folder. Give this or 'Manifest (inline)', not both.",
+        examples=["models/manifest.yaml"],
     )
     manifest: Manifest | None = Field(
-        None,
-        description="The manifest inline, instead of a path: id_column, features, models. "
-        "Relative model paths are taken from the worker's working folder.",
+        None, title="Manifest (inline)",
+        description="The manifest itself instead of a path: id_column, features and models "
+        "(name, path, input/output or signature, weight). Relative model paths are taken from "
+        "the run's working folder (the repo root for the deployments).",
     )
     input: str = Field(
+        min_length=1, title="Input (Parquet)",
         description="Parquet input: one file, a folder (searched recursively, hive "
-        "key=value folders allowed) or a glob."
+        "key=value folders allowed) or a glob such as data/**/*.parquet.",
+        examples=["data/"],
     )
     output: str = Field(
-        description="Output folder; the ensemble table goes to <output>/ensemble/."
+        min_length=1, title="Output folder",
+        description="Output folder: the ensemble table goes to OUTPUT/ensemble/, member "
+        "scores to OUTPUT/members/, the run record to OUTPUT/_run.json.",
+        examples=["out/"],
     )
     ensemble: EnsembleMethod = Field(
-        "mean", description="How member scores combine: mean, weighted (manifest weights) "
-        "or median."
+        "mean", title="Ensemble method",
+        description="How member scores combine into ensemble_score: mean, weighted (the "
+        "manifest's weights) or median.",
     )
     bad_rows: BadRowPolicy | None = Field(
-        None, description="Rows with null, NaN or infinite features: 'fail' the partition or "
-        "'quarantine' them to <output>/quarantine/. Default: the manifest's (fail)."
+        None, title="Bad-row policy",
+        description="Rows with null, NaN or infinite features: 'fail' the partition, or "
+        "'quarantine' them to OUTPUT/quarantine/ with the reason. Empty: the manifest's "
+        "policy (fail by default).",
     )
     concurrency: int = Field(
-        2, ge=1, le=64, description="Partitions scored at once. Each uses every core through "
-        "TensorFlow's thread pool; 2 keeps decoding and scoring overlapped."
+        2, ge=1, le=64, title="Concurrency (partitions in flight)",
+        description="Partitions scored at once, 1 to 64. Each uses every core through "
+        "TensorFlow's thread pool; 2 keeps decoding and scoring overlapped.",
     )
     batch_size: int = Field(
         65_536, ge=64, le=4_194_304, description="Rows per batch fed to the models; bounds "
