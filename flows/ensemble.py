@@ -29,7 +29,7 @@ from tasks.partitions import Partition
 from tasks.plan import MemberInfo, Plan, make_plan
 from tasks.scoring import PartitionScored
 from tasks.steps import load_member, merge_partition_task, score_partition_task
-from tasks.storage import ENSEMBLE_DIR, write_json_atomic
+from tasks.storage import ENSEMBLE_DIR, output_lock, remove_stale_staging, write_json_atomic
 
 __all__ = ["PartitionsFailed", "RunSummary", "score_ensemble"]
 
@@ -162,6 +162,16 @@ def score_ensemble(params: ScoreParams) -> RunSummary:
     started_at = time.time()
     manifest = params.load_manifest()
     plan = make_plan(manifest, params.input, params.output)
+    with output_lock(Path(plan.output_dir)):
+        removed = remove_stale_staging(Path(plan.output_dir))
+        if removed:
+            logger.info(f"Removed {removed} staging file(s) left by an interrupted run")
+        return _score(params, manifest, plan, logger, started, started_at)
+
+
+def _score(params: ScoreParams, manifest: Manifest, plan: Plan, logger: Any, started: float,
+           started_at: float) -> RunSummary:
+    """The body of the flow, run while this run holds the output folder's lock."""
     logger.info(
         f"Scoring {len(plan.partitions)} partition(s) ({plan.total_bytes / 1e6:,.1f} MB) with "
         f"{len(manifest.models)} member(s) into {plan.output_dir}"

@@ -61,6 +61,7 @@ class ModelCache:
             spec.output,
             spec.signature,
             spec.tags,
+            spec.allow_ops,
             n_features,
         )
 

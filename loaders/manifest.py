@@ -46,6 +46,10 @@ class ModelSpec(BaseModel):
     signature: str = Field("serving_default", description="SavedModel signature to call.")
     tags: tuple[str, ...] = Field(("serve",), description="SavedModel meta graph tags.")
     weight: float = Field(1.0, gt=0, description="Weight for --ensemble weighted.")
+    allow_ops: tuple[str, ...] = Field(
+        (), description="Op types to allow although they can touch files, the network or run "
+        "code (e.g. ReadFile). Only for models you trust."
+    )
 
 
 class Manifest(BaseModel):

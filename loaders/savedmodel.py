@@ -4,10 +4,14 @@ in graph mode into their own graph and session."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
+
+from tensorflow.core.protobuf import saved_model_pb2
 
 from loaders._tf import tf
 from loaders.base import GraphScorer, new_session
 from loaders.errors import ModelLoadError
+from loaders.guard import check_meta_graph
 from loaders.manifest import ModelSpec
 
 __all__ = ["load_saved_model"]
@@ -29,6 +33,26 @@ def _pick(spec: ModelSpec, role: str, wanted: str | None, options: dict[str, obj
     )
 
 
+def _inspect(spec: ModelSpec, folder: str) -> None:
+    """Check the ops of the meta graph that will be loaded, before loading it."""
+    pb = Path(folder) / "saved_model.pb"
+    if not pb.is_file():
+        return  # saved_model.pbtxt: the loader parses it; rare enough to not inspect twice
+    saved = saved_model_pb2.SavedModel()
+    try:
+        saved.ParseFromString(pb.read_bytes())
+    except Exception as err:
+        raise ModelLoadError(
+            f"model {spec.name!r}: cannot read {pb} ({err}); the SavedModel may be truncated"
+        ) from err
+    wanted = set(spec.tags)
+    for meta in saved.meta_graphs:
+        if set(meta.meta_info_def.tags) == wanted:
+            check_meta_graph(meta, model=spec.name, source=str(pb), allow=spec.allow_ops)
+            return
+    # No exact match: the loader reports the missing tags with the available ones.
+
+
 def load_saved_model(spec: ModelSpec, folder: str, digest: str) -> GraphScorer:
     """Load the SavedModel's meta graph into a fresh graph and resolve its signature.
 
@@ -36,6 +60,7 @@ def load_saved_model(spec: ModelSpec, folder: str, digest: str) -> GraphScorer:
         ModelLoadError: unreadable SavedModel, unknown tags, signature or keys.
     """
     start = time.perf_counter()
+    _inspect(spec, folder)
     graph = tf.Graph()
     session = new_session(graph)
     try:

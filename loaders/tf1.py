@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import time
 
+from tensorflow.core.protobuf import meta_graph_pb2
+
 from loaders._tf import tf
 from loaders.base import GraphScorer, new_session, tensor_name
 from loaders.errors import ModelLoadError
+from loaders.guard import check_meta_graph
 from loaders.manifest import ModelSpec
 
 __all__ = ["load_checkpoint", "placeholders"]
@@ -41,10 +44,20 @@ def load_checkpoint(spec: ModelSpec, prefix: str, digest: str) -> GraphScorer:
     """
     assert spec.input is not None and spec.output is not None
     start = time.perf_counter()
+    meta = meta_graph_pb2.MetaGraphDef()
+    try:
+        with open(f"{prefix}.meta", "rb") as fh:
+            meta.ParseFromString(fh.read())
+    except Exception as err:
+        raise ModelLoadError(
+            f"model {spec.name!r}: cannot read meta graph {prefix}.meta ({err}); the file "
+            "may be truncated or not a MetaGraphDef"
+        ) from err
+    check_meta_graph(meta, model=spec.name, source=f"{prefix}.meta", allow=spec.allow_ops)
     graph = tf.Graph()
     with graph.as_default():
         try:
-            saver = tf.compat.v1.train.import_meta_graph(f"{prefix}.meta", clear_devices=True)
+            saver = tf.compat.v1.train.import_meta_graph(meta, clear_devices=True)
         except Exception as err:  # protobuf and TF raise a zoo of types here
             raise ModelLoadError(
                 f"model {spec.name!r}: cannot import meta graph {prefix}.meta: "

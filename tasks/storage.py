@@ -8,21 +8,27 @@ skip names starting with ``.`` or ``_``, as pyarrow datasets do) never see a par
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from loaders.errors import OutputError
+from loaders.errors import OutputError, ScoringError
 
 __all__ = [
     "ENSEMBLE_DIR",
     "MEMBERS_DIR",
     "QUARANTINE_DIR",
+    "OutputLocked",
     "check_writable",
     "member_path",
+    "output_lock",
+    "remove_stale_staging",
     "safe_join",
     "staged",
     "write_json_atomic",
@@ -64,7 +70,7 @@ def staged(final: Path) -> Iterator[Path]:
             f"cannot create output folder {final.parent}: {err.strerror or err}; choose a "
             "writable --output"
         ) from err
-    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}{_STAGING_SUFFIX}")
     try:
         yield tmp
         os.replace(tmp, final)
@@ -95,3 +101,57 @@ def check_writable(output_dir: Path) -> None:
             f"output folder {output_dir} is not writable ({err.strerror or err}); choose "
             "another --output or fix its permissions"
         ) from err
+
+
+LOCK_FILE = ".lock"
+_STAGING_SUFFIX = ".tmp"
+
+
+class OutputLocked(ScoringError, RuntimeError):
+    """Another run holds the output folder."""
+
+
+@contextlib.contextmanager
+def output_lock(output_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the output folder for the whole run.
+
+    Two runs writing one folder would interleave member outputs and ensemble files, so
+    the second fails at once, naming the first. ``flock`` locks die with their process,
+    ``kill -9`` included, so a crashed run never leaves the folder locked. (Advisory and
+    per host: on a network file system shared by several hosts, give each run its own
+    output folder.)
+
+    Raises:
+        OutputLocked: another process holds the lock.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            raise OutputLocked(
+                f"output folder {output_dir} is in use by another run ({holder}); wait for it "
+                "to finish, or choose another --output"
+            ) from err
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (f"pid {os.getpid()} on {socket.gethostname()}, started "
+                       f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}").encode(), 0)
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def remove_stale_staging(output_dir: Path) -> int:
+    """Delete staging files left by a killed run; call only while holding the lock."""
+    removed = 0
+    for path in output_dir.rglob(f".*{_STAGING_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            path.unlink()
+            removed += 1
+    return removed
