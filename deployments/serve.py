@@ -1,0 +1,116 @@
+"""``python -m flows.score serve``: the deployments of ``prefect.yaml``, served from this process.
+
+For one host without a work pool or worker: :func:`prefect.serve` registers the
+deployments (schedule included) and runs their flow runs as subprocesses of this one.
+The definitions are read from ``deployments/prefect.yaml`` so the two ways of deploying
+cannot drift apart: same names, descriptions, tags, parameters and schedules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["PREFECT_FILE", "REPO_ROOT", "build_deployments", "load_definitions", "main"]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PREFECT_FILE = REPO_ROOT / "deployments" / "prefect.yaml"
+
+
+def load_definitions(path: Path = PREFECT_FILE) -> list[dict[str, Any]]:
+    """The ``deployments:`` entries of a prefect.yaml, YAML anchors resolved."""
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    deployments = data.get("deployments") or []
+    if not isinstance(deployments, list) or not deployments:
+        raise ValueError(f"{path} defines no deployments")
+    return deployments
+
+
+def _schedules(definition: dict[str, Any]) -> list[Any]:
+    from prefect.schedules import Cron
+
+    schedules = []
+    for entry in definition.get("schedules") or []:
+        if "cron" not in entry:
+            raise ValueError(f"deployment {definition.get('name')!r}: only cron schedules are "
+                             f"served, got {entry}")
+        schedules.append(Cron(entry["cron"], timezone=entry.get("timezone"),
+                              active=entry.get("active", True)))
+    return schedules
+
+
+def build_deployments(path: Path = PREFECT_FILE) -> list[Any]:
+    """One :class:`RunnerDeployment` of ``score_ensemble`` per entry of ``path``.
+
+    Raises:
+        ValueError: an entry points at another flow or uses a schedule other than cron.
+    """
+    from flows.ensemble import score_ensemble
+
+    out = []
+    for d in load_definitions(path):
+        if d.get("entrypoint") != "flows/ensemble.py:score_ensemble":
+            raise ValueError(f"deployment {d.get('name')!r} has entrypoint "
+                             f"{d.get('entrypoint')!r}; only the scoring flow is served")
+        out.append(score_ensemble.to_deployment(
+            name=d["name"],
+            description=d.get("description"),
+            tags=d.get("tags"),
+            parameters=d.get("parameters") or {},
+            schedules=_schedules(d),
+            concurrency_limit=d.get("concurrency_limit"),
+        ))
+    return out
+
+
+def _describe(deployment: Any) -> str:
+    crons = [f"{s.schedule.cron} ({s.schedule.timezone})" for s in deployment.schedules]
+    return (f"ensemble-score/{deployment.name}: "
+            f"{'schedule ' + ', '.join(crons) if crons else 'no schedule'}; "
+            f"parameters {deployment.parameters or '{}'}")
+
+
+def main(argv: list[str]) -> int:
+    """Serve the deployments until interrupted; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.score serve",
+        description="Serve the deployments of deployments/prefect.yaml (schedules included) "
+        "from this process, without a work pool. Needs a Prefect server: run `prefect server "
+        "start` and set PREFECT_API_URL (e.g. http://127.0.0.1:4200/api).",
+    )
+    parser.add_argument("--limit", type=int, default=None, metavar="N",
+                        help="flow runs at once (default: no limit)")
+    parser.add_argument("--list", action="store_true",
+                        help="print the deployments that would be served, and exit")
+    args = parser.parse_args(argv)
+    # Relative paths in the parameters and the entrypoint are the repo root's, as they are
+    # for the worker, whose pull step starts there.
+    os.chdir(REPO_ROOT)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        deployments = build_deployments()
+    except (OSError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.list:
+        for d in deployments:
+            print(_describe(d))
+        return 0
+    from prefect import serve
+    from prefect.settings import get_current_settings
+
+    if not get_current_settings().api.url:
+        print("error: serving needs a Prefect server that outlives this command: start "
+              "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api",
+              file=sys.stderr)
+        return 2
+    try:
+        serve(*deployments, limit=args.limit)
+    except KeyboardInterrupt:
+        return 130
+    return 0

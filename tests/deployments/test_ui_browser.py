@@ -1,0 +1,102 @@
+"""The Prefect UI in a real headless browser (Debian's chromium, driven by playwright):
+the ad-hoc deployment's custom-run form shows our parameters with their descriptions and
+refuses a wrong value with a message, and the finished run's artifacts show the member
+table. Screenshots are saved in the test's temporary folder."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flows.params import ScoreParams
+from flows.report import ARTIFACT_KEYS
+from tests.deployments.conftest import PrefectStack
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# Without the background-networking flags chromium keeps trying to reach the outside
+# (refused here); a fresh profile per test keeps the UI's stored preferences out.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+FORM_FIELDS = ["models", "manifest", "input", "output", "ensemble", "bad_rows", "concurrency"]
+
+
+@pytest.fixture()
+def page(tmp_path: Path) -> Iterator[Any]:
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing; .ci/run installs Debian's chromium")
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        context = pw.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True,
+            args=CHROMIUM_FLAGS, viewport={"width": 1400, "height": 1600})
+        context.set_default_timeout(45_000)
+        try:
+            yield context.new_page()
+        finally:
+            context.close()
+
+
+def _flow_runs(stack: PrefectStack, deployment_id: str) -> int:
+    return len(stack.api("POST", "/flow_runs/filter", json={
+        "deployments": {"id": {"any_": [deployment_id]}}}).json())
+
+
+def test_custom_run_form_shows_parameters_and_rejects_wrong_values(
+        page: Any, stack: PrefectStack, adhoc_run: dict[str, Any], tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    deployment_id = adhoc_run["deployment"]["id"]
+    page.goto(f"{stack.url}/v2/deployments/deployment/{deployment_id}/run")
+    fields = ScoreParams.model_fields
+    expect(page.get_by_text(fields["concurrency"].title or "")).to_be_visible()
+    for name in FORM_FIELDS:
+        info = fields[name]
+        assert info.title and info.description
+        expect(page.get_by_text(info.title, exact=False).first).to_be_visible()
+        expect(page.get_by_text(info.description, exact=True)).to_be_visible()
+    page.screenshot(path=str(tmp_path / "custom-run-form.png"), full_page=True)
+
+    runs_before = _flow_runs(stack, deployment_id)
+    page.get_by_label(re.compile(re.escape(fields["input"].title or ""))).fill("/data/in")
+    page.get_by_label(re.compile(re.escape(fields["output"].title or ""))).fill("/data/out")
+    concurrency = page.get_by_label(re.compile(re.escape(fields["concurrency"].title or "")))
+    concurrency.fill("0")
+    page.get_by_role("button", name="Submit").click()
+    message = concurrency.evaluate("e => e.validationMessage")
+    assert "greater than or equal to 1" in message
+    page.screenshot(path=str(tmp_path / "custom-run-rejected.png"), full_page=True)
+    assert page.url.endswith("/run")  # still on the form
+    assert _flow_runs(stack, deployment_id) == runs_before
+
+
+def test_run_artifacts_show_the_member_table(page: Any, stack: PrefectStack,
+                                             adhoc_run: dict[str, Any],
+                                             tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    run_id = adhoc_run["run"]["id"]
+    page.goto(f"{stack.url}/v2/runs/flow-run/{run_id}?tab=Artifacts")
+    for key in ARTIFACT_KEYS.values():
+        expect(page.get_by_text(key, exact=True)).to_be_visible()
+    page.screenshot(path=str(tmp_path / "run-artifacts.png"), full_page=True)
+
+    page.get_by_text(ARTIFACT_KEYS["members"], exact=True).click()
+    page.wait_for_url(re.compile(r"/artifacts/artifact/"))
+    table = page.get_by_role("table")
+    for header in ("member", "rows", "mean", "std", "seconds", "rows/s", "digest", "load s"):
+        expect(table.get_by_role("columnheader", name=header, exact=True)).to_be_visible()
+    for name in ("seed0", "seed1", "seed2"):
+        expect(table.get_by_role("cell", name=name, exact=True)).to_be_visible()
+    page.screenshot(path=str(tmp_path / "member-table.png"), full_page=True)
