@@ -1,8 +1,8 @@
-"""The scoring flow: plan, load members, score partitions, merge, commit a run record.
+"""The scoring flow: plan, load members, score partitions, commit a run record.
 
 Reads top to bottom like the data flow in the README. Partitions are fanned out with
 Prefect's task runner, a bounded number in flight so memory stays flat however many
-partitions there are; each partition's merge is submitted as soon as its scoring ends.
+partitions there are; each partition is scored, merged and committed in one task.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from loaders.manifest import Manifest
 from tasks.merge import PartitionMerged
 from tasks.partitions import Partition
 from tasks.plan import MemberInfo, Plan, make_plan
-from tasks.scoring import PartitionScored
-from tasks.steps import load_member, merge_partition_task, score_partition_task
+from tasks.scoring import PartitionResult, PartitionScored
+from tasks.steps import load_member, score_partition_task
 from tasks.storage import ENSEMBLE_DIR, output_lock, remove_stale_staging, write_json_atomic
 
 __all__ = ["PartitionsFailed", "RunSummary", "score_ensemble"]
@@ -92,9 +92,8 @@ def _run_partitions(
     plan: Plan, manifest: Manifest, params: ScoreParams, logger: Any
 ) -> tuple[dict[str, PartitionScored], dict[str, PartitionMerged], dict[str, str]]:
     score = score_partition_task.with_options(retries=params.retries)
-    merge = merge_partition_task.with_options(retries=params.retries)
     pending: deque[Partition] = deque(plan.partitions)
-    inflight: dict[PrefectFuture[Any], tuple[str, Partition]] = {}
+    inflight: dict[PrefectFuture[Any], Partition] = {}
     scored: dict[str, PartitionScored] = {}
     merged: dict[str, PartitionMerged] = {}
     failed: dict[str, str] = {}
@@ -104,31 +103,28 @@ def _run_partitions(
     def submit_next() -> None:
         if pending:
             part = pending.popleft()
-            fut = score.submit(part, manifest, plan.output_dir, batch_size=params.batch_size,
-                               bad_rows=policy, force=params.force)
-            inflight[fut] = ("score", part)
+            fut = score.submit(part, manifest, plan.output_dir, method=params.ensemble,
+                               batch_size=params.batch_size, bad_rows=policy,
+                               force=params.force)
+            inflight[fut] = part
 
+    # A bounded window rather than submitting everything: memory stays flat whatever the
+    # number of partitions, and progress is reported in completion order.
     for _ in range(params.concurrency):
         submit_next()
     while inflight:
         fut = next(as_completed(list(inflight)))
-        kind, part = inflight.pop(fut)
+        part = inflight.pop(fut)
+        submit_next()
         try:
-            result = fut.result()
+            result: PartitionResult = fut.result()
         except Exception as exc:
             failed[part.relpath] = _error_text(exc)
             logger.error(f"partition {part.relpath} failed: {failed[part.relpath]}")
-            if kind == "score":
-                submit_next()
             continue
-        if kind == "score":
-            scored[part.relpath] = result
-            inflight[merge.submit(part, manifest, plan.output_dir, method=params.ensemble)] = (
-                "merge", part)
-            submit_next()
-        else:
-            merged[part.relpath] = result
-            progress.partition_done(result, scored[part.relpath])
+        scored[part.relpath] = result.scored
+        merged[part.relpath] = result.merged
+        progress.partition_done(result.merged, result.scored)
     return scored, merged, failed
 
 

@@ -189,6 +189,9 @@ def _run(args: argparse.Namespace, server: Any, started: float) -> int:
     from flows.ensemble import score_ensemble
 
     api_url = None
+    if server is not None and PREFECT_API_URL.value():
+        server.stop()  # a server is configured in the profile: use it, not ours
+        server = None
     if server is not None:
         try:
             server.wait()

@@ -58,14 +58,13 @@ class EarlyServer:
         threading.Thread(target=self._poll, name="prefect-server-health", daemon=True).start()
 
     def _poll(self) -> None:
+        proc = self.process
+        assert proc is not None
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                err = self.process.stderr.read().decode(errors="replace") if (
-                    self.process.stderr) else ""
-                self._error = f"Prefect server exited with code {self.process.returncode}: " \
-                    f"{err[-2000:]}"
+            if proc.poll() is not None:
+                err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+                self._error = f"Prefect server exited with code {proc.returncode}: {err[-2000:]}"
                 break
             try:
                 with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as resp:

@@ -39,6 +39,9 @@ DENIED_OPS = frozenset({
 })
 # Families matched by name: readers, summary writers, audio/image/text file writers.
 _DENIED_PATTERN = re.compile(r"(Reader|Writer|Summary|FileSystem|WholeFile)")
+# Graphs built with several tf.compat.v1.train.Saver objects keep each one's subgraph under
+# save/, save_1/, ...; only the last is in saver_def. Their checkpoint ops are tolerated.
+_SAVER_SCOPE = re.compile(r"^save(_\d+)?/")
 _SAVER_OPS = frozenset({
     "Save", "SaveV2", "SaveSlices", "Restore", "RestoreV2", "RestoreSlice",
     "MergeV2Checkpoints", "ShardedFilename", "ShardedFilespec",
@@ -109,7 +112,8 @@ def check_meta_graph(meta: Any, *, model: str, source: str, allow: Iterable[str]
         op = node.op
         if not denied(op) or op in allowed:
             continue
-        in_saver = (func in saver_funcs) if func is not None else (node.name in saver_nodes)
+        in_saver = (func in saver_funcs) if func is not None else (
+            node.name in saver_nodes or bool(_SAVER_SCOPE.match(node.name)))
         if in_saver and op in _SAVER_OPS:
             continue
         where = f"node {node.name!r}" + (f" in function {func!r}" if func else "")

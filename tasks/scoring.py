@@ -1,37 +1,48 @@
-"""Scoring one partition with every member: the pipeline's hot loop.
+"""Scoring one partition with every member, in one streaming pass: the pipeline's hot loop.
 
-The partition is decoded once, batch by batch, and each batch is fed to every member in
-turn; each member's scores stream into its own output file, committed when complete.
-Decoding once per partition instead of once per member saved about a third of the CPU on
-the benchmark workload (Arrow decode plus the float32 copy cost ~0.2 s per million rows of
-32 features, the same order as one member's forward pass).
+Each record batch is decoded once and fed to every member in turn; the ensemble columns
+are computed from the scores still in memory and the partition's slice of the table is
+written batch by batch and committed atomically. Decoding the batch once per partition,
+not once per member, and merging in the same pass, not by re-reading per-member files,
+each saved a sizeable share of the CPU on the benchmark workload (see BENCHMARKS.md).
+
+The committed file remembers what produced it (partition fingerprint, member digests,
+method, bad-row policy) in its footer, so a re-run skips an unchanged partition without
+reading it, and when one checkpoint is replaced, scores only that member and takes the
+others' scores from the previous file.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import time
+import uuid
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from loaders.cache import MODEL_CACHE
 from loaders.errors import DataError, ModelLoadError
 from loaders.inspect import digest_files, resolve_model
-from loaders.manifest import BadRowPolicy, Manifest, ModelSpec
+from loaders.manifest import BadRowPolicy, Manifest
 from tasks.features import find_bad_rows, to_matrix
+from tasks.merge import EnsembleMethod, EnsembleStats, PartitionMerged, RowStream, combine
 from tasks.partitions import Partition
-from tasks.storage import QUARANTINE_DIR, member_path, safe_join, staged
+from tasks.storage import ENSEMBLE_DIR, QUARANTINE_DIR, safe_join, staged
 
 __all__ = [
     "METADATA_KEY",
     "MemberStats",
+    "PartitionResult",
     "PartitionScored",
-    "committed_member_metadata",
+    "committed_metadata",
     "score_partition",
 ]
 
@@ -51,7 +62,7 @@ class MemberStats(BaseModel):
 
 class PartitionScored(BaseModel):
     relpath: str
-    rows: int  # rows read from the input (0 when every member was skipped)
+    rows: int  # rows read from the input (0 when the partition was reused whole)
     scored_rows: int
     bad_rows: int
     seconds: float
@@ -59,28 +70,47 @@ class PartitionScored(BaseModel):
     first_batch_at: float | None = None  # wall clock when the first batch was scored
 
 
-def committed_member_metadata(path: Path) -> dict[str, object] | None:
-    """The provenance stored in a committed member output's footer, if readable."""
+class PartitionResult(BaseModel):
+    scored: PartitionScored
+    merged: PartitionMerged
+
+
+def committed_metadata(path: Path) -> dict[str, Any] | None:
+    """The provenance stored in a committed ensemble file's footer, if readable."""
     try:
-        meta = pq.read_schema(path).metadata or {}
+        meta = pq.read_metadata(path).metadata or {}
         return json.loads(meta[METADATA_KEY])  # type: ignore[no-any-return]
     except (OSError, KeyError, ValueError, pa.ArrowException):
         return None
 
 
-def _is_current(path: Path, partition: Partition, digest: str) -> bool:
-    meta = committed_member_metadata(path)
-    return bool(
-        meta
-        and meta.get("fingerprint") == partition.fingerprint
-        and meta.get("model_digest") == digest
+def _ids_text(ids: pa.Array, mask: np.ndarray | None = None) -> str:
+    picked = (ids.filter(pa.array(mask)) if mask is not None else ids)[:_SHOW_IDS].to_pylist()
+    return f"ids {picked}{' ...' if len(picked) == _SHOW_IDS else ''}"
+
+
+def _schema(id_field: pa.Field, names: list[str]) -> pa.Schema:
+    return pa.schema(
+        [id_field]
+        + [pa.field(f"score_{n}", pa.float32()) for n in names]
+        + [pa.field("ensemble_score", pa.float32()), pa.field("ensemble_std", pa.float32()),
+           pa.field("n_members", pa.int32())]
     )
 
 
-def _describe_bad(ids: pa.Array, mask: np.ndarray, reasons: list[str]) -> str:
-    picked = ids.filter(pa.array(mask))[:_SHOW_IDS].to_pylist()
-    cols = sorted({r.split(" is ")[0] for r in reasons})
-    return f"ids {picked}{' ...' if len(reasons) > _SHOW_IDS else ''}, column(s) {cols}"
+def _check_unique(partition: Partition, chunks: list[pa.Array]) -> None:
+    if not chunks:
+        return
+    ids = pa.chunked_array(chunks)
+    if pc.count_distinct(ids).as_py() == len(ids):
+        return
+    counts = pc.value_counts(ids)
+    dupes = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
+    raise DataError(
+        f"partition {partition.relpath}: {len(dupes)} id(s) appear more than once "
+        f"({dupes[:_SHOW_IDS].to_pylist()}{' ...' if len(dupes) > _SHOW_IDS else ''}); ids "
+        "must be unique, so their scores cannot be told apart. De-duplicate the input"
+    )
 
 
 def score_partition(
@@ -88,64 +118,113 @@ def score_partition(
     manifest: Manifest,
     output_dir: str,
     *,
+    method: EnsembleMethod = "mean",
     batch_size: int = 65_536,
     bad_rows: BadRowPolicy = "fail",
     force: bool = False,
-) -> PartitionScored:
-    """Score ``partition`` with every member whose committed output is missing or stale.
+) -> PartitionResult:
+    """Write ``OUTPUT/ensemble/<relpath>`` for ``partition``, reusing what is still valid.
 
     Raises:
-        DataError: unreadable partition, or bad rows under the ``fail`` policy.
-        ModelLoadError: a member cannot be loaded or returns the wrong shape.
+        DataError: unreadable partition, bad rows under ``fail``, duplicate ids.
+        ModelLoadError: a member cannot be loaded, returns the wrong shape, or returns
+            non-finite scores under ``fail``.
     """
     start = time.perf_counter()
     out = Path(output_dir)
-    n_features = len(manifest.features)
-    todo: list[tuple[ModelSpec, str, Path]] = []
-    done: list[MemberStats] = []
-    for spec in manifest.models:
-        digest = digest_files(resolve_model(spec).files)
-        target = member_path(out, spec.name, partition.relpath)
-        if not force and _is_current(target, partition, digest):
-            done.append(MemberStats(name=spec.name, digest=digest, rows=0, seconds=0.0,
-                                    skipped=True))
-        else:
-            todo.append((spec, digest, target))
-    if not todo:
-        return PartitionScored(relpath=partition.relpath, rows=0, scored_rows=0, bad_rows=0,
-                               seconds=time.perf_counter() - start, members=done)
+    target = safe_join(out / ENSEMBLE_DIR, partition.relpath)
+    qtarget = safe_join(out / QUARANTINE_DIR, partition.relpath)
+    names = manifest.member_names
+    digests = {s.name: digest_files(resolve_model(s).files) for s in manifest.models}
+    weights = np.array([m.weight for m in manifest.models], dtype=np.float64)
+    provenance = {
+        "partition": partition.relpath,
+        "fingerprint": partition.fingerprint,
+        "id_column": manifest.id_column,
+        "features": list(manifest.features),
+        "bad_rows": bad_rows,
+        "method": method,
+        "weights": weights.tolist(),
+        "members": digests,
+    }
+    prev = None if force else committed_metadata(target)
+    same_input = bool(prev) and all(
+        prev.get(k) == provenance[k]  # type: ignore[union-attr]
+        for k in ("fingerprint", "id_column", "features", "bad_rows")
+    )
+    reuse = [n for n in names if same_input and prev["members"].get(n) == digests[n]]  # type: ignore[index]
+    if prev and len(reuse) == len(names) and prev.get("method") == method and (
+            prev.get("weights") == provenance["weights"]):
+        stats = PartitionMerged.model_validate(prev["stats"] | {"path": str(target)})
+        members = [MemberStats(name=n, digest=digests[n], rows=0, seconds=0.0, skipped=True)
+                   for n in names]
+        return PartitionResult(
+            scored=PartitionScored(relpath=partition.relpath, rows=0, scored_rows=0,
+                                   bad_rows=int(prev.get("bad_row_count", 0)),
+                                   seconds=time.perf_counter() - start, members=members),
+            merged=stats,
+        )
 
-    scorers = [MODEL_CACHE.get(spec, n_features) for spec, _, _ in todo]
+    # Whatever is committed is now stale: move it out of readers' sight first, keeping it
+    # (hidden) only as the source of the members' scores that are still valid.
+    previous: Path | None = None
+    if target.exists():
+        previous = target.with_name(f".{target.name}.prev-{uuid.uuid4().hex[:8]}.tmp")
+        os.replace(target, previous)
+    try:
+        return _score(partition, manifest, target, qtarget, names, digests, weights,
+                      provenance, reuse if previous else [], previous, method, batch_size,
+                      bad_rows, start)
+    finally:
+        if previous is not None:
+            with contextlib.suppress(OSError):
+                previous.unlink()
+
+
+def _score(partition: Partition, manifest: Manifest, target: Path, qtarget: Path,
+           names: list[str], digests: dict[str, str], weights: np.ndarray,
+           provenance: dict[str, Any], reuse: list[str], previous: Path | None,
+           method: EnsembleMethod, batch_size: int, bad_rows: BadRowPolicy, start: float
+           ) -> PartitionResult:
+    n_features = len(manifest.features)
+    todo = [k for k, n in enumerate(names) if n not in reuse]
+    reused = [k for k, n in enumerate(names) if n in reuse]
+    scorers = {k: MODEL_CACHE.get(manifest.models[k], n_features) for k in todo}
     try:
         reader = pq.ParquetFile(partition.path)
         id_field = reader.schema_arrow.field(manifest.id_column)
+        expected_rows = reader.metadata.num_rows
     except (OSError, pa.ArrowException, KeyError) as err:
         raise DataError(
             f"partition {partition.relpath} cannot be read as Parquet ({err}); re-export or "
             "remove it, then re-run: partitions already committed are kept"
         ) from err
-    seconds = [0.0] * len(todo)
+    schema = _schema(id_field, names)
+    qschema = pa.schema([id_field, pa.field("reason", pa.string())])
+    prev_rows = (RowStream(str(previous), [manifest.id_column] + [f"score_{names[k]}"
+                                                                   for k in reused])
+                 if reused and previous is not None else None)
+    stats = EnsembleStats(len(names), expected_rows)
+    seconds = dict.fromkeys(todo, 0.0)
     rows = scored = n_bad = 0
     first_batch_at: float | None = None
     buffer: np.ndarray | None = None
-    quarantine_schema = pa.schema([id_field, pa.field("reason", pa.string())])
+    id_chunks: list[pa.Array] = []
+    dictionary = [manifest.id_column] if not (pa.types.is_integer(id_field.type)
+                                              or pa.types.is_floating(id_field.type)) else False
 
     with contextlib.ExitStack() as stack:
-        writers: list[pq.ParquetWriter] = []
-        for (spec, digest, target), _ in zip(todo, scorers, strict=True):
-            meta = {
-                "partition": partition.relpath,
-                "fingerprint": partition.fingerprint,
-                "model": spec.name,
-                "model_digest": digest,
-            }
-            schema = pa.schema(
-                [id_field, pa.field(f"score_{spec.name}", pa.float32())],
-                metadata={METADATA_KEY: json.dumps(meta).encode()},
-            )
-            tmp = stack.enter_context(staged(target))
-            writers.append(stack.enter_context(pq.ParquetWriter(tmp, schema)))
+        tmp = stack.enter_context(staged(target))
+        writer = stack.enter_context(pq.ParquetWriter(tmp, schema, use_dictionary=dictionary))
         quarantine: pq.ParquetWriter | None = None
+
+        def set_aside(ids: pa.Array, mask: np.ndarray, reasons: list[str]) -> None:
+            nonlocal quarantine
+            if quarantine is None:
+                qtmp = stack.enter_context(staged(qtarget))
+                quarantine = stack.enter_context(pq.ParquetWriter(qtmp, qschema))
+            quarantine.write_batch(pa.record_batch(
+                [ids.filter(pa.array(mask)), pa.array(reasons, pa.string())], schema=qschema))
 
         try:
             batches = reader.iter_batches(
@@ -160,58 +239,87 @@ def score_partition(
                 if bad is not None:
                     n_bad += bad.count
                     if bad_rows == "fail":
+                        cols = sorted({r.split(" is ")[0] for r in bad.reasons})
                         raise DataError(
                             f"partition {partition.relpath}: {bad.count} row(s) with null, NaN "
-                            f"or infinite features ({_describe_bad(ids, bad.mask, bad.reasons)})"
-                            "; clean the data, or pass --bad-rows quarantine to set them aside"
+                            f"or infinite features ({_ids_text(ids, bad.mask)}, column(s) "
+                            f"{cols}); clean the data, or pass --bad-rows quarantine to set "
+                            "them aside"
                         )
-                    if quarantine is None:
-                        qpath = safe_join(out / QUARANTINE_DIR, partition.relpath)
-                        qtmp = stack.enter_context(staged(qpath))
-                        quarantine = stack.enter_context(pq.ParquetWriter(qtmp, quarantine_schema))
-                    quarantine.write_batch(pa.record_batch(
-                        [ids.filter(pa.array(bad.mask)), pa.array(bad.reasons, pa.string())],
-                        schema=quarantine_schema,
-                    ))
+                    set_aside(ids, bad.mask, bad.reasons)
                     keep = ~bad.mask
                     matrix = np.ascontiguousarray(matrix[keep])
                     ids = ids.filter(pa.array(keep))
-                scored += len(matrix)
-                for k, scorer in enumerate(scorers):
-                    t0 = time.perf_counter()
-                    scores = scorer.predict(matrix)
-                    seconds[k] += time.perf_counter() - t0
-                    if not np.isfinite(scores).all():
-                        where = ~np.isfinite(scores)
-                        raise ModelLoadError(
-                            f"model {scorer.name!r} returned {int(where.sum())} non-finite "
-                            f"score(s) on partition {partition.relpath} (ids "
-                            f"{ids.filter(pa.array(where))[:_SHOW_IDS].to_pylist()}); check "
-                            "the model and these rows' features"
+                n = len(matrix)
+                scores = np.empty((n, len(names)), dtype=np.float32)
+                if prev_rows is not None:
+                    old = prev_rows.take(n)
+                    if not old.column(0).combine_chunks().equals(ids):
+                        raise DataError(
+                            f"partition {partition.relpath}: the previous table's ids differ "
+                            "from the input's; re-run with --force"
                         )
-                    writers[k].write_batch(
-                        pa.record_batch([ids, pa.array(scores)], schema=writers[k].schema)
-                    )
+                    for j, k in enumerate(reused):
+                        scores[:, k] = old.column(j + 1).to_numpy()
+                for k in todo:
+                    t0 = time.perf_counter()
+                    scores[:, k] = scorers[k].predict(matrix)
+                    seconds[k] += time.perf_counter() - t0
                 if first_batch_at is None:
                     first_batch_at = time.time()
-        except (OSError, pa.ArrowException) as err:
-            if isinstance(err, pa.ArrowException) and not isinstance(err, OSError):
-                raise DataError(
-                    f"partition {partition.relpath} is corrupt or truncated after {rows} rows "
-                    f"({err}); re-export or remove it, then re-run: partitions already "
-                    "committed are kept"
-                ) from err
-            raise
-        for w in writers:
-            w.close()
+                finite = np.isfinite(scores)
+                if not finite.all():
+                    broken: np.ndarray = ~finite.all(axis=1)  # type: ignore[assignment]
+                    culprits = [names[k] for k in range(len(names)) if not finite[:, k].all()]
+                    if bad_rows == "fail":
+                        raise ModelLoadError(
+                            f"model(s) {culprits} returned non-finite scores for "
+                            f"{int(broken.sum())} row(s) of partition {partition.relpath} "
+                            f"({_ids_text(ids, broken)}); check the model and these rows, or "
+                            "pass --bad-rows quarantine to set them aside"
+                        )
+                    reasons = [
+                        "non-finite score from " + ", ".join(
+                            names[k] for k in np.flatnonzero(~finite[i]))
+                        for i in np.flatnonzero(broken)
+                    ]
+                    n_bad += len(reasons)
+                    set_aside(ids, broken, reasons)
+                    scores = scores[~broken]
+                    ids = ids.filter(pa.array(~broken))
+                ens, std, count = combine(scores, method, weights)
+                stats.add(scores, ens, std)
+                scored += len(ens)
+                id_chunks.append(ids)
+                writer.write_batch(pa.record_batch(
+                    [ids, *(pa.array(scores[:, k]) for k in range(len(names))),
+                     pa.array(ens), pa.array(std), pa.array(count)], schema=schema))
+        except pa.ArrowException as err:
+            if isinstance(err, OSError):
+                raise  # may be transient: the task's retry policy decides
+            raise DataError(
+                f"partition {partition.relpath} is corrupt or truncated after {rows} rows "
+                f"({err}); re-export or remove it, then re-run: partitions already "
+                "committed are kept"
+            ) from err
+        _check_unique(partition, id_chunks)
+        merged = stats.result(partition.relpath, str(target))
+        writer.add_key_value_metadata({METADATA_KEY: json.dumps(
+            provenance | {"bad_row_count": n_bad,
+                          "stats": merged.model_dump(exclude={"path"})})})
+        writer.close()
         if quarantine is not None:
             quarantine.close()
-    stats = [
-        MemberStats(name=spec.name, digest=digest, rows=scored, seconds=seconds[k])
-        for k, (spec, digest, _) in enumerate(todo)
+        elif qtarget.exists():
+            qtarget.unlink()  # from an earlier run of this partition; no longer true
+    members = [
+        MemberStats(name=n, digest=digests[n], rows=0 if k in reused else scored,
+                    seconds=seconds.get(k, 0.0), skipped=k in reused)
+        for k, n in enumerate(names)
     ]
-    order = {name: i for i, name in enumerate(manifest.member_names)}
-    members = sorted(done + stats, key=lambda s: order[s.name])
-    return PartitionScored(relpath=partition.relpath, rows=rows, scored_rows=scored,
-                           bad_rows=n_bad, seconds=time.perf_counter() - start, members=members,
-                           first_batch_at=first_batch_at)
+    return PartitionResult(
+        scored=PartitionScored(relpath=partition.relpath, rows=rows, scored_rows=scored,
+                               bad_rows=n_bad, seconds=time.perf_counter() - start,
+                               members=members, first_batch_at=first_batch_at),
+        merged=merged,
+    )

@@ -18,11 +18,10 @@ from loaders.cache import MODEL_CACHE
 from loaders.errors import ScoringError
 from loaders.inspect import resolve_model
 from loaders.manifest import ModelSpec
-from tasks.merge import merge_partition
 from tasks.plan import MemberInfo
 from tasks.scoring import score_partition
 
-__all__ = ["is_transient", "load_member", "merge_partition_task", "score_partition_task"]
+__all__ = ["is_transient", "load_member", "score_partition_task"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -67,4 +66,3 @@ def _load_member(spec: ModelSpec, n_features: int) -> MemberInfo:
 
 load_member = _retrying(_load_member, "load-member", "load {spec.name}")
 score_partition_task = _retrying(score_partition, "score-partition", "score {partition.relpath}")
-merge_partition_task = _retrying(merge_partition, "merge-partition", "merge {partition.relpath}")

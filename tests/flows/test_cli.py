@@ -15,6 +15,14 @@ from flows.score import main
 from tests.helpers import write_manifest, write_table
 
 
+@pytest.fixture(autouse=True)
+def _use_test_server(prefect_harness: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point the CLI at the session's test server, as a user with a server would."""
+    from prefect.settings import PREFECT_API_URL
+
+    monkeypatch.setenv("PREFECT_API_URL", str(PREFECT_API_URL.value()))
+
+
 @pytest.fixture()
 def setup(tmp_path: Path, checkpoints: list[Path], features: list[str]) -> dict[str, object]:
     cols: dict[str, object] = {"id": np.arange(10)}

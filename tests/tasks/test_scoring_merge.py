@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,12 +10,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from flows.demo import mlp_reference
-from loaders.errors import DataError
+from flows.demo import build_mlp_checkpoint, mlp_reference
+from loaders.errors import DataError, ModelLoadError
 from loaders.manifest import Manifest, ModelSpec
-from tasks.merge import aligned_batches, combine, merge_partition
+from tasks.merge import RowStream, combine
 from tasks.partitions import discover_partitions
-from tasks.scoring import score_partition
+from tasks.scoring import committed_metadata, score_partition
 from tasks.storage import staged
 from tests.conftest import N_FEATURES
 from tests.helpers import write_table
@@ -53,26 +54,26 @@ def test_combine_methods() -> None:
     assert np.allclose(ens[0], 0.15) and np.isclose(std[0], 0.05) and list(n) == [2, 3]
 
 
-def test_aligned_batches_realigns_different_row_groups(tmp_path: Path) -> None:
-    a, b = tmp_path / "a.parquet", tmp_path / "b.parquet"
-    pq.write_table(pa.table({"x": np.arange(100)}), a, row_group_size=30)
-    pq.write_table(pa.table({"x": np.arange(100)}), b, row_group_size=45)
-    got = list(aligned_batches([pq.ParquetFile(a), pq.ParquetFile(b)], batch_size=40))
-    assert all(len(x) == len(y) for x, y in got)
-    assert np.concatenate([x.column(0).to_numpy() for x, _ in got]).tolist() == list(range(100))
-    assert all(x.column(0).equals(y.column(0)) for x, y in got)
+def test_row_stream_slices_across_row_groups(tmp_path: Path) -> None:
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"x": np.arange(100)}), path, row_group_size=30)
+    stream = RowStream(str(path), ["x"], batch_size=45)
+    got = [stream.take(n).column(0).to_pylist() for n in (10, 40, 50)]
+    assert [v for chunk in got for v in chunk] == list(range(100))
+    with pytest.raises(ValueError, match="ended after 0 of 1 rows"):
+        stream.take(1)
 
 
-def test_score_then_merge_matches_reference(tmp_path: Path, checkpoints: list[Path],
-                                            features: list[str]) -> None:
+def test_score_matches_reference_and_reruns_skip(tmp_path: Path, checkpoints: list[Path],
+                                                 features: list[str]) -> None:
     x = _data(tmp_path, features)
     manifest = _manifest(checkpoints, features)
     part = discover_partitions(str(tmp_path / "in"))[0]
     out = tmp_path / "out"
-    scored = score_partition(part, manifest, str(out), batch_size=300)
-    assert scored.rows == 1000 and [m.name for m in scored.members] == ["m0", "m1", "m2"]
-    merged = merge_partition(part, manifest, str(out), method="weighted")
-    table = pq.read_table(merged.path)
+    result = score_partition(part, manifest, str(out), batch_size=300, method="weighted")
+    assert result.scored.rows == 1000 and [m.name for m in result.scored.members] == [
+        "m0", "m1", "m2"]
+    table = pq.read_table(result.merged.path)
     assert table.column_names == ["id", "score_m0", "score_m1", "score_m2", "ensemble_score",
                                   "ensemble_std", "n_members"]
     assert table.column("id").to_pylist() == list(range(0, 7000, 7))
@@ -82,9 +83,54 @@ def test_score_then_merge_matches_reference(tmp_path: Path, checkpoints: list[Pa
     assert np.abs(table.column("ensemble_score").to_numpy()
                   - refs @ np.array([1, 2, 3]) / 6).max() <= 1e-5
     assert np.abs(table.column("ensemble_std").to_numpy() - refs.std(axis=1)).max() <= 1e-5
-    # Same inputs again: nothing is re-scored.
-    again = score_partition(part, manifest, str(out))
-    assert again.rows == 0 and all(m.skipped for m in again.members)
+    # Same inputs again: nothing is read or re-scored, and the figures are the same.
+    again = score_partition(part, manifest, str(out), method="weighted")
+    assert again.scored.rows == 0 and all(m.skipped for m in again.scored.members)
+    assert again.merged.model_dump() == result.merged.model_dump()
+    # Another method: members reused, ensemble recomputed.
+    median = score_partition(part, manifest, str(out), method="median")
+    assert all(m.skipped for m in median.scored.members)
+    table = pq.read_table(median.merged.path)
+    assert np.abs(table.column("ensemble_score").to_numpy()
+                  - np.median(refs, axis=1)).max() <= 1e-5
+
+
+def test_replaced_checkpoint_rescores_only_that_member(
+        tmp_path: Path, checkpoints: list[Path], features: list[str]) -> None:
+    x = _data(tmp_path, features)
+    local = [build_mlp_checkpoint(tmp_path / f"c{i}" / "model.ckpt", seed=100 + i,
+                                  n_features=N_FEATURES, hidden=(16, 8))
+             for i in range(len(checkpoints))]
+    manifest = _manifest(local, features)
+    part = discover_partitions(str(tmp_path / "in"))[0]
+    out = tmp_path / "out"
+    score_partition(part, manifest, str(out), batch_size=256)
+    build_mlp_checkpoint(local[1], seed=555, n_features=N_FEATURES, hidden=(16, 8))
+    result = score_partition(part, manifest, str(out), batch_size=400)
+    assert [m.skipped for m in result.scored.members] == [True, False, True]
+    table = pq.read_table(result.merged.path)
+    refs = np.stack([mlp_reference(p, x) for p in local], axis=1)
+    for k in range(3):
+        assert np.abs(table.column(f"score_m{k}").to_numpy() - refs[:, k]).max() <= 1e-5
+    assert np.abs(table.column("ensemble_score").to_numpy() - refs.mean(1)).max() <= 1e-5
+    assert committed_metadata(Path(result.merged.path))["members"]["m1"] == (
+        result.scored.members[1].digest)
+
+
+def test_changed_partition_is_rescored(tmp_path: Path, checkpoints: list[Path],
+                                       features: list[str]) -> None:
+    _data(tmp_path, features, seed=1)
+    manifest = _manifest(checkpoints, features)
+    out = tmp_path / "out"
+    score_partition(discover_partitions(str(tmp_path / "in"))[0], manifest, str(out))
+    x = _data(tmp_path, features, n=500, seed=2)
+    os.utime(tmp_path / "in" / "p.parquet", ns=(1, 1))
+    result = score_partition(discover_partitions(str(tmp_path / "in"))[0], manifest, str(out))
+    assert not any(m.skipped for m in result.scored.members)
+    table = pq.read_table(result.merged.path)
+    assert table.num_rows == 500
+    assert np.abs(table.column("score_m0").to_numpy()
+                  - mlp_reference(checkpoints[0], x)).max() <= 1e-5
 
 
 def test_bad_rows_fail_names_ids_and_column(tmp_path: Path, checkpoints: list[Path],
@@ -104,30 +150,54 @@ def test_bad_rows_fail_names_ids_and_column(tmp_path: Path, checkpoints: list[Pa
                                         r"f02.*f04.*--bad-rows quarantine"):
         score_partition(part, manifest, str(tmp_path / "out"))
     assert not list((tmp_path / "out").rglob("*.parquet"))  # nothing half-written
-    scored = score_partition(part, manifest, str(tmp_path / "out"), bad_rows="quarantine")
-    assert scored.bad_rows == 3 and scored.scored_rows == 47
+    result = score_partition(part, manifest, str(tmp_path / "out"), bad_rows="quarantine")
+    assert result.scored.bad_rows == 3 and result.merged.rows == 47
     q = pq.read_table(tmp_path / "out" / "quarantine" / "p.parquet")
     assert q.column("id").to_pylist() == ["row-3", "row-9", "row-20"]
     assert q.column("reason").to_pylist()[2] == "f04 is null or NaN"
-    merged = merge_partition(part, manifest, str(tmp_path / "out"))
-    assert merged.rows == 47
+    table = pq.read_table(result.merged.path)
+    assert "row-3" not in table.column("id").to_pylist() and table.num_rows == 47
 
 
-def test_merge_detects_mismatched_ids(tmp_path: Path, checkpoints: list[Path],
-                                      features: list[str]) -> None:
-    _data(tmp_path, features, n=100)
-    manifest = _manifest(checkpoints, features)
+def test_non_finite_model_output(tmp_path: Path, features: list[str]) -> None:
+    """A model that returns NaN for large inputs: fail names it; quarantine sets rows aside."""
+    from loaders._tf import tf
+
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [None, N_FEATURES], name="features")
+        total = tf.reduce_sum(x, axis=1)
+        tf.where(total > 100.0, tf.fill(tf.shape(total), np.nan), total, name="score")
+        tf.compat.v1.Variable(1.0, name="v")
+        with tf.compat.v1.Session(graph=graph) as sess:
+            sess.run(tf.compat.v1.global_variables_initializer())
+            tf.compat.v1.train.Saver().save(sess, str(tmp_path / "nan" / "model.ckpt"))
+    cols: dict[str, object] = {"id": np.arange(10)}
+    for f in features:
+        cols[f] = np.where(np.arange(10) == 4, 50.0, 0.1).astype(np.float32)
+    write_table(tmp_path / "in" / "p.parquet", cols)
+    manifest = Manifest(id_column="id", features=tuple(features), models=(
+        ModelSpec(name="nanny", path=str(tmp_path / "nan" / "model.ckpt"), input="features",
+                  output="score"),))
     part = discover_partitions(str(tmp_path / "in"))[0]
-    out = tmp_path / "out"
-    score_partition(part, manifest, str(out))
-    victim = out / "members" / "m1" / "p.parquet"
-    t = pq.read_table(victim)
-    ids = t.column("id").to_numpy().copy()
-    ids[50] = -1
-    pq.write_table(t.set_column(0, "id", pa.array(ids)), victim)
-    with pytest.raises(DataError, match=r"ids of member 'm1' do not match those of 'm0'"):
-        merge_partition(part, manifest, str(out))
-    assert not (out / "ensemble" / "p.parquet").exists()
+    with pytest.raises(ModelLoadError, match=r"\['nanny'\] returned non-finite.*ids \[4\]"):
+        score_partition(part, manifest, str(tmp_path / "out"))
+    result = score_partition(part, manifest, str(tmp_path / "out"), bad_rows="quarantine")
+    assert result.merged.rows == 9
+    q = pq.read_table(tmp_path / "out" / "quarantine" / "p.parquet")
+    assert q.to_pylist() == [{"id": 4, "reason": "non-finite score from nanny"}]
+
+
+def test_duplicate_ids_are_refused(tmp_path: Path, checkpoints: list[Path],
+                                   features: list[str]) -> None:
+    cols: dict[str, object] = {"id": [1, 2, 3, 2, 5, 1]}
+    for f in features:
+        cols[f] = np.zeros(6, np.float32)
+    write_table(tmp_path / "in" / "p.parquet", cols)
+    part = discover_partitions(str(tmp_path / "in"))[0]
+    with pytest.raises(DataError, match=r"2 id\(s\) appear more than once \(\[1, 2\]\)"):
+        score_partition(part, _manifest(checkpoints, features), str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "ensemble" / "p.parquet").exists()
 
 
 def test_staged_leaves_nothing_on_failure(tmp_path: Path) -> None:
@@ -138,14 +208,12 @@ def test_staged_leaves_nothing_on_failure(tmp_path: Path) -> None:
     assert list((tmp_path / "x").iterdir()) == []
 
 
-def test_merge_statistics_add_up(tmp_path: Path, checkpoints: list[Path],
-                                 features: list[str]) -> None:
+def test_statistics_add_up(tmp_path: Path, checkpoints: list[Path],
+                           features: list[str]) -> None:
     _data(tmp_path, features, n=2500)
     manifest = _manifest(checkpoints, features)
     part = discover_partitions(str(tmp_path / "in"))[0]
-    out = tmp_path / "out"
-    score_partition(part, manifest, str(out))
-    merged = merge_partition(part, manifest, str(out), batch_size=700)
+    merged = score_partition(part, manifest, str(tmp_path / "out"), batch_size=700).merged
     table = pq.read_table(merged.path)
     s = np.stack([table.column(f"score_m{k}").to_numpy() for k in range(3)], 1).astype(float)
     assert np.allclose(merged.member_sum, s.sum(0))
