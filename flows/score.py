@@ -8,6 +8,7 @@ is instant and ``--debug`` can turn TensorFlow's own logging back on before it l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -144,13 +145,15 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     server = _start_prefect_early()
     try:
-        return _run(args, server, started)
+        with contextlib.ExitStack() as stack:
+            return _run(args, server, started, stack)
     finally:
         if server is not None:
             server.stop()
 
 
-def _run(args: argparse.Namespace, server: Any, started: float) -> int:
+def _run(args: argparse.Namespace, server: Any, started: float,
+         stack: contextlib.ExitStack) -> int:
     from pydantic import ValidationError
 
     from loaders.errors import ScoringError
@@ -169,6 +172,11 @@ def _run(args: argparse.Namespace, server: Any, started: float) -> int:
             args.output = args.output or str(demo / "output")
         elif args.input is None or args.output is None:
             return _fail("--models needs --input and --output (see --help)", EXIT_USAGE)
+        from tasks.storage import output_lock
+
+        # Taken before models load so a second run on the folder fails in a second; the
+        # flow takes it again (re-entrant) and holds it to the end.
+        stack.enter_context(output_lock(Path(args.output).expanduser().resolve()))
         params = ScoreParams(
             models=args.models, manifest=None, input=args.input, output=args.output,
             ensemble=args.ensemble,

@@ -102,6 +102,11 @@ def _check_unique(partition: Partition, chunks: list[pa.Array]) -> None:
     if not chunks:
         return
     ids = pa.chunked_array(chunks)
+    if pa.types.is_integer(ids.type) and ids.null_count == 0:
+        # Fast path for the common case (ids increasing): 1 ms instead of a hash pass.
+        values = ids.to_numpy()
+        if len(values) < 2 or bool(np.all(values[1:] > values[:-1])):
+            return
     if pc.count_distinct(ids).as_py() == len(ids):
         return
     counts = pc.value_counts(ids)
@@ -194,7 +199,9 @@ def _score(partition: Partition, manifest: Manifest, target: Path, qtarget: Path
         reader = pq.ParquetFile(partition.path)
         id_field = reader.schema_arrow.field(manifest.id_column)
         expected_rows = reader.metadata.num_rows
-    except (OSError, pa.ArrowException, KeyError) as err:
+    except OSError:
+        raise  # possibly transient (a flaky disk or network mount): the retry policy decides
+    except (pa.ArrowException, KeyError) as err:
         raise DataError(
             f"partition {partition.relpath} cannot be read as Parquet ({err}); re-export or "
             "remove it, then re-run: partitions already committed are kept"
@@ -227,8 +234,11 @@ def _score(partition: Partition, manifest: Manifest, target: Path, qtarget: Path
                 [ids.filter(pa.array(mask)), pa.array(reasons, pa.string())], schema=qschema))
 
         try:
+            # Single-threaded decode: TensorFlow already keeps every core busy, and Arrow's
+            # own decode threads only contended with it (measured ~3x slower decode).
             batches = reader.iter_batches(
-                batch_size=batch_size, columns=[manifest.id_column, *manifest.features]
+                batch_size=batch_size, columns=[manifest.id_column, *manifest.features],
+                use_threads=False,
             )
             for batch in batches:
                 rows += batch.num_rows

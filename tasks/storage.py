@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -111,21 +112,40 @@ class OutputLocked(ScoringError, RuntimeError):
     """Another run holds the output folder."""
 
 
+_held: dict[str, int] = {}
+_held_lock = threading.Lock()
+
+
 @contextlib.contextmanager
 def output_lock(output_dir: Path) -> Iterator[None]:
     """Hold an exclusive lock on the output folder for the whole run.
 
-    Two runs writing one folder would interleave member outputs and ensemble files, so
-    the second fails at once, naming the first. ``flock`` locks die with their process,
-    ``kill -9`` included, so a crashed run never leaves the folder locked. (Advisory and
-    per host: on a network file system shared by several hosts, give each run its own
-    output folder.)
+    Two runs writing one folder would interleave their files, so the second fails at once,
+    naming the first. ``flock`` locks die with their process, ``kill -9`` included, so a
+    crashed run never leaves the folder locked. Re-entrant within a process: the CLI takes
+    it before loading models (to fail in a second, not after start-up) and the flow takes
+    it again. (Advisory and per host: on a network file system shared by several hosts,
+    give each run its own output folder.)
 
     Raises:
         OutputLocked: another process holds the lock.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / LOCK_FILE
+    key = str(path.resolve())
+    with _held_lock:
+        if key in _held:
+            _held[key] += 1
+            reentered = True
+        else:
+            reentered = False
+    if reentered:
+        try:
+            yield
+        finally:
+            with _held_lock:
+                _held[key] -= 1
+        return
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -139,9 +159,13 @@ def output_lock(output_dir: Path) -> Iterator[None]:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (f"pid {os.getpid()} on {socket.gethostname()}, started "
                        f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}").encode(), 0)
+        with _held_lock:
+            _held[key] = 1
         try:
             yield
         finally:
+            with _held_lock:
+                del _held[key]
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)

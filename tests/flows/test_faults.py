@@ -1,0 +1,177 @@
+"""Real faults: transient read errors, kill -9 mid-run, two runs on one folder."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from flows.demo import build_demo, mlp_reference
+from flows.ensemble import score_ensemble
+from flows.params import ScoreParams
+from loaders.manifest import load_manifest
+from tasks.storage import OutputLocked, output_lock
+from tests.helpers import read_dataset
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def _reference(manifest_path: Path, data: Path) -> dict[int, tuple[float, ...]]:
+    manifest = load_manifest(manifest_path)
+    table = read_dataset(data)
+    x = np.stack([table.column(f).to_numpy() for f in manifest.features], axis=1)
+    refs = np.stack([mlp_reference(m.path, x) for m in manifest.models], axis=1)
+    ids = table.column("id").to_pylist()
+    return {i: (*r, r.mean()) for i, r in zip(ids, refs, strict=True)}
+
+
+def _assert_table_matches(out: Path, ref: dict[int, tuple[float, ...]]) -> None:
+    table = read_dataset(out / "ensemble")
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == len(ref)
+    assert set(ids) == set(ref)
+    got = np.stack([table.column(c).to_numpy() for c in
+                    ("score_seed0", "score_seed1", "score_seed2", "ensemble_score")], axis=1)
+    want = np.array([ref[i] for i in ids])
+    assert np.abs(got - want).max() <= 1e-5
+
+
+def test_transient_read_errors_are_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                           ) -> None:
+    """A reader that raises OSError twice, then works: the task is retried and completes."""
+    import tasks.scoring
+
+    manifest = build_demo(tmp_path / "demo", partitions=2, rows=2000)
+    real = tasks.scoring.pq.ParquetFile
+    calls: dict[str, int] = {}
+
+    def flaky(path: str, *args: object, **kwargs: object) -> pq.ParquetFile:
+        if str(path).endswith("part-0001.parquet"):
+            calls[path] = calls.get(path, 0) + 1
+            if calls[path] <= 2:
+                raise OSError(5, "Input/output error (injected)", path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(tasks.scoring.pq, "ParquetFile", flaky)
+    out = tmp_path / "out"
+    summary = score_ensemble(ScoreParams(models=str(manifest), input=str(manifest.parent /
+                                                                          "data"),
+                                         output=str(out), retries=3))
+    assert summary.rows == 4000 and not summary.failed
+    assert list(calls.values()) == [3]  # two failures, then the third try read it
+    _assert_table_matches(out, _reference(manifest, manifest.parent / "data"))
+
+
+def test_second_run_on_a_locked_folder_fails_at_once(tmp_path: Path) -> None:
+    manifest = build_demo(tmp_path / "demo", partitions=1, rows=100)
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from tasks.storage import output_lock\n"
+         f"with output_lock(Path({str(out)!r})):\n print('held', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        t0 = time.perf_counter()
+        with pytest.raises(OutputLocked, match=rf"output folder {out} is in use by another run "
+                                               rf"\(pid {holder.pid} on .*choose another"):
+            score_ensemble(ScoreParams(models=str(manifest), input=str(manifest.parent /
+                                                                       "data"),
+                                       output=str(out)))
+        assert time.perf_counter() - t0 < 30
+        assert not (out / "ensemble").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder died (as with kill -9): the lock went with it.
+    with output_lock(out):
+        pass
+
+
+def _cli(manifest: Path, out: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "flows.score", "--models", str(manifest), "--input",
+         str(manifest.parent / "data"), "--output", str(out), "--batch-size", "8192"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _env() -> dict[str, str]:
+    from prefect.settings import PREFECT_API_URL
+
+    return {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
+
+
+def _wait_for(predicate, timeout: float = 120.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting for the run to get there"
+        time.sleep(0.005)
+
+
+def _visible(out: Path) -> list[Path]:
+    return sorted(p for p in (out / "ensemble").rglob("*.parquet")
+                  if not p.name.startswith(".")) if (out / "ensemble").exists() else []
+
+
+@pytest.mark.slow
+def test_kill_9_at_several_points_then_rerun(tmp_path: Path) -> None:
+    manifest = build_demo(tmp_path / "demo", partitions=6, rows=150_000)
+    ref = _reference(manifest, manifest.parent / "data")
+    out = tmp_path / "out"
+    env = _env()
+
+    def staging_present() -> bool:
+        return any((out / "ensemble").rglob(".*.tmp")) if (out / "ensemble").exists() else False
+
+    kill_points = [
+        ("mid-write of the first partition", staging_present),
+        ("after two partitions", lambda: len(_visible(out)) >= 2),
+        ("after four partitions", lambda: len(_visible(out)) >= 4),
+    ]
+    for what, reached in kill_points:
+        proc = _cli(manifest, out, env)
+        try:
+            _wait_for(lambda: reached() or proc.poll() is not None)  # noqa: B023
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.communicate()
+        # Whatever is visible is complete and correct; the rest is simply missing.
+        for path in _visible(out):
+            table = pq.read_table(path)
+            assert table.num_rows == 150_000, what
+            ids = table.column("id").to_pylist()
+            assert all(i in ref for i in ids), what
+    proc = _cli(manifest, out, env)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Reused:" in stdout
+    _assert_table_matches(out, ref)
+    assert not list(out.rglob(".*.tmp"))
+
+
+@pytest.mark.slow
+def test_two_runs_started_at_once(tmp_path: Path) -> None:
+    manifest = build_demo(tmp_path / "demo", partitions=4, rows=150_000)
+    out = tmp_path / "out"
+    env = _env()
+    first = _cli(manifest, out, env)
+    try:
+        _wait_for(lambda: (out / ".lock").is_file()
+                  and f"pid {first.pid}" in (out / ".lock").read_text())
+        second = _cli(manifest, out, env)
+        _, err2 = second.communicate(timeout=300)
+        _, err1 = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert second.returncode == 2  # nothing was scored
+    assert f"is in use by another run (pid {first.pid}" in err2
+    assert first.returncode == 0, err1[-3000:]
+    _assert_table_matches(out, _reference(manifest, manifest.parent / "data"))
