@@ -1,21 +1,26 @@
 """Finding input partitions, fingerprinting them and checking their schema.
 
 Only Parquet footers are read here, so planning a run over thousands of partitions takes
-seconds and a schema mistake is reported before any model runs.
+seconds and a schema mistake is reported before any model runs. Input may be local or on
+S3 (``s3://bucket/prefix``, a single object or a glob): one listing gives every object's
+size and last-modified time, the fingerprint a re-run compares.
 """
 
 from __future__ import annotations
 
 import glob
 import os
-from pathlib import Path
+import re
+from pathlib import Path, PurePosixPath
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
 from loaders.errors import DataError
 from loaders.manifest import Manifest
+from tasks.fs import S3_SCHEME, S3Path, s3_filesystem, s3_uri
 
 __all__ = ["PARQUET_SUFFIXES", "Partition", "check_schema", "discover_partitions"]
 
@@ -28,7 +33,7 @@ class Partition(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    path: str
+    path: str  # a local path, or an s3://bucket/key URI
     relpath: str  # POSIX path below the input root; mirrored under the output folders
     size: int
     mtime_ns: int
@@ -57,16 +62,99 @@ def _partition(path: Path, root: Path) -> Partition:
     )
 
 
-def discover_partitions(input_path: str, *, exclude: Path | None = None) -> list[Partition]:
+def _glob_regex(pattern: str) -> re.Pattern[str]:
+    """A key-matching regex with ``glob.glob(recursive=True)``'s meaning: ``*`` and ``?``
+    stay within one path component, ``**/`` spans any number of them."""
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:[^/]+/)*")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        elif pattern[i] == "[":
+            end = pattern.find("]", i + 1)
+            if end < 0:
+                out.append(re.escape("["))
+                i += 1
+            else:
+                body = pattern[i + 1:end]
+                out.append("[^" + body[1:] + "]" if body.startswith("!") else "[" + body + "]")
+                i = end + 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return re.compile("".join(out) + r"\Z")
+
+
+def _discover_s3(uri: str, exclude: Path | S3Path | None) -> list[Partition]:
+    fs = s3_filesystem()
+    key = uri[len(S3_SCHEME):].strip("/")
+    try:
+        if any(c in key for c in _GLOB_CHARS):
+            parts = key.split("/")
+            cut = next(i for i, p in enumerate(parts) if set(p) & _GLOB_CHARS)
+            root = "/".join(parts[:cut])
+            if not root:
+                raise DataError(f"input {uri}: the bucket name cannot be a glob")
+            pattern = _glob_regex(key)
+            infos = [i for i in fs.get_file_info(
+                pafs.FileSelector(root, recursive=True, allow_not_found=True))
+                if i.type == pafs.FileType.File and pattern.match(i.path)
+                and not i.base_name.startswith((".", "_"))]
+        else:
+            info = fs.get_file_info(key)
+            if info.type == pafs.FileType.File:
+                root, infos = str(PurePosixPath(key).parent), [info]
+            elif info.type == pafs.FileType.Directory:
+                root = key
+                infos = [i for i in fs.get_file_info(pafs.FileSelector(key, recursive=True))
+                         if i.type == pafs.FileType.File
+                         and not i.base_name.startswith((".", "_"))
+                         and i.base_name.lower().endswith(PARQUET_SUFFIXES)]
+            else:
+                raise DataError(f"input {uri} does not exist; check --input")
+    except OSError as err:
+        raise DataError(
+            f"cannot list input {uri} ({err}); check the bucket and the AWS_* environment "
+            "variables (credentials, AWS_REGION, AWS_ENDPOINT_URL)"
+        ) from err
+    if isinstance(exclude, S3Path):
+        infos = [i for i in infos if not i.path.startswith(exclude.key + "/")]
+    if not infos:
+        raise DataError(
+            f"no Parquet files found at {uri}; --input takes a .parquet object, a prefix "
+            f"of them (searched recursively for {', '.join(PARQUET_SUFFIXES)}) or a glob"
+        )
+    infos.sort(key=lambda i: i.path)
+    return [
+        Partition(path=S3_SCHEME + i.path, relpath=i.path[len(root) + 1:], size=int(i.size),
+                  mtime_ns=int(i.mtime_ns or 0))
+        for i in infos
+    ]
+
+
+def discover_partitions(input_path: str, *,
+                        exclude: Path | S3Path | None = None) -> list[Partition]:
     """List the Parquet files that ``input_path`` names, in a stable order.
 
     ``input_path`` is one file, a folder searched recursively (hive ``key=value`` folders
-    included), or a glob (``**`` allowed). ``exclude`` keeps the run's own output out when
-    it sits below the input folder.
+    included), or a glob (``**`` allowed), locally or as an ``s3://`` URI. ``exclude``
+    keeps the run's own output out when it sits below the input folder.
 
     Raises:
-        DataError: nothing matches, with what was looked for.
+        DataError: nothing matches, with what was looked for; S3 cannot be listed.
     """
+    uri = s3_uri(input_path)
+    if uri is not None:
+        return _discover_s3(uri, exclude)
     raw = os.path.expanduser(input_path)
     if any(c in raw for c in _GLOB_CHARS):
         parts = Path(raw).parts
@@ -83,7 +171,7 @@ def discover_partitions(input_path: str, *, exclude: Path | None = None) -> list
             files = sorted(p for p in path.rglob("*") if _is_data_file(p))
         else:
             raise DataError(f"input {input_path} does not exist; check --input")
-    if exclude is not None:
+    if isinstance(exclude, Path):
         ex = exclude.resolve()
         files = [f for f in files if ex not in f.resolve().parents]
     if not files:
@@ -106,7 +194,11 @@ def check_schema(partition: Partition, manifest: Manifest) -> pa.Schema:
             message names the partition and the columns.
     """
     try:
-        schema = pq.read_schema(partition.path)
+        if s3_uri(partition.path) is not None:
+            schema = pq.read_schema(S3Path.from_uri(partition.path).key,
+                                    filesystem=s3_filesystem())
+        else:
+            schema = pq.read_schema(partition.path)
     except (pa.ArrowException, OSError) as err:
         raise DataError(
             f"partition {partition.relpath} is not a readable Parquet file ({err}); "

@@ -14,8 +14,9 @@ from pydantic import BaseModel
 from loaders.errors import DataError
 from loaders.inspect import digest_files, resolve_model
 from loaders.manifest import Manifest
+from tasks.fs import S3Path
 from tasks.partitions import Partition, check_schema, discover_partitions
-from tasks.storage import check_writable
+from tasks.storage import check_writable, output_location
 
 __all__ = ["MemberInfo", "Plan", "make_plan", "resolve_members"]
 
@@ -29,7 +30,7 @@ class MemberInfo(BaseModel):
 
 
 class Plan(BaseModel):
-    output_dir: str
+    output_dir: str  # an absolute local path, or an s3://bucket/prefix URI
     partitions: list[Partition]
     unreadable: dict[str, str]  # relpath -> why, for partitions set aside
 
@@ -60,7 +61,8 @@ def make_plan(manifest: Manifest, input_path: str, output_dir: str) -> Plan:
         DataError: no input, or a partition lacks a column or has a non-numeric feature.
         OutputError: the output folder is not writable.
     """
-    out = Path(output_dir).expanduser().resolve()
+    loc = output_location(output_dir)
+    out = loc if isinstance(loc, S3Path) else Path(output_dir).expanduser().resolve()
     check_writable(out)
     partitions = discover_partitions(input_path, exclude=out)
     unreadable: dict[str, str] = {}

@@ -10,13 +10,15 @@ The committed file remembers what produced it (partition fingerprint, member dig
 method, bad-row policy) in its footer, so a re-run skips an unchanged partition without
 reading it, and when one checkpoint is replaced, scores only that member and takes the
 others' scores from the previous file.
+
+Input and output may be on S3 (``tasks.fs``): only where files are opened, hidden and
+committed differs (``tasks.storage``); the loop over batches is the same code.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -34,9 +36,18 @@ from loaders.errors import DataError, ModelLoadError
 from loaders.inspect import digest_files, resolve_model
 from loaders.manifest import BadRowPolicy, Manifest
 from tasks.features import find_bad_rows, to_matrix
+from tasks.fs import S3Path, s3_filesystem, s3_uri
 from tasks.merge import EnsembleMethod, EnsembleStats, PartitionMerged, RowStream, combine
 from tasks.partitions import Partition
-from tasks.storage import ENSEMBLE_DIR, QUARANTINE_DIR, safe_join, staged
+from tasks.storage import (
+    ENSEMBLE_DIR,
+    QUARANTINE_DIR,
+    OutputLocation,
+    output_location,
+    replace,
+    safe_join,
+    staged,
+)
 
 __all__ = [
     "METADATA_KEY",
@@ -76,10 +87,13 @@ class PartitionResult(BaseModel):
     merged: PartitionMerged
 
 
-def committed_metadata(path: Path) -> dict[str, Any] | None:
+def committed_metadata(path: Path | S3Path) -> dict[str, Any] | None:
     """The provenance stored in a committed ensemble file's footer, if readable."""
     try:
-        meta = pq.read_metadata(path).metadata or {}
+        if isinstance(path, S3Path):
+            meta = pq.read_metadata(path.key, filesystem=s3_filesystem()).metadata or {}
+        else:
+            meta = pq.read_metadata(path).metadata or {}
         return json.loads(meta[METADATA_KEY])  # type: ignore[no-any-return]
     except (OSError, KeyError, ValueError, pa.ArrowException):
         return None
@@ -158,7 +172,7 @@ def score_partition(
             non-finite scores under ``fail``.
     """
     start = time.perf_counter()
-    out = Path(output_dir)
+    out = output_location(output_dir)
     target = safe_join(out / ENSEMBLE_DIR, partition.relpath)
     qtarget = safe_join(out / QUARANTINE_DIR, partition.relpath)
     names = manifest.member_names
@@ -194,10 +208,12 @@ def score_partition(
 
     # Whatever is committed is now stale: move it out of readers' sight first, keeping it
     # (hidden) only as the source of the members' scores that are still valid.
-    previous: Path | None = None
-    if target.exists():
+    previous: OutputLocation | None = None
+    if isinstance(target, S3Path) and not reuse:
+        target.unlink(missing_ok=True)  # nothing in it is still valid: no need to copy it
+    elif target.exists():
         previous = target.with_name(f".{target.name}.prev-{uuid.uuid4().hex[:8]}.tmp")
-        os.replace(target, previous)
+        replace(target, previous)
     try:
         return _score(partition, manifest, target, qtarget, names, digests, weights,
                       provenance, reuse if previous else [], previous, method, batch_size,
@@ -208,9 +224,25 @@ def score_partition(
                 previous.unlink()
 
 
-def _score(partition: Partition, manifest: Manifest, target: Path, qtarget: Path,
-           names: list[str], digests: dict[str, str], weights: np.ndarray,
-           provenance: dict[str, Any], reuse: list[str], previous: Path | None,
+def _open_input(partition: Partition) -> pq.ParquetFile:
+    if s3_uri(partition.path) is not None:
+        return pq.ParquetFile(S3Path.from_uri(partition.path).key, filesystem=s3_filesystem())
+    return pq.ParquetFile(partition.path)
+
+
+def _previous_rows(previous: OutputLocation, columns: list[str]) -> RowStream:
+    if isinstance(previous, S3Path):
+        # RowStream hands its argument to pq.ParquetFile, which takes an open file as well
+        # as a path; closed when the stream is dropped.
+        source = s3_filesystem().open_input_file(previous.key)
+        return RowStream(source, columns)  # type: ignore[arg-type]
+    return RowStream(str(previous), columns)
+
+
+def _score(partition: Partition, manifest: Manifest, target: OutputLocation,
+           qtarget: OutputLocation, names: list[str], digests: dict[str, str],
+           weights: np.ndarray, provenance: dict[str, Any], reuse: list[str],
+           previous: OutputLocation | None,
            method: EnsembleMethod, batch_size: int, bad_rows: BadRowPolicy, start: float
            ) -> PartitionResult:
     n_features = len(manifest.features)
@@ -218,7 +250,7 @@ def _score(partition: Partition, manifest: Manifest, target: Path, qtarget: Path
     reused = [k for k, n in enumerate(names) if n in reuse]
     scorers = {k: MODEL_CACHE.get(manifest.models[k], n_features) for k in todo}
     try:
-        reader = pq.ParquetFile(partition.path)
+        reader = _open_input(partition)
         id_field = reader.schema_arrow.field(manifest.id_column)
         expected_rows = reader.metadata.num_rows
     except OSError:
@@ -230,7 +262,7 @@ def _score(partition: Partition, manifest: Manifest, target: Path, qtarget: Path
         ) from err
     schema = _schema(id_field, names)
     qschema = pa.schema([id_field, pa.field("reason", pa.string())])
-    prev_rows = (RowStream(str(previous), [manifest.id_column] + [f"score_{names[k]}"
+    prev_rows = (_previous_rows(previous, [manifest.id_column] + [f"score_{names[k]}"
                                                                    for k in reused])
                  if reused and previous is not None else None)
     stats = EnsembleStats(len(names), expected_rows)

@@ -1,8 +1,16 @@
-"""Atomic file commits and output-folder layout.
+"""Atomic file commits and output-folder layout, on a local folder or on S3.
 
 Every file the pipeline publishes is written under a hidden staging name in its final
 folder and renamed into place only when complete, so readers of ``DIR/ensemble/`` (which
 skip names starting with ``.`` or ``_``, as pyarrow datasets do) never see a partial file.
+
+S3 has no rename, and an object upload that fails half-way can still be completed by
+pyarrow (its output stream completes the upload when closed, even from a destructor, and
+``ParquetWriter`` writes a footer when closed after an error), so an object is never
+streamed to its final key. It is streamed to the same hidden staging name, then published
+with a server-side copy (``CopyObject``: the final key holds the old object or the whole
+new one, never a part) and the staging object deleted. Every function here takes a local
+``Path`` or an ``s3://`` URI (also wrapped in ``Path()``, as the flow does).
 """
 
 from __future__ import annotations
@@ -17,19 +25,26 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar, overload
+
+import pyarrow as pa
+import pyarrow.fs as pafs
 
 from loaders.errors import OutputError, ScoringError
+from tasks.fs import S3Path, s3_filesystem, s3_uri
 
 __all__ = [
     "ENSEMBLE_DIR",
     "MEMBERS_DIR",
     "QUARANTINE_DIR",
+    "OutputLocation",
     "OutputLocked",
     "check_writable",
     "member_path",
+    "output_location",
     "output_lock",
     "remove_stale_staging",
+    "replace",
     "safe_join",
     "staged",
     "write_json_atomic",
@@ -39,8 +54,41 @@ ENSEMBLE_DIR = "ensemble"
 MEMBERS_DIR = "members"
 QUARANTINE_DIR = "quarantine"
 
+OutputLocation = Path | S3Path
+_Loc = TypeVar("_Loc", Path, S3Path)
 
-def safe_join(root: Path, relpath: str) -> Path:
+
+def output_location(location: str | os.PathLike[str] | S3Path) -> OutputLocation:
+    """``location`` as an ``S3Path`` when it names S3, else as a local ``Path`` (as given,
+    not resolved)."""
+    if isinstance(location, S3Path):
+        return location
+    uri = s3_uri(location)
+    if uri is not None:
+        return S3Path.from_uri(uri)
+    return Path(location)
+
+
+def replace(src: OutputLocation, dst: OutputLocation) -> None:
+    """``os.replace`` locally; on S3 a server-side copy then a delete of ``src`` (after
+    which ``src`` is gone: with a crash in between, both exist and ``src`` stays)."""
+    if isinstance(src, S3Path) and isinstance(dst, S3Path):
+        fs = s3_filesystem()
+        fs.copy_file(src.key, dst.key)
+        fs.delete_file(src.key)
+    elif isinstance(src, Path) and isinstance(dst, Path):
+        os.replace(src, dst)
+    else:
+        raise TypeError(f"cannot move {src} to {dst}: not on the same storage")
+
+
+@overload
+def safe_join(root: Path, relpath: str) -> Path: ...
+@overload
+def safe_join(root: S3Path, relpath: str) -> S3Path: ...
+@overload
+def safe_join(root: OutputLocation, relpath: str) -> OutputLocation: ...
+def safe_join(root: OutputLocation, relpath: str) -> OutputLocation:
     """``root / relpath``, refusing anything that would land outside ``root``.
 
     Raises:
@@ -56,8 +104,48 @@ def member_path(output_dir: Path, member: str, relpath: str) -> Path:
     return safe_join(output_dir / MEMBERS_DIR / member, relpath)
 
 
+def _staging_name(final: _Loc) -> _Loc:
+    return final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}{_STAGING_SUFFIX}")
+
+
+@overload
+def staged(final: Path) -> contextlib.AbstractContextManager[Path]: ...
+@overload
+def staged(final: S3Path) -> contextlib.AbstractContextManager[pa.NativeFile]: ...
+def staged(final: Path | S3Path) -> contextlib.AbstractContextManager[Any]:
+    """Yield somewhere to write ``final``'s content; publish it if the block succeeds.
+
+    Locally a staging path beside ``final``, renamed into place; on S3 an open output
+    stream to a hidden staging object, copied into place (see the module docstring).
+    """
+    if isinstance(final, S3Path):
+        return _staged_s3(final)
+    return _staged_local(final)
+
+
 @contextlib.contextmanager
-def staged(final: Path) -> Iterator[Path]:
+def _staged_s3(final: S3Path) -> Iterator[pa.NativeFile]:
+    fs = s3_filesystem()
+    tmp = _staging_name(final)
+    stream = fs.open_output_stream(tmp.key)
+    try:
+        yield stream
+        stream.close()  # completes the upload of the hidden object
+        fs.copy_file(tmp.key, final.key)  # the commit: CopyObject publishes it whole
+    except BaseException:
+        # Close now (it would otherwise complete the upload later, from a destructor,
+        # after the delete), then delete the hidden object the close may have made.
+        with contextlib.suppress(Exception):
+            stream.close()
+        with contextlib.suppress(OSError):
+            fs.delete_file(tmp.key)
+        raise
+    with contextlib.suppress(OSError):  # else the next run's remove_stale_staging does it
+        fs.delete_file(tmp.key)
+
+
+@contextlib.contextmanager
+def _staged_local(final: Path) -> Iterator[Path]:
     """Yield a staging path beside ``final``; rename it into place if the block succeeds.
 
     On any failure, including KeyboardInterrupt, the staging file is removed and ``final``
@@ -71,7 +159,7 @@ def staged(final: Path) -> Iterator[Path]:
             f"cannot create output folder {final.parent}: {err.strerror or err}; choose a "
             "writable --output"
         ) from err
-    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}{_STAGING_SUFFIX}")
+    tmp = _staging_name(final)
     try:
         yield tmp
         os.replace(tmp, final)
@@ -81,17 +169,39 @@ def staged(final: Path) -> Iterator[Path]:
         raise
 
 
-def write_json_atomic(final: Path, data: Any) -> None:
-    with staged(final) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+def write_json_atomic(final: Path | str, data: Any) -> None:
+    """Write ``data`` as JSON to ``final`` atomically (a local path or an S3 URI)."""
+    text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
+    loc = output_location(final)
+    if isinstance(loc, S3Path):
+        # The whole body is in memory before the upload starts: one PUT, all or nothing.
+        with s3_filesystem().open_output_stream(loc.key) as out:
+            out.write(text.encode())
+        return
+    with staged(loc) as tmp:
+        tmp.write_text(text)
 
 
-def check_writable(output_dir: Path) -> None:
+def check_writable(output_dir: Path | S3Path) -> None:
     """Fail before scoring, not after, when the output folder cannot be written.
 
     Raises:
-        OutputError: the folder cannot be created or written.
+        OutputError: the folder cannot be created or written (on S3: no such bucket, no
+            permission, or the AWS_* variables point nowhere).
     """
+    if isinstance(output_dir, S3Path):
+        probe_key = (output_dir / f".write-probe-{uuid.uuid4().hex[:8]}").key
+        try:
+            fs = s3_filesystem()
+            with fs.open_output_stream(probe_key) as out:
+                out.write(b"")
+            fs.delete_file(probe_key)
+        except OSError as err:
+            raise OutputError(
+                f"output {output_dir} is not writable ({err}); check the bucket and the "
+                "AWS_* environment variables (credentials, AWS_REGION, AWS_ENDPOINT_URL)"
+            ) from err
+        return
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
         probe = output_dir / f".write-probe-{uuid.uuid4().hex[:8]}"
@@ -117,7 +227,7 @@ _held_lock = threading.Lock()
 
 
 @contextlib.contextmanager
-def output_lock(output_dir: Path) -> Iterator[None]:
+def output_lock(output_dir: Path | str) -> Iterator[None]:
     """Hold an exclusive lock on the output folder for the whole run.
 
     Two runs writing one folder would interleave their files, so the second fails at once,
@@ -127,9 +237,17 @@ def output_lock(output_dir: Path) -> Iterator[None]:
     it again. (Advisory and per host: on a network file system shared by several hosts,
     give each run its own output folder.)
 
+    On S3 the lock is a best-effort lock object (see ``_s3_output_lock``).
+
     Raises:
         OutputLocked: another process holds the lock.
     """
+    loc = output_location(output_dir)
+    if isinstance(loc, S3Path):
+        with _s3_output_lock(loc):
+            yield
+        return
+    output_dir = loc
     output_dir.mkdir(parents=True, exist_ok=True)
     path = output_dir / LOCK_FILE
     key = str(path.resolve())
@@ -171,11 +289,116 @@ def output_lock(output_dir: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def remove_stale_staging(output_dir: Path) -> int:
+def remove_stale_staging(output_dir: Path | str) -> int:
     """Delete staging files left by a killed run; call only while holding the lock."""
+    loc = output_location(output_dir)
     removed = 0
-    for path in output_dir.rglob(f".*{_STAGING_SUFFIX}"):
+    if isinstance(loc, S3Path):
+        fs = s3_filesystem()
+        selector = pafs.FileSelector(loc.key, recursive=True, allow_not_found=True)
+        for info in fs.get_file_info(selector):
+            if (info.type == pafs.FileType.File and info.base_name.startswith(".")
+                    and info.base_name.endswith(_STAGING_SUFFIX)):
+                with contextlib.suppress(OSError):
+                    fs.delete_file(info.path)
+                    removed += 1
+        return removed
+    for path in loc.rglob(f".*{_STAGING_SUFFIX}"):
         with contextlib.suppress(OSError):
             path.unlink()
             removed += 1
     return removed
+
+
+# S3 lock: S3 has no atomic create-if-absent that pyarrow 26 can issue (no If-None-Match
+# on its PUT), so each run writes its own lock object ``.lock-<uuid>`` and then lists the
+# others. With S3's strong read-after-write and list consistency at most one contender
+# sees no one else (whoever lists first without seeing the other wrote first, so the
+# other's list sees it); when both see each other both give way, which is safe. The holder
+# rewrites its object every _S3_LOCK_BEAT seconds; an object older than _S3_LOCK_TTL by
+# the server's clock (compared with the contender's own fresh object, so client clocks
+# do not matter) belongs to a run that died and is taken over.
+_S3_LOCK_PREFIX = f"{LOCK_FILE}-"
+_S3_LOCK_BEAT = 60.0
+_S3_LOCK_TTL = 300.0
+
+
+def _holder_text() -> bytes:
+    return (f"pid {os.getpid()} on {socket.gethostname()}, started "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}").encode()
+
+
+def _put(fs: pafs.S3FileSystem, key: str, body: bytes) -> None:
+    with fs.open_output_stream(key) as out:
+        out.write(body)
+
+
+@contextlib.contextmanager
+def _s3_output_lock(root: S3Path) -> Iterator[None]:
+    key = str(root)
+    with _held_lock:
+        reentered = key in _held
+        if reentered:
+            _held[key] += 1
+    if reentered:
+        try:
+            yield
+        finally:
+            with _held_lock:
+                _held[key] -= 1
+        return
+    fs = s3_filesystem()
+    mine = root / f"{_S3_LOCK_PREFIX}{uuid.uuid4().hex}"
+    body = _holder_text()
+    try:
+        _put(fs, mine.key, body)
+        infos = fs.get_file_info(pafs.FileSelector(root.key, recursive=False))
+    except OSError as err:
+        raise OutputError(
+            f"cannot write the lock object in {root} ({err}); check the bucket and the "
+            "AWS_* environment variables"
+        ) from err
+    own = next((i for i in infos if i.path == mine.key), None)
+    others = [i for i in infos if i.type == pafs.FileType.File and i.path != mine.key
+              and i.base_name.startswith(_S3_LOCK_PREFIX)]
+    live = []
+    for info in others:
+        if (own is not None and own.mtime_ns is not None and info.mtime_ns is not None
+                and own.mtime_ns - info.mtime_ns > _S3_LOCK_TTL * 1e9):
+            with contextlib.suppress(OSError):
+                fs.delete_file(info.path)  # its run stopped beating: it died
+        else:
+            live.append(info)
+    if live:
+        with contextlib.suppress(OSError):
+            fs.delete_file(mine.key)
+        try:
+            with fs.open_input_stream(live[0].path) as f:
+                holder = f.read().decode(errors="replace").strip() or "unknown"
+        except OSError:
+            holder = "unknown"
+        raise OutputLocked(
+            f"output folder {root} is in use by another run ({holder}); wait for it to "
+            f"finish, or choose another --output (a run killed with kill -9 leaves "
+            f"{live[0].base_name}, taken over after {_S3_LOCK_TTL:.0f} s)"
+        )
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(_S3_LOCK_BEAT):
+            with contextlib.suppress(OSError):
+                _put(fs, mine.key, body)
+
+    beater = threading.Thread(target=beat, name="s3-lock-heartbeat", daemon=True)
+    beater.start()
+    with _held_lock:
+        _held[key] = 1
+    try:
+        yield
+    finally:
+        with _held_lock:
+            del _held[key]
+        stop.set()
+        beater.join()
+        with contextlib.suppress(OSError):
+            fs.delete_file(mine.key)
