@@ -22,7 +22,13 @@ from loaders.errors import DataError
 from loaders.manifest import Manifest
 from tasks.fs import S3_SCHEME, S3Path, s3_filesystem, s3_uri
 
-__all__ = ["PARQUET_SUFFIXES", "Partition", "check_schema", "discover_partitions"]
+__all__ = [
+    "PARQUET_SUFFIXES",
+    "Partition",
+    "check_partition",
+    "check_schema",
+    "discover_partitions",
+]
 
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 _GLOB_CHARS = set("*?[")
@@ -37,10 +43,15 @@ class Partition(BaseModel):
     relpath: str  # POSIX path below the input root; mirrored under the output folders
     size: int
     mtime_ns: int
+    # S3 only, filled in by check_partition: Last-Modified has one-second resolution on
+    # AWS, so an object replaced by one of the same size within that second would look
+    # unchanged without its ETag (which changes with the content).
+    etag: str = ""
 
     @property
     def fingerprint(self) -> str:
-        return f"{self.size}:{self.mtime_ns}"
+        base = f"{self.size}:{self.mtime_ns}"
+        return f"{base}:{self.etag}" if self.etag else base
 
 
 def _is_data_file(path: Path) -> bool:
@@ -186,6 +197,32 @@ def _numeric(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
 
 
+def _read_footer(partition: Partition) -> tuple[pa.Schema, str]:
+    """The partition's schema, and on S3 its ETag (from the same open: no extra request)."""
+    try:
+        if s3_uri(partition.path) is None:
+            return pq.read_schema(partition.path), ""
+        with s3_filesystem().open_input_file(S3Path.from_uri(partition.path).key) as f:
+            etag = (f.metadata().get("ETag") or b"").decode(errors="replace").strip('"')
+            return pq.read_schema(f), etag
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(
+            f"partition {partition.relpath} is not a readable Parquet file ({err}); "
+            "re-export or remove it, then re-run"
+        ) from err
+
+
+def check_partition(partition: Partition, manifest: Manifest) -> Partition:
+    """``check_schema``, returning the partition with its S3 ETag in the fingerprint.
+
+    Raises:
+        DataError: as ``check_schema``.
+    """
+    schema, etag = _read_footer(partition)
+    _check_columns(partition, schema, manifest)
+    return partition.model_copy(update={"etag": etag}) if etag else partition
+
+
 def check_schema(partition: Partition, manifest: Manifest) -> pa.Schema:
     """Check the partition has the id column and numeric feature columns.
 
@@ -193,17 +230,12 @@ def check_schema(partition: Partition, manifest: Manifest) -> pa.Schema:
         DataError: unreadable footer, missing columns, or non-numeric features; the
             message names the partition and the columns.
     """
-    try:
-        if s3_uri(partition.path) is not None:
-            schema = pq.read_schema(S3Path.from_uri(partition.path).key,
-                                    filesystem=s3_filesystem())
-        else:
-            schema = pq.read_schema(partition.path)
-    except (pa.ArrowException, OSError) as err:
-        raise DataError(
-            f"partition {partition.relpath} is not a readable Parquet file ({err}); "
-            "re-export or remove it, then re-run"
-        ) from err
+    schema, _ = _read_footer(partition)
+    _check_columns(partition, schema, manifest)
+    return schema
+
+
+def _check_columns(partition: Partition, schema: pa.Schema, manifest: Manifest) -> None:
     names = set(schema.names)
     missing = [c for c in (manifest.id_column, *manifest.features) if c not in names]
     if missing:
@@ -221,4 +253,3 @@ def check_schema(partition: Partition, manifest: Manifest) -> pa.Schema:
             f"partition {partition.relpath}: feature column(s) {wrong} are not numeric; "
             "features must be integer, floating-point or decimal columns"
         )
-    return schema

@@ -15,7 +15,7 @@ from loaders.errors import DataError
 from loaders.inspect import digest_files, resolve_model
 from loaders.manifest import Manifest
 from tasks.fs import S3Path
-from tasks.partitions import Partition, check_schema, discover_partitions
+from tasks.partitions import Partition, check_partition, discover_partitions
 from tasks.storage import check_writable, output_location
 
 __all__ = ["MemberInfo", "Plan", "make_plan", "resolve_members"]
@@ -69,11 +69,9 @@ def make_plan(manifest: Manifest, input_path: str, output_dir: str) -> Plan:
     good = []
     for part in partitions:
         try:
-            check_schema(part, manifest)
+            good.append(check_partition(part, manifest))
         except DataError as err:
             if "not a readable Parquet file" not in str(err):
                 raise
             unreadable[part.relpath] = str(err)
-            continue
-        good.append(part)
     return Plan(output_dir=str(out), partitions=good, unreadable=unreadable)

@@ -31,7 +31,7 @@ from flows.demo import build_demo, build_mlp_checkpoint, mlp_reference
 from loaders.errors import DataError, OutputError
 from loaders.manifest import Manifest, ModelSpec, load_manifest
 from tasks.fs import S3Path, s3_filesystem
-from tasks.partitions import discover_partitions
+from tasks.partitions import check_partition, discover_partitions
 from tasks.scoring import committed_metadata, score_partition
 from tasks.storage import OutputLocked, check_writable, output_lock
 from tests.conftest import N_FEATURES
@@ -266,6 +266,28 @@ def test_glob_on_s3(bucket: str, features: list[str]) -> None:
     assert [p.relpath for p in discover_partitions(f"s3://{bucket}/d/*/a.parquet")] == [
         "x/a.parquet"]
     assert all(p.size > 0 and p.mtime_ns > 0 for p in parts)
+
+
+def test_fingerprint_tells_same_size_rewrites_apart(bucket: str, features: list[str]) -> None:
+    """Last-Modified has one-second resolution on AWS: the ETag catches a same-size rewrite
+    within that second."""
+    fs = s3_filesystem()
+    manifest = _manifest([Path("unused")], features)
+    x = np.random.default_rng(5).standard_normal((100, N_FEATURES)).astype(np.float32)
+
+    def put() -> None:
+        pq.write_table(pa.table(_features_table(features, x)), f"{bucket}/in/p.parquet",
+                       filesystem=fs, compression="none", use_dictionary=False)
+
+    put()
+    before = check_partition(discover_partitions(f"s3://{bucket}/in")[0], manifest)
+    assert before.etag and before.fingerprint.endswith(before.etag)
+    x[7, 3] += 1.0
+    put()
+    after = check_partition(discover_partitions(f"s3://{bucket}/in")[0], manifest)
+    assert after.size == before.size
+    assert after.model_copy(update={"mtime_ns": before.mtime_ns}).fingerprint != (
+        before.fingerprint)
 
 
 def test_lock_object_keeps_a_second_run_out(bucket: str, monkeypatch: pytest.MonkeyPatch
