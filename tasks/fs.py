@@ -22,8 +22,9 @@ from pathlib import PurePath, PurePosixPath
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
-__all__ = ["S3_SCHEME", "S3Path", "is_s3", "s3_filesystem", "s3_uri"]
+__all__ = ["S3_SCHEME", "S3Path", "is_s3", "parquet_file", "s3_filesystem", "s3_uri"]
 
 S3_SCHEME = "s3://"
 
@@ -83,6 +84,18 @@ def s3_filesystem() -> pafs.S3FileSystem:
     return _make_filesystem(_env("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"),
                             _env("AWS_REGION", "AWS_DEFAULT_REGION"),
                             hashlib.sha256(creds.encode()).hexdigest())
+
+
+def parquet_file(path: str) -> pq.ParquetFile:
+    """Open a Parquet file named by a local path or an ``s3://`` URI (as in
+    ``Partition.path`` or ``PartitionMerged.path``).
+
+    Giving pyarrow the URI itself would build a new filesystem per file that ignores
+    AWS_ENDPOINT_URL; this uses the process's configured one.
+    """
+    if s3_uri(path) is not None:
+        return pq.ParquetFile(S3Path.from_uri(path).key, filesystem=s3_filesystem())
+    return pq.ParquetFile(path)
 
 
 @dataclass(frozen=True)

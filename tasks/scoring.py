@@ -36,7 +36,7 @@ from loaders.errors import DataError, ModelLoadError
 from loaders.inspect import digest_files, resolve_model
 from loaders.manifest import BadRowPolicy, Manifest
 from tasks.features import find_bad_rows, to_matrix
-from tasks.fs import S3Path, s3_filesystem, s3_uri
+from tasks.fs import S3Path, parquet_file, s3_filesystem
 from tasks.merge import EnsembleMethod, EnsembleStats, PartitionMerged, RowStream, combine
 from tasks.partitions import Partition
 from tasks.storage import (
@@ -224,12 +224,6 @@ def score_partition(
                 previous.unlink()
 
 
-def _open_input(partition: Partition) -> pq.ParquetFile:
-    if s3_uri(partition.path) is not None:
-        return pq.ParquetFile(S3Path.from_uri(partition.path).key, filesystem=s3_filesystem())
-    return pq.ParquetFile(partition.path)
-
-
 def _previous_rows(previous: OutputLocation, columns: list[str]) -> RowStream:
     if isinstance(previous, S3Path):
         # RowStream hands its argument to pq.ParquetFile, which takes an open file as well
@@ -250,7 +244,7 @@ def _score(partition: Partition, manifest: Manifest, target: OutputLocation,
     reused = [k for k, n in enumerate(names) if n in reuse]
     scorers = {k: MODEL_CACHE.get(manifest.models[k], n_features) for k in todo}
     try:
-        reader = _open_input(partition)
+        reader = parquet_file(partition.path)
         id_field = reader.schema_arrow.field(manifest.id_column)
         expected_rows = reader.metadata.num_rows
     except OSError:

@@ -266,6 +266,9 @@ def test_glob_on_s3(bucket: str, features: list[str]) -> None:
     assert [p.relpath for p in discover_partitions(f"s3://{bucket}/d/*/a.parquet")] == [
         "x/a.parquet"]
     assert all(p.size > 0 and p.mtime_ns > 0 for p in parts)
+    # The run's own output below the input prefix is left out.
+    assert [p.relpath for p in discover_partitions(
+        f"s3://{bucket}/d", exclude=S3Path(f"{bucket}/d/y"))] == ["x/a.parquet"]
 
 
 def test_fingerprint_tells_same_size_rewrites_apart(bucket: str, features: list[str]) -> None:
