@@ -7,10 +7,11 @@ partitions there are; each partition is scored, merged and committed in one task
 
 from __future__ import annotations
 
+import os
 import platform
+import socket
 import time
 from collections import deque
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, runtime
@@ -29,7 +30,13 @@ from tasks.partitions import Partition
 from tasks.plan import MemberInfo, Plan, make_plan
 from tasks.scoring import PartitionResult, PartitionScored
 from tasks.steps import load_member, score_partition_task
-from tasks.storage import ENSEMBLE_DIR, output_lock, remove_stale_staging, write_json_atomic
+from tasks.storage import (
+    ENSEMBLE_DIR,
+    output_location,
+    output_lock,
+    remove_stale_staging,
+    write_json_atomic,
+)
 
 __all__ = ["PartitionsFailed", "RunSummary", "score_ensemble"]
 
@@ -128,6 +135,21 @@ def _run_partitions(
     return scored, merged, failed
 
 
+def _model_loads(scored: dict[str, PartitionScored]) -> dict[str, dict[str, int]]:
+    """Loads per checkpoint digest, per process that scored (this one included)."""
+    per_process: dict[str, dict[str, int]] = {}
+    for s in scored.values():
+        if s.process:
+            seen = per_process.setdefault(s.process, {})
+            for digest, n in s.loads.items():
+                seen[digest[:12]] = max(seen.get(digest[:12], 0), n)
+    here = f"{socket.gethostname()}:{os.getpid()}"
+    mine = per_process.setdefault(here, {})
+    for digest, n in MODEL_CACHE.loads.items():
+        mine[digest[:12]] = max(mine.get(digest[:12], 0), n)
+    return per_process
+
+
 def _versions() -> dict[str, str]:
     import numpy
     import prefect
@@ -153,13 +175,48 @@ def score_ensemble(params: ScoreParams) -> RunSummary:
     Partitions that fail are listed at the end; those that succeeded stay committed and a
     re-run skips them.
     """
+    if params.runner != "threads":
+        # The runner is a run-time choice (a form field in the UI), but a flow's task runner
+        # is fixed when it starts: the partitions run in a subflow on the chosen runner.
+        runner = make_task_runner(params)
+        subflow = _score_elsewhere.with_options(  # type: ignore[call-overload]
+            task_runner=runner, name=f"ensemble-score-{params.runner}")
+        return subflow(params)  # type: ignore[no-any-return]
+    return _run(params)
+
+
+@flow(name="ensemble-score-distributed", validate_parameters=True, log_prints=False)
+def _score_elsewhere(params: ScoreParams) -> RunSummary:
+    """The same run, its tasks on a process pool or a Dask cluster."""
+    return _run(params)
+
+
+def make_task_runner(params: ScoreParams) -> Any:
+    """The task runner ``params.runner`` names (threads are the flow's own default).
+
+    Workers are fresh processes (spawn, or the cluster's own): TensorFlow is never forked.
+    Each loads a checkpoint the first time one of its tasks needs it and keeps it in its
+    cache; tasks carry only specs and return small summaries, so everything pickles.
+    """
+    if params.runner == "processes":
+        from prefect.task_runners import ProcessPoolTaskRunner
+
+        return ProcessPoolTaskRunner(max_workers=params.workers or os.cpu_count() or 2)
+    if params.runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        return DaskTaskRunner(address=params.address)
+    return ThreadPoolTaskRunner(max_workers=16)
+
+
+def _run(params: ScoreParams) -> RunSummary:
     logger = get_run_logger()
     started = time.perf_counter()
     started_at = time.time()
     manifest = params.load_manifest()
     plan = make_plan(manifest, params.input, params.output)
-    with output_lock(Path(plan.output_dir)):
-        removed = remove_stale_staging(Path(plan.output_dir))
+    with output_lock(plan.output_dir):
+        removed = remove_stale_staging(plan.output_dir)
         if removed:
             logger.info(f"Removed {removed} staging file(s) left by an interrupted run")
         return _score(params, manifest, plan, logger, started, started_at)
@@ -192,7 +249,7 @@ def _score(params: ScoreParams, manifest: Manifest, plan: Plan, logger: Any, sta
     total_sum = sum(m.score_sum for m in merged.values())
     summary = RunSummary(
         output_dir=plan.output_dir,
-        ensemble_dir=str(Path(plan.output_dir) / ENSEMBLE_DIR),
+        ensemble_dir=str(output_location(plan.output_dir) / ENSEMBLE_DIR),
         partitions=len(merged),
         rows=rows,
         bad_rows=sum(s.bad_rows for s in scored.values()),
@@ -207,7 +264,7 @@ def _score(params: ScoreParams, manifest: Manifest, plan: Plan, logger: Any, sta
         ensemble_std_mean=sum(m.std_sum for m in merged.values()) / rows if rows else 0.0,
     )
     summary.report = report_run(summary, scored, merged, plan.partitions, logger)
-    write_json_atomic(Path(plan.output_dir) / RUN_RECORD, {
+    write_json_atomic(str(output_location(plan.output_dir) / RUN_RECORD), {
         "flow_run_id": str(runtime.flow_run.id),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "params": params.model_dump(mode="json"),
@@ -228,7 +285,7 @@ def _score(params: ScoreParams, manifest: Manifest, plan: Plan, logger: Any, sta
                                    if s.first_batch_at is not None), default=None),
             "committed_at": time.time(),
         },
-        "model_loads": {digest[:12]: n for digest, n in MODEL_CACHE.loads.items()},
+        "model_loads": _model_loads(scored),
         "versions": _versions(),
         "summary": summary.model_dump(exclude={"members"}),
     })

@@ -11,7 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from loaders.manifest import BadRowPolicy, Manifest, load_manifest, parse_manifest
 from tasks.merge import EnsembleMethod
 
-__all__ = ["ScoreParams"]
+__all__ = ["Runner", "ScoreParams"]
+
+Runner = Literal["threads", "processes", "dask"]
 
 
 class ScoreParams(BaseModel):
@@ -39,8 +41,8 @@ class ScoreParams(BaseModel):
     )
     output: str = Field(
         min_length=1, title="Output folder",
-        description="Output folder: the ensemble table goes to OUTPUT/ensemble/, member "
-        "scores to OUTPUT/members/, the run record to OUTPUT/_run.json.",
+        description="Output folder: the ensemble table goes to OUTPUT/ensemble/ (member "
+        "scores included), the run record to OUTPUT/_run.json.",
         examples=["out/"],
     )
     ensemble: EnsembleMethod = Field(
@@ -65,8 +67,23 @@ class ScoreParams(BaseModel):
     )
     retries: int = Field(3, ge=0, le=10, description="Retries for transient I/O errors.")
     force: bool = Field(False, description="Re-score everything, ignoring committed outputs.")
-    runner: Literal["threads"] = Field(
-        "threads", description="Task runner: threads (Prefect's thread pool, one process)."
+    runner: Runner = Field(
+        "threads", title="Task runner",
+        description="threads: Prefect's thread pool in the flow's process (default). "
+        "processes: Prefect's ProcessPoolTaskRunner (spawned workers, each loading the models "
+        "once). dask: prefect-dask's DaskTaskRunner on the existing cluster at 'address'.",
+    )
+    address: str | None = Field(
+        None, title="Dask scheduler address", pattern=r"^(tcp|tls|inproc|ucx)://\S+$",
+        description="With runner 'dask': the scheduler of an existing dask.distributed "
+        "cluster, e.g. tcp://10.0.0.5:8786. Its workers need this project installed and "
+        "PREFECT_API_URL pointing at the same Prefect server.",
+        examples=["tcp://127.0.0.1:8786"],
+    )
+    workers: int | None = Field(
+        None, ge=1, le=256, title="Worker processes",
+        description="With runner 'processes': how many worker processes (default: the "
+        "number of cores).",
     )
 
     @model_validator(mode="after")
@@ -74,6 +91,11 @@ class ScoreParams(BaseModel):
         if (self.models is None) == (self.manifest is None):
             raise ValueError("give exactly one of 'models' (a manifest path) or 'manifest' "
                              "(the manifest inline)")
+        if self.runner == "dask" and not self.address:
+            raise ValueError("runner 'dask' needs 'address', the scheduler of an existing "
+                             "cluster (tcp://HOST:PORT)")
+        if self.address and self.runner != "dask":
+            raise ValueError("'address' is only used with runner 'dask'")
         return self
 
     def load_manifest(self) -> Manifest:

@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, Protocol
 from uuid import UUID
 
 import numpy as np
 from pydantic import BaseModel
 
+from tasks.fs import parquet_file
 from tasks.merge import HISTOGRAM_BINS, PartitionMerged
 from tasks.partitions import Partition
 from tasks.plan import MemberInfo
 from tasks.scoring import PartitionScored
-from tasks.storage import QUARANTINE_DIR
+from tasks.storage import QUARANTINE_DIR, output_location
 
 __all__ = [
     "ARTIFACT_KEYS",
@@ -192,10 +192,9 @@ def _histogram(column: str, parts: Iterable[tuple[int, list[float]]], low: float
 
 
 def _footer_rows(path: str) -> int | None:
-    import pyarrow.parquet as pq
 
     try:
-        return int(pq.ParquetFile(path).metadata.num_rows)
+        return int(parquet_file(path).metadata.num_rows)
     except Exception:  # unreadable is exactly what made some of these fail
         return None
 
@@ -294,7 +293,7 @@ def build_report(
         status=status or ("Failed" if summary.failed else "Completed"),
         output_dir=summary.output_dir,
         ensemble_dir=summary.ensemble_dir,
-        quarantine_dir=str(Path(summary.output_dir) / QUARANTINE_DIR),
+        quarantine_dir=str(output_location(summary.output_dir) / QUARANTINE_DIR),
         partitions=len(parts),
         rows=rows,
         quarantined_rows=summary.bad_rows,

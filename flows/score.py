@@ -60,8 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows per batch fed to the models (default: 65536)")
     p.add_argument("--retries", type=int, default=3, metavar="N",
                    help="retries for transient I/O errors (default: 3)")
-    p.add_argument("--runner", choices=["threads"], default="threads",
-                   help="Prefect task runner (default: threads)")
+    p.add_argument("--runner", choices=["threads", "processes", "dask"], default="threads",
+                   help="Prefect task runner: threads (default; one process), processes "
+                   "(ProcessPoolTaskRunner, spawned workers) or dask (an existing "
+                   "dask.distributed cluster, see --address)")
+    p.add_argument("--address", metavar="tcp://HOST:PORT", default=None,
+                   help="with --runner dask: the cluster's scheduler address")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="with --runner processes: worker processes (default: cores)")
     p.add_argument("--force", action="store_true",
                    help="re-score everything, ignoring committed member outputs")
     p.add_argument("--demo-dir", metavar="DIR", default=".demo",
@@ -110,7 +116,8 @@ def print_summary(summary: Any, wall: float) -> None:
         print(f"Members:        {len(summary.members)} "
               f"({', '.join(m.name for m in summary.members)})")
     print(f"Wall time:      {wall:.1f} s, with checks and start-up")
-    files = sorted(Path(summary.ensemble_dir).rglob("*.parquet"))
+    files = [] if summary.ensemble_dir.startswith("s3://") else sorted(
+        p for p in Path(summary.ensemble_dir).rglob("*.parquet") if not p.name.startswith("."))
     if files:
         print(f"First rows of {files[0].relative_to(summary.ensemble_dir)}:")
         print(_format_rows(files[0]))
@@ -172,16 +179,19 @@ def _run(args: argparse.Namespace, server: Any, started: float,
             args.output = args.output or str(demo / "output")
         elif args.input is None or args.output is None:
             return _fail("--models needs --input and --output (see --help)", EXIT_USAGE)
+        from tasks.fs import is_s3
         from tasks.storage import output_lock
 
         # Taken before models load so a second run on the folder fails in a second; the
         # flow takes it again (re-entrant) and holds it to the end.
-        stack.enter_context(output_lock(Path(args.output).expanduser().resolve()))
+        out = args.output if is_s3(args.output) else Path(args.output).expanduser().resolve()
+        stack.enter_context(output_lock(out))
         params = ScoreParams(
             models=args.models, manifest=None, input=args.input, output=args.output,
             ensemble=args.ensemble,
             bad_rows=args.bad_rows, concurrency=args.concurrency, batch_size=args.batch_size,
             retries=args.retries, force=args.force, runner=args.runner,
+            address=args.address, workers=args.workers,
         )
         preflight(params)
     except ValidationError as err:
