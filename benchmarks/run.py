@@ -10,13 +10,17 @@ their ratio is meaningful on a noisy machine where absolute seconds are not.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -107,6 +111,48 @@ def run_product(manifest: Path, data: Path, output: Path, extra: list[str]) -> d
     }
 
 
+@contextlib.contextmanager
+def local_dask_cluster(workers: int, log: Path) -> Iterator[str]:
+    """A dask.distributed scheduler and ``workers`` single-threaded worker processes, all on
+    127.0.0.1, stopped by pid afterwards: the "existing cluster" the dask runner targets."""
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return int(sock.getsockname()[1])
+
+    dask = str(Path(sys.executable).with_name("dask"))
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    env.pop("PREFECT_API_URL", None)  # tasks get the flow's server from its context
+    log.parent.mkdir(parents=True, exist_ok=True)
+    out = open(log, "wb")  # noqa: SIM115 - closed in finally
+    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--dashboard-address", f"127.0.0.1:{free_port()}"],
+                              env=env, stdout=out, stderr=out)]
+    try:
+        for _ in range(workers):
+            procs.append(subprocess.Popen(
+                [dask, "worker", address, "--host", "127.0.0.1", "--nthreads", "1",
+                 "--no-nanny", "--dashboard-address", f"127.0.0.1:{free_port()}"],
+                env=env, stdout=out, stderr=out))
+        from distributed import Client
+
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(workers, timeout=120)
+        yield address
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+        for proc in procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        out.close()
+
+
 def verify_sample(prefixes: list[Path], data: Path, output: Path, rows: int = 2000
                   ) -> float:
     """Max abs error of member and ensemble scores against numpy, on sampled rows."""
@@ -141,6 +187,20 @@ def _machine() -> str:
     return f"{os.cpu_count()} cores, {mem:.0f} GiB, {cpu}, Python {platform.python_version()}"
 
 
+def _markdown(figures: dict[str, Any], lines: list[str]) -> str:
+    return (
+        "# Benchmarks\n\n"
+        "Latest figures of `python -m benchmarks.run` (the product against the hardware "
+        "ceiling, measured in one run; compare ratios, not seconds across runs).\n\n"
+        f"- Command: `{figures['command'].strip()}`\n"
+        f"- Date: {figures['date']}\n"
+        f"- Machine: {figures['machine']}\n"
+        f"- Workload: {figures['workload']} ({figures['row_model_evals']:,} row-model "
+        "evaluations: K members x P partitions x rows, MLP 32-256-256-1)\n\n"
+        "```\n" + "\n".join(lines).strip("\n") + "\n```\n"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -155,7 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--product-args", default="", help="extra CLI arguments for flows.score")
     p.add_argument("--json", type=Path, default=None, help="where to write the figures "
                    "(default: WORKDIR/results.json)")
-    p.add_argument("--update-md", action="store_true", help="rewrite BENCHMARKS.md")
+    p.add_argument("--write-md", type=Path, default=None, metavar="FILE",
+                   help="also write the figures as markdown (BENCHMARKS.md keeps the latest)")
+    p.add_argument("--dask", type=int, default=0, metavar="WORKERS",
+                   help="also run the product with --runner dask on a local cluster of "
+                   "this many worker processes, and report its overhead vs threads")
     args = p.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
@@ -169,6 +233,14 @@ def main(argv: list[str] | None = None) -> int:
     print("product: python -m flows.score (fresh process, ephemeral Prefect) ...", flush=True)
     product = run_product(manifest, data, args.workdir / "out" / w.key,
                           args.product_args.split())
+    dask_run = None
+    if args.dask:
+        print(f"product on dask: --runner dask, local cluster of {args.dask} worker "
+              "processes ...", flush=True)
+        with local_dask_cluster(args.dask, args.workdir / "dask.log") as address:
+            dask_run = run_product(manifest, data, args.workdir / "out-dask" / w.key,
+                                   ["--runner", "dask", "--address", address,
+                                    *args.product_args.split()])
     print("ceiling: members' graphs alone, features in memory ...", flush=True)
     ceiling = measure_ceiling(w, prefixes, [int(b) for b in args.ceiling_batches.split(",")],
                               args.ceiling_seconds)
@@ -184,29 +256,49 @@ def main(argv: list[str] | None = None) -> int:
         ("product, flow phase", f"{rate_flow / 1e6:.2f} M/s", f"{rate_flow / c:.2f}"),
         ("product, whole process", f"{rate_process / 1e6:.2f} M/s", f"{rate_process / c:.2f}"),
     ]
-    print()
-    print(f"{'row-model evaluations per second':58s} {'rate':>10s} {'vs ceiling':>10s}")
+    lines: list[str] = []
+
+    def show(text: str = "") -> None:
+        """Print a result line and keep it for the markdown copy."""
+        lines.append(text)
+        print(text)
+
+    show()
+    show(f"{'row-model evaluations per second':58s} {'rate':>10s} {'vs ceiling':>10s}")
     for name, rate, ratio in rows:
-        print(f"{name:58s} {rate:>10s} {ratio:>10s}")
-    print()
-    print(f"whole process wall time   {product['wall']:8.1f} s")
-    print(f"flow time                 {product['flow']:8.1f} s")
-    print(f"start-up (to first batch) {product['startup']:8.1f} s")
-    print(f"peak RSS                  {product['peak_rss'] / 2**30:8.2f} GiB")
-    print(f"model loads per checkpoint {sorted(product['model_loads'].values())}")
-    print(f"max abs error vs numpy    {max_err:.2e} (sampled rows)")
+        show(f"{name:58s} {rate:>10s} {ratio:>10s}")
+    show()
+    show(f"whole process wall time   {product['wall']:8.1f} s")
+    show(f"flow time                 {product['flow']:8.1f} s")
+    show(f"start-up (to first batch) {product['startup']:8.1f} s")
+    show(f"peak RSS                  {product['peak_rss'] / 2**30:8.2f} GiB")
+    loads = product["model_loads"]
+    per_ckpt = [n for proc in loads.values() for n in proc.values()]
+    show(f"model loads per checkpoint per process: max {max(per_ckpt, default=0)} "
+          f"({len(loads)} process(es), {len(per_ckpt)} loads in all)")
+    show(f"max abs error vs numpy    {max_err:.2e} (sampled rows)")
+    if dask_run is not None:
+        d_flow = evals / dask_run["flow"]
+        show(f"dask runner ({args.dask} workers): flow {dask_run['flow']:.1f} s "
+              f"({d_flow / 1e6:.2f} M/s, {d_flow / c:.2f} of ceiling), whole process "
+              f"{dask_run['wall']:.1f} s; overhead vs threads: flow x"
+              f"{dask_run['flow'] / product['flow']:.2f}, whole x"
+              f"{dask_run['wall'] / product['wall']:.2f}")
     for bs, r in sorted(ceiling["rows_per_s_by_batch"].items()):
-        print(f"  ceiling at batch {bs:>7,}: {r / 1e6:.2f} M/s")
+        show(f"  ceiling at batch {bs:>7,}: {r / 1e6:.2f} M/s")
 
     figures = {
         "workload": w.key, "row_model_evals": evals, "machine": _machine(),
-        "ceiling": ceiling, "product": product,
+        "ceiling": ceiling, "product": product, "dask": dask_run,
         "ratio_flow": rate_flow / c, "ratio_process": rate_process / c,
         "max_abs_error": max_err,
         "command": "python -m benchmarks.run " + " ".join(argv if argv is not None
                                                             else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),
     }
+    if args.write_md:
+        args.write_md.write_text(_markdown(figures, lines), encoding="utf-8")
+        print(f"markdown written to {args.write_md}")
     out = args.json or args.workdir / "results.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(figures, indent=2, default=str))
