@@ -243,20 +243,11 @@ def output_lock(output_dir: Path | str) -> Iterator[None]:
         OutputLocked: another process holds the lock.
     """
     loc = output_location(output_dir)
-    if isinstance(loc, S3Path):
-        with _s3_output_lock(loc):
-            yield
-        return
-    output_dir = loc
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / LOCK_FILE
-    key = str(path.resolve())
+    key = str(loc) if isinstance(loc, S3Path) else str((loc / LOCK_FILE).resolve())
     with _held_lock:
-        if key in _held:
+        reentered = key in _held
+        if reentered:
             _held[key] += 1
-            reentered = True
-        else:
-            reentered = False
     if reentered:
         try:
             yield
@@ -264,7 +255,20 @@ def output_lock(output_dir: Path | str) -> Iterator[None]:
             with _held_lock:
                 _held[key] -= 1
         return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    with _s3_output_lock(loc) if isinstance(loc, S3Path) else _local_output_lock(loc):
+        with _held_lock:
+            _held[key] = 1
+        try:
+            yield
+        finally:
+            with _held_lock:
+                del _held[key]
+
+
+@contextlib.contextmanager
+def _local_output_lock(output_dir: Path) -> Iterator[None]:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(output_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -277,13 +281,9 @@ def output_lock(output_dir: Path | str) -> Iterator[None]:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (f"pid {os.getpid()} on {socket.gethostname()}, started "
                        f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}").encode(), 0)
-        with _held_lock:
-            _held[key] = 1
         try:
             yield
         finally:
-            with _held_lock:
-                del _held[key]
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)
@@ -335,18 +335,6 @@ def _put(fs: pafs.S3FileSystem, key: str, body: bytes) -> None:
 
 @contextlib.contextmanager
 def _s3_output_lock(root: S3Path) -> Iterator[None]:
-    key = str(root)
-    with _held_lock:
-        reentered = key in _held
-        if reentered:
-            _held[key] += 1
-    if reentered:
-        try:
-            yield
-        finally:
-            with _held_lock:
-                _held[key] -= 1
-        return
     fs = s3_filesystem()
     mine = root / f"{_S3_LOCK_PREFIX}{uuid.uuid4().hex}"
     body = _holder_text()
@@ -391,13 +379,9 @@ def _s3_output_lock(root: S3Path) -> Iterator[None]:
 
     beater = threading.Thread(target=beat, name="s3-lock-heartbeat", daemon=True)
     beater.start()
-    with _held_lock:
-        _held[key] = 1
     try:
         yield
     finally:
-        with _held_lock:
-            del _held[key]
         stop.set()
         beater.join()
         with contextlib.suppress(OSError):
