@@ -44,10 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", metavar="MANIFEST", help="models manifest (YAML): id_column, "
                    "features, models (name, path, input/output or signature, weight)")
     p.add_argument("--input", metavar="PATH", help="a Parquet file, a folder of them "
-                   "(recursive, hive key=value folders allowed) or a glob")
+                   "(recursive, hive key=value folders allowed) or a glob; local or "
+                   "s3://bucket/prefix")
     p.add_argument("--output", metavar="DIR", help="output folder; the table goes to "
-                   "DIR/ensemble/, member outputs to DIR/members/, the run record to "
-                   "DIR/_run.json")
+                   "DIR/ensemble/ (member scores included), bad rows to DIR/quarantine/, the "
+                   "run record to DIR/_run.json; s3://bucket/prefix works too")
     p.add_argument("--ensemble", choices=["mean", "weighted", "median"], default="mean",
                    help="how member scores combine (default: mean; weighted uses the "
                    "manifest's weights)")
