@@ -88,8 +88,8 @@ def _format_rows(path: Path, limit: int = 5) -> str:
     """The first rows of one ensemble file as a small fixed-width table (no pandas)."""
     import pyarrow.parquet as pq
 
-    table = pq.ParquetFile(path).read_row_group(0).slice(0, limit) if pq.ParquetFile(
-        path).num_row_groups else None
+    reader = pq.ParquetFile(path)
+    table = reader.read_row_group(0).slice(0, limit) if reader.num_row_groups else None
     if table is None or table.num_rows == 0:
         return "  (no rows)"
     cols = table.column_names

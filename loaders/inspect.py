@@ -1,7 +1,7 @@
 """Find a model's files on disk, tell its format, and fingerprint it.
 
-Kept free of TensorFlow imports except where the checkpoint state file must be parsed, so
-planning and resume decisions stay cheap.
+Free of TensorFlow imports (the ``checkpoint`` state file is parsed as text), so planning
+and resume decisions stay cheap.
 """
 
 from __future__ import annotations

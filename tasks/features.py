@@ -16,12 +16,10 @@ __all__ = ["BadRows", "find_bad_rows", "to_matrix"]
 
 
 def _column_values(col: pa.Array) -> np.ndarray:
-    if pa.types.is_decimal(col.type):
+    # Decimals have no numpy form; integers with nulls cast to float so the nulls become
+    # NaN, and one finiteness check then catches null, NaN and inf alike.
+    if pa.types.is_decimal(col.type) or (col.null_count and not pa.types.is_floating(col.type)):
         col = pc.cast(col, pa.float64())
-    if col.null_count:
-        # Nulls become NaN so one finiteness check catches null, NaN and inf alike.
-        col = pc.cast(col, pa.float64()) if not pa.types.is_floating(col.type) else col
-        return col.to_numpy(zero_copy_only=False)
     return col.to_numpy(zero_copy_only=False)
 
 

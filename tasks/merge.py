@@ -6,7 +6,8 @@ step re-reading per-member files cost about as much as decoding the input again.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Iterator
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -19,6 +20,7 @@ __all__ = [
     "EnsembleStats",
     "PartitionMerged",
     "RowStream",
+    "batches_by_row_group",
     "combine",
 ]
 
@@ -127,12 +129,29 @@ class EnsembleStats:
         )
 
 
+def batches_by_row_group(reader: pq.ParquetFile, columns: list[str], batch_size: int
+                         ) -> Iterator[pa.RecordBatch]:
+    """Record batches, one row group at a time, decoded on the calling thread.
+
+    A single ``iter_batches`` over every row group kept each decoded row group's memory
+    until the end of the file (pyarrow 26: 2 GiB of Arrow memory for a 10M-row, 32-feature
+    partition); per row group it stays at one row group's worth (0.13 GiB). Single-threaded
+    because TensorFlow already keeps every core busy; Arrow's decode threads only
+    contended with it (measured ~3x slower decode).
+    """
+    for group in range(reader.num_row_groups):
+        yield from reader.iter_batches(batch_size=batch_size, columns=columns,
+                                       row_groups=[group], use_threads=False)
+
+
 class RowStream:
     """Reads a Parquet file front to back in slices of any requested length, whatever
     its row groups, so a previous table can be walked in step with a new input pass."""
 
-    def __init__(self, path: str, columns: list[str], batch_size: int = 65_536) -> None:
-        self._iter = pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns)
+    def __init__(self, source: str | Any, columns: list[str], batch_size: int = 65_536
+                 ) -> None:
+        """``source``: a local path or an open file (as for ``pq.ParquetFile``)."""
+        self._iter = batches_by_row_group(pq.ParquetFile(source), columns, batch_size)
         self._buffer: list[pa.RecordBatch] = []
         self._buffered = 0
 

@@ -23,7 +23,6 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,14 @@ from loaders.inspect import digest_files, resolve_model
 from loaders.manifest import BadRowPolicy, Manifest
 from tasks.features import find_bad_rows, to_matrix
 from tasks.fs import S3Path, parquet_file, s3_filesystem
-from tasks.merge import EnsembleMethod, EnsembleStats, PartitionMerged, RowStream, combine
+from tasks.merge import (
+    EnsembleMethod,
+    EnsembleStats,
+    PartitionMerged,
+    RowStream,
+    batches_by_row_group,
+    combine,
+)
 from tasks.partitions import Partition
 from tasks.storage import (
     ENSEMBLE_DIR,
@@ -118,19 +124,6 @@ def _schema(id_field: pa.Field, names: list[str]) -> pa.Schema:
         + [pa.field("ensemble_score", pa.float32()), pa.field("ensemble_std", pa.float32()),
            pa.field("n_members", pa.int32())]
     )
-
-
-def _batches(reader: pq.ParquetFile, columns: list[str], batch_size: int
-             ) -> Iterator[pa.RecordBatch]:
-    """Record batches, one row group at a time.
-
-    A single ``iter_batches`` over every row group kept each decoded row group's memory
-    until the end of the file (pyarrow 26: 2 GiB of Arrow memory for a 10M-row, 32-feature
-    partition); per row group it stays at one row group's worth (0.13 GiB).
-    """
-    for group in range(reader.num_row_groups):
-        yield from reader.iter_batches(batch_size=batch_size, columns=columns,
-                                       row_groups=[group], use_threads=False)
 
 
 def _check_unique(partition: Partition, chunks: list[pa.Array]) -> None:
@@ -249,7 +242,7 @@ def _previous_rows(previous: OutputLocation, columns: list[str]) -> RowStream:
         # RowStream hands its argument to pq.ParquetFile, which takes an open file as well
         # as a path; closed when the stream is dropped.
         source = s3_filesystem().open_input_file(previous.key)
-        return RowStream(source, columns)  # type: ignore[arg-type]
+        return RowStream(source, columns)
     return RowStream(str(previous), columns)
 
 
@@ -304,7 +297,7 @@ def _score(partition: Partition, manifest: Manifest, target: OutputLocation,
         try:
             # Single-threaded decode: TensorFlow already keeps every core busy, and Arrow's
             # own decode threads only contended with it (measured ~3x slower decode).
-            for batch in _batches(reader, [manifest.id_column, *manifest.features],
+            for batch in batches_by_row_group(reader, [manifest.id_column, *manifest.features],
                                   batch_size):
                 rows += batch.num_rows
                 matrix = to_matrix(batch, manifest.features, buffer)

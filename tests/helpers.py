@@ -120,3 +120,16 @@ def write_manifest(path: Path, data: dict[str, Any]) -> Path:
 def read_dataset(folder: Path) -> pa.Table:
     files = sorted(p for p in folder.rglob("*.parquet") if not p.name.startswith((".", "_")))
     return pa.concat_tables([pq.read_table(f) for f in files])
+
+
+def assert_matches_reference(table: pa.Table, ref: dict[Any, tuple[float, ...]],
+                             columns: tuple[str, ...] = ("score_seed0", "score_seed1",
+                                                         "score_seed2", "ensemble_score"),
+                             ) -> None:
+    """Every reference id exactly once, and the scores within 1e-5 of the reference."""
+    ids = table.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == len(ref)
+    assert set(ids) == set(ref)
+    got = np.stack([table.column(c).to_numpy() for c in columns], axis=1)
+    want = np.array([ref[i] for i in ids])
+    assert np.abs(got - want).max() <= 1e-5

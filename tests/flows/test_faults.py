@@ -18,7 +18,7 @@ from flows.ensemble import score_ensemble
 from flows.params import ScoreParams
 from loaders.manifest import load_manifest
 from tasks.storage import OutputLocked, output_lock
-from tests.helpers import read_dataset
+from tests.helpers import assert_matches_reference, read_dataset
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -33,14 +33,7 @@ def _reference(manifest_path: Path, data: Path) -> dict[int, tuple[float, ...]]:
 
 
 def _assert_table_matches(out: Path, ref: dict[int, tuple[float, ...]]) -> None:
-    table = read_dataset(out / "ensemble")
-    ids = table.column("id").to_pylist()
-    assert len(ids) == len(set(ids)) == len(ref)
-    assert set(ids) == set(ref)
-    got = np.stack([table.column(c).to_numpy() for c in
-                    ("score_seed0", "score_seed1", "score_seed2", "ensemble_score")], axis=1)
-    want = np.array([ref[i] for i in ids])
-    assert np.abs(got - want).max() <= 1e-5
+    assert_matches_reference(read_dataset(out / "ensemble"), ref)
 
 
 def test_transient_read_errors_are_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -35,6 +35,7 @@ from tasks.partitions import check_partition, discover_partitions
 from tasks.scoring import committed_metadata, score_partition
 from tasks.storage import OutputLocked, check_writable, output_lock
 from tests.conftest import N_FEATURES
+from tests.helpers import assert_matches_reference
 
 REGION = "us-east-1"
 
@@ -121,14 +122,8 @@ def _reference(manifest_path: Path, data: Path) -> dict[int, tuple[float, ...]]:
 def _assert_table_matches(fs: pafs.FileSystem, ensemble: str,
                           ref: dict[int, tuple[float, ...]]) -> None:
     # Read as any reader would: a plain pyarrow dataset, which skips hidden names.
-    table = ds.dataset(ensemble, filesystem=fs, format="parquet").to_table()
-    ids = table.column("id").to_pylist()
-    assert len(ids) == len(set(ids)) == len(ref)
-    assert set(ids) == set(ref)
-    got = np.stack([table.column(c).to_numpy() for c in
-                    ("score_seed0", "score_seed1", "score_seed2", "ensemble_score")], axis=1)
-    want = np.array([ref[i] for i in ids])
-    assert np.abs(got - want).max() <= 1e-5
+    assert_matches_reference(ds.dataset(ensemble, filesystem=fs, format="parquet").to_table(),
+                             ref)
 
 
 @pytest.mark.usefixtures("prefect_harness")
