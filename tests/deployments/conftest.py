@@ -28,6 +28,8 @@ PREFECT_FILE = "deployments/prefect.yaml"
 POOL = "ensemble"  # the work pool named in deployments/prefect.yaml
 DEMO_PARTITIONS, DEMO_ROWS = 2, 3000
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+RETRY_CODES = {429, 502, 503}  # what prefect.client.base retries
+RETRIES = 6
 
 
 def free_port() -> int:
@@ -137,7 +139,19 @@ class PrefectStack:
         return proc
 
     def api(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        return httpx.request(method, f"{self.api_url}{path}", timeout=30, **kwargs)
+        """One API call, retried the way Prefect's own client retries.
+
+        Under load the server answers 503 for retryable database errors (SQLite busy
+        while a worker and a runner write to it); Prefect's client retries those, so a
+        bare httpx call must too or the test fails on the server's own back-pressure.
+        """
+        response = httpx.request(method, f"{self.api_url}{path}", timeout=30, **kwargs)
+        for attempt in range(RETRIES):
+            if response.status_code not in RETRY_CODES:
+                break
+            time.sleep(min(2.0 ** attempt, 8.0))
+            response = httpx.request(method, f"{self.api_url}{path}", timeout=30, **kwargs)
+        return response
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name} ---\n{_tail(p.log)}" for p in self.procs)
