@@ -25,11 +25,12 @@ from flows.report import RunProgress, RunReport, report_run
 from loaders.cache import MODEL_CACHE
 from loaders.errors import ScoringError
 from loaders.manifest import Manifest
+from tasks.ids import RepeatedIds
 from tasks.merge import PartitionMerged
 from tasks.partitions import Partition
 from tasks.plan import MemberInfo, Plan, make_plan
 from tasks.scoring import PartitionResult, PartitionScored
-from tasks.steps import load_member, score_partition_task
+from tasks.steps import check_ids, load_member, score_partition_task
 from tasks.storage import (
     ENSEMBLE_DIR,
     output_location,
@@ -58,6 +59,7 @@ class RunSummary(BaseModel):
     seconds: float
     scoring_seconds: float
     failed: dict[str, str]
+    repeated_ids: str = ""  # ids found in more than one partition, described
     ensemble_mean: float
     ensemble_std_mean: float
     report: RunReport | None = None  # the run report, as published in the artifacts
@@ -133,6 +135,16 @@ def _run_partitions(
         merged[part.relpath] = result.merged
         progress.partition_done(result.merged, result.scored)
     return scored, merged, failed
+
+
+def _describe_repeats(repeated: RepeatedIds) -> str:
+    if not repeated.count:
+        return ""
+    shown = "; ".join(f"{value!r} in {', '.join(where)}"
+                      for value, where in repeated.examples.items())
+    return (f"{repeated.count:,} id(s) appear in more than one partition (e.g. {shown}); each "
+            "partition's file keeps its own row for them, nothing was merged. If ids should "
+            "be unique across the input, de-duplicate it.")
 
 
 def _model_loads(scored: dict[str, PartitionScored]) -> dict[str, dict[str, int]]:
@@ -244,6 +256,11 @@ def _score(params: ScoreParams, manifest: Manifest, plan: Plan, logger: Any, sta
     scored, merged, failed = _run_partitions(plan, manifest, params, logger)
     scoring_seconds = time.perf_counter() - scoring_start
     failed.update(plan.unreadable)
+    repeated = check_ids.with_options(retries=params.retries)(
+        {rel: m.path for rel, m in merged.items()}, manifest.id_column)
+    repeated_text = _describe_repeats(repeated)
+    if repeated_text:
+        logger.warning(repeated_text)
 
     rows = sum(m.rows for m in merged.values())
     total_sum = sum(m.score_sum for m in merged.values())
@@ -260,6 +277,7 @@ def _score(params: ScoreParams, manifest: Manifest, plan: Plan, logger: Any, sta
         seconds=time.perf_counter() - started,
         scoring_seconds=scoring_seconds,
         failed=failed,
+        repeated_ids=repeated_text,
         ensemble_mean=total_sum / rows if rows else 0.0,
         ensemble_std_mean=sum(m.std_sum for m in merged.values()) / rows if rows else 0.0,
     )
@@ -279,6 +297,7 @@ def _score(params: ScoreParams, manifest: Manifest, plan: Plan, logger: Any, sta
             for p in plan.partitions
         },
         "failed": failed,
+        "repeated_ids": {"count": repeated.count, "examples": repeated.examples},
         "timing": {
             "flow_started_at": started_at,
             "first_batch_at": min((s.first_batch_at for s in scored.values()

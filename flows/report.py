@@ -136,6 +136,7 @@ class _SummaryFields(Protocol):
     seconds: float
     scoring_seconds: float
     failed: dict[str, str]
+    repeated_ids: str  # ids in more than one partition, described; empty if none
 
     @property
     def rows_per_second(self) -> float: ...
@@ -280,6 +281,8 @@ def build_report(
     if summary.failed:
         warnings.append(f"{len(summary.failed)} partition(s) failed and are not in the table; "
                         "a re-run scores only what is missing.")
+    if summary.repeated_ids:
+        warnings.append(summary.repeated_ids)
 
     ssum = sum(p.score_sum for p in parts)
     ssq = sum(p.score_sumsq for p in parts)

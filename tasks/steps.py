@@ -18,10 +18,11 @@ from loaders.cache import MODEL_CACHE
 from loaders.errors import ScoringError
 from loaders.inspect import resolve_model
 from loaders.manifest import ModelSpec
+from tasks.ids import find_repeated_ids
 from tasks.plan import MemberInfo
 from tasks.scoring import score_partition
 
-__all__ = ["is_transient", "load_member", "score_partition_task"]
+__all__ = ["check_ids", "is_transient", "load_member", "score_partition_task"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -66,3 +67,4 @@ def _load_member(spec: ModelSpec, n_features: int) -> MemberInfo:
 
 load_member = _retrying(_load_member, "load-member", "load {spec.name}")
 score_partition_task = _retrying(score_partition, "score-partition", "score {partition.relpath}")
+check_ids = _retrying(find_repeated_ids, "check-ids", "ids across partitions")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -109,3 +110,33 @@ def test_failed_partition_keeps_the_others_and_rerun_finishes(
     summary = score_ensemble(params)
     assert summary.skipped_member_partitions == 6  # p0 and p2 were not re-scored
     assert pq.read_table(tmp_path / "out" / "ensemble" / "p1.parquet").num_rows == 100
+
+
+def test_ids_repeated_across_partitions_are_reported_not_merged(
+        tmp_path: Path, checkpoints: list[Path], features: list[str]) -> None:
+    """The same customers on two days: legitimate, so both days are scored and committed,
+    and the run says which ids repeat (run record, summary warning)."""
+    manifest = write_manifest(tmp_path / "manifest.yaml", {
+        "id_column": "customer", "features": features,
+        "models": [{"name": "a", "path": str(checkpoints[0]), "input": "features",
+                    "output": "score"}],
+    })
+    rng = np.random.default_rng(5)
+    for day, customers in (("01", [5, 1, 9, 3]), ("02", [2, 9, 4, 5, 7])):
+        x = rng.standard_normal((len(customers), N_FEATURES)).astype(np.float32)
+        cols: dict[str, object] = {f: x[:, j] for j, f in enumerate(features)}
+        cols["customer"] = np.array(customers, dtype=np.int64)
+        write_table(tmp_path / "data" / f"day={day}" / "p.parquet", cols)
+
+    summary = score_ensemble(ScoreParams(models=str(manifest), input=str(tmp_path / "data"),
+                                         output=str(tmp_path / "out")))
+    assert summary.rows == 9 and summary.partitions == 2 and not summary.failed
+    assert summary.repeated_ids.startswith("2 id(s) appear in more than one partition")
+    assert summary.report is not None and summary.repeated_ids in summary.report.warnings
+    record = json.loads((tmp_path / "out" / "_run.json").read_text())
+    assert record["repeated_ids"] == {
+        "count": 2, "examples": {"5": ["day=01/p.parquet", "day=02/p.parquet"],
+                                 "9": ["day=01/p.parquet", "day=02/p.parquet"]}}
+    for day, n in (("01", 4), ("02", 5)):
+        assert pq.read_metadata(tmp_path / "out" / "ensemble" / f"day={day}" /
+                                "p.parquet").num_rows == n
