@@ -81,7 +81,8 @@ def _bucket(ids: pa.Array, buckets: int) -> np.ndarray:
 def find_repeated_ids(paths: dict[str, str], column: str, max_examples: int = 5
                       ) -> RepeatedIds:
     """``paths`` maps each partition's relative path to its committed ensemble file."""
-    names, files = list(paths), list(paths.values())
+    names = sorted(paths)  # examples list partitions in path order, whatever the run order
+    files = [paths[n] for n in names]
     if len(files) < 2:
         return RepeatedIds()
     ranges = _ranges(files, column)

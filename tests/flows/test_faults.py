@@ -45,8 +45,10 @@ def test_transient_read_errors_are_retried(tmp_path: Path, monkeypatch: pytest.M
     real = tasks.scoring.pq.ParquetFile
     calls: dict[str, int] = {}
 
+    victim = manifest.parent / "data" / "part-0001.parquet"  # the input, not its output
+
     def flaky(path: str, *args: object, **kwargs: object) -> pq.ParquetFile:
-        if str(path).endswith("part-0001.parquet"):
+        if Path(path) == victim:
             calls[path] = calls.get(path, 0) + 1
             if calls[path] <= 2:
                 raise OSError(5, "Input/output error (injected)", path)
