@@ -256,9 +256,13 @@ def _score(params: ScoreParams, manifest: Manifest, plan: Plan, logger: Any, sta
     scored, merged, failed = _run_partitions(plan, manifest, params, logger)
     scoring_seconds = time.perf_counter() - scoring_start
     failed.update(plan.unreadable)
-    repeated = check_ids.with_options(retries=params.retries)(
-        {rel: m.path for rel, m in merged.items()}, manifest.id_column)
-    repeated_text = _describe_repeats(repeated)
+    repeated: RepeatedIds | None = None  # None: not checked
+    try:
+        repeated = check_ids.with_options(retries=params.retries)(
+            {rel: m.path for rel, m in merged.items()}, manifest.id_column)
+        repeated_text = _describe_repeats(repeated)
+    except Exception as exc:  # a report, not the table: the committed work stands
+        repeated_text = f"ids across partitions could not be checked: {_error_text(exc)}"
     if repeated_text:
         logger.warning(repeated_text)
 
@@ -297,7 +301,8 @@ def _score(params: ScoreParams, manifest: Manifest, plan: Plan, logger: Any, sta
             for p in plan.partitions
         },
         "failed": failed,
-        "repeated_ids": {"count": repeated.count, "examples": repeated.examples},
+        "repeated_ids": None if repeated is None else {"count": repeated.count,
+                                                       "examples": repeated.examples},
         "timing": {
             "flow_started_at": started_at,
             "first_batch_at": min((s.first_batch_at for s in scored.values()

@@ -64,6 +64,32 @@ def test_transient_read_errors_are_retried(tmp_path: Path, monkeypatch: pytest.M
     _assert_table_matches(out, _reference(manifest, manifest.parent / "data"))
 
 
+def test_an_unreadable_table_for_the_id_check_costs_a_warning_not_the_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cross-partition id check reads committed files; if it cannot, the run still
+    completes and says the check was not done."""
+    import json
+
+    import tasks.scoring
+
+    manifest = build_demo(tmp_path / "demo", partitions=2, rows=500)
+    out = tmp_path / "out"
+    real = tasks.scoring.pq.ParquetFile
+
+    def broken_outputs(path: str, *args: object, **kwargs: object) -> pq.ParquetFile:
+        if Path(str(path)).is_relative_to(out / "ensemble"):
+            raise OSError(5, "Input/output error (injected)", path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(tasks.scoring.pq, "ParquetFile", broken_outputs)
+    summary = score_ensemble(ScoreParams(models=str(manifest), input=str(manifest.parent /
+                                                                          "data"),
+                                         output=str(out), retries=0))
+    assert summary.rows == 1000 and not summary.failed
+    assert summary.repeated_ids.startswith("ids across partitions could not be checked")
+    assert json.loads((out / "_run.json").read_text())["repeated_ids"] is None
+
+
 def test_second_run_on_a_locked_folder_fails_at_once(tmp_path: Path) -> None:
     manifest = build_demo(tmp_path / "demo", partitions=1, rows=100)
     out = tmp_path / "out"
