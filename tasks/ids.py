@@ -5,29 +5,35 @@ partitions it is often legitimate (hive partitions by date repeat customer ids),
 table keeps one row per partition, as the input had, and the run reports the repeats
 instead of failing or merging them.
 
-Cheap first: Parquet footer statistics give each file's id range, and when no two ranges
-overlap no id can repeat, which is the common case of disjoint id ranges. Otherwise the id
-columns are read and counted, integer ids a hash bucket at a time so memory stays bounded
+Cheap first: Parquet footer statistics give each file's id range, and a file whose range
+overlaps no other file's cannot share an id, so it is not read (with disjoint ranges, the
+common case, nothing is). The other files' id columns are read once, hashed into buckets
+spilled to temporary Arrow files, and counted a bucket at a time, so memory stays bounded
 however large the table.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.ipc as ipc
 
+from loaders.errors import DataError
 from tasks.fs import parquet_file
 from tasks.merge import batches_by_row_group
 
 __all__ = ["RepeatedIds", "find_repeated_ids"]
 
 BUCKET_ROWS = 4_000_000  # ids counted at once: ~0.2 GB of hash table for int64 ids
+MAX_BUCKETS = 256  # open spill files at once
+_MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
 @dataclass
@@ -38,81 +44,166 @@ class RepeatedIds:
     examples: dict[str, list[str]] = field(default_factory=dict)
 
 
-def _ranges(paths: list[str], column: str) -> list[tuple[Any, Any]] | None:
-    """Each file's (min, max) id from its footer statistics, or None if any lacks them."""
-    out = []
-    for path in paths:
+def _id_type(types: list[pa.DataType], names: list[str]) -> pa.DataType:
+    """One type every file's ids cast to without changing which ids are equal."""
+    types = [t.value_type if pa.types.is_dictionary(t) else t for t in types]
+    if all(t == types[0] for t in types):
+        return types[0]
+    if all(pa.types.is_integer(t) for t in types):
+        return pa.int64() if not any(t == pa.uint64() for t in types) else pa.decimal128(20)
+    if all(pa.types.is_string(t) or pa.types.is_large_string(t) for t in types):
+        return pa.large_string()
+    kinds = sorted({f"{n}: {t}" for n, t in zip(names, types, strict=True)})
+    raise DataError(f"the partitions' id columns have different types ({', '.join(kinds)})")
+
+
+EMPTY = (None, None)
+
+
+def _range(path: str, column: str) -> tuple[Any, Any] | None:
+    """The file's (min, max) id from footer statistics: EMPTY without ids, None if
+    unknown (no statistics, or statistics Python cannot convert or compare)."""
+    try:
         meta = parquet_file(path).metadata
-        if meta.num_rows == 0:
-            continue
         index = meta.schema.to_arrow_schema().get_field_index(column)
         lo = hi = None
         for g in range(meta.num_row_groups):
             stats = meta.row_group(g).column(index).statistics
+            if meta.row_group(g).num_rows == 0 or (stats is not None
+                                                   and stats.null_count == stats.num_values
+                                                   and not stats.has_min_max):
+                continue
             if stats is None or not stats.has_min_max:
                 return None
             lo = stats.min if lo is None else min(lo, stats.min)
             hi = stats.max if hi is None else max(hi, stats.max)
-        out.append((lo, hi))
-    return out
+    except (TypeError, ValueError, pa.ArrowException):
+        return None
+    return EMPTY if lo is None else (lo, hi)
 
 
-def _disjoint(ranges: list[tuple[Any, Any]]) -> bool:
-    ordered = sorted(ranges)
-    return all(prev[1] < nxt[0] for prev, nxt in itertools.pairwise(ordered))
+def _overlapping(ranges: list[tuple[Any, Any] | None]) -> list[int]:
+    """Indices of the files that may share an id with another (unknown ranges included)."""
+    try:
+        known = sorted((r[0], r[1], i) for i, r in enumerate(ranges)
+                       if r is not None and r != EMPTY)
+    except TypeError:  # ranges of types that do not compare: read every file
+        return [i for i, r in enumerate(ranges) if r != EMPTY]
+    hit = {i for i, r in enumerate(ranges) if r is None}
+    if hit and known:  # a file of unknown range may share ids with any other
+        hit.update(i for _, _, i in known)
+    reach: Any = None
+    owner = -1
+    for lo, hi, i in known:
+        if reach is not None and lo <= reach:
+            hit.update((owner, i))
+        if reach is None or hi > reach:
+            reach, owner = hi, i
+    return sorted(hit) if len(hit) > 1 else []
 
 
 def _bucket(ids: pa.Array, buckets: int) -> np.ndarray:
-    """A bucket per id; equal ids always share one, which is all correctness needs."""
+    """A bucket per id from a hash of its value; equal ids always share one."""
     if buckets == 1:
-        return np.zeros(len(ids), dtype=np.int64)
+        return np.zeros(len(ids), dtype=np.uint64)
     t = ids.type
     if pa.types.is_integer(t):
-        values = np.asarray(ids.cast(pa.int64(), safe=False).to_numpy(zero_copy_only=False))
-        mixed = (values.view(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(40)
-        return (mixed % np.uint64(buckets)).astype(np.int64)
-    # Other types (strings, mostly): by byte length, coarse but deterministic.
-    if not any(f(t) for f in (pa.types.is_string, pa.types.is_large_string,
-                              pa.types.is_binary, pa.types.is_large_binary)):
-        ids = ids.cast(pa.string())
-    return np.asarray(pc.binary_length(ids).to_numpy(zero_copy_only=False)) % buckets
+        values = ids.cast(pa.int64(), safe=False).to_numpy(zero_copy_only=False)
+        h = np.asarray(values).view(np.uint64) * _MIX
+    else:
+        # Bytes of the value: its length and its first and last 8 bytes, which tell apart
+        # UUIDs, zero-padded codes and most other fixed-width ids.
+        if not any(f(t) for f in (pa.types.is_string, pa.types.is_large_string,
+                                  pa.types.is_binary, pa.types.is_large_binary)):
+            ids = ids.cast(pa.large_string())  # decimals, timestamps, ...: their text
+        arr = ids.cast(pa.large_binary())
+        offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[
+            arr.offset:arr.offset + len(arr) + 1]
+        data = np.frombuffer(arr.buffers()[2] or b"\0", dtype=np.uint8)
+        starts, ends = offsets[:-1], offsets[1:]
+        h = (ends - starts).astype(np.uint64) * _MIX
+        top = len(data) - 1
+        for k in range(8):
+            first, last = starts + k, ends - 1 - k
+            # Past the value's end: 0, never a neighbour's byte (batches differ).
+            head = np.where(first < ends, data[np.minimum(first, top)], 0)
+            tail = np.where(last >= starts, data[np.clip(last, 0, top)], 0)
+            h = (h ^ head.astype(np.uint64)) * _MIX
+            h = (h ^ tail.astype(np.uint64)) * _MIX
+    return (h >> np.uint64(33)) % np.uint64(buckets)
 
 
 def find_repeated_ids(paths: dict[str, str], column: str, max_examples: int = 5
                       ) -> RepeatedIds:
-    """``paths`` maps each partition's relative path to its committed ensemble file."""
+    """``paths`` maps each partition's relative path to its committed ensemble file.
+
+    Raises:
+        DataError: the id columns have types that cannot be compared.
+    """
     names = sorted(paths)  # examples list partitions in path order, whatever the run order
     files = [paths[n] for n in names]
     if len(files) < 2:
         return RepeatedIds()
-    ranges = _ranges(files, column)
-    if ranges is not None and _disjoint(ranges):
+    suspects = _overlapping([_range(f, column) for f in files])
+    if not suspects:
         return RepeatedIds()
-    total = sum(parquet_file(f).metadata.num_rows for f in files)
-    buckets = max(1, math.ceil(total / BUCKET_ROWS))
+    readers = {i: parquet_file(files[i]) for i in suspects}
+    id_type = _id_type([r.schema_arrow.field(column).type for r in readers.values()],
+                       [names[i] for i in suspects])
+    total = sum(r.metadata.num_rows for r in readers.values())
+    buckets = min(MAX_BUCKETS, max(1, math.ceil(total / BUCKET_ROWS)))
+    schema = pa.schema([pa.field("id", id_type), pa.field("owner", pa.int32())])
     result = RepeatedIds()
-    for b in range(buckets):
-        chunks: list[pa.Array] = []
-        owners: list[np.ndarray] = []
-        for i, path in enumerate(files):
-            for batch in batches_by_row_group(parquet_file(path), [column], 262_144):
-                ids = batch.column(0)
-                mask = _bucket(ids, buckets) == b
-                if mask.any():
-                    chunks.append(ids.filter(pa.array(mask)))
-                    owners.append(np.full(int(mask.sum()), i, dtype=np.int32))
-        if not chunks:
-            continue
-        ids_b = pa.chunked_array(chunks)
-        counts = pc.value_counts(ids_b)
-        repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
-        result.count += len(repeated)
-        want = max_examples - len(result.examples)
-        if want > 0 and len(repeated):
-            sample = repeated.slice(0, want)
-            where = np.concatenate(owners)
-            hits = np.asarray(pc.is_in(ids_b, value_set=sample).to_numpy(zero_copy_only=False))
-            hit_ids = ids_b.filter(pa.array(hits)).to_pylist()
-            for value, owner in zip(hit_ids, where[hits], strict=True):
-                result.examples.setdefault(str(value), []).append(names[owner])
+    with tempfile.TemporaryDirectory(prefix="ensemble-ids-") as tmp:
+        spill = [Path(tmp) / f"{b}.arrow" for b in range(buckets)]
+        writers = [ipc.new_file(str(p), schema) for p in spill]
+        try:
+            for i, reader in readers.items():
+                for batch in batches_by_row_group(reader, [column], 262_144):
+                    ids = batch.column(0)
+                    if pa.types.is_dictionary(ids.type):
+                        ids = ids.dictionary_decode()
+                    ids = ids.drop_null().cast(id_type)
+                    where = _bucket(ids, buckets)
+                    order = np.argsort(where, kind="stable")
+                    grouped = pa.record_batch(
+                        [ids.take(pa.array(order)),
+                         pa.array(np.full(len(ids), i, dtype=np.int32))], schema=schema)
+                    bounds = np.searchsorted(where[order], np.arange(buckets + 1))
+                    for b in range(buckets):
+                        if bounds[b + 1] > bounds[b]:
+                            writers[b].write_batch(
+                                grouped.slice(int(bounds[b]), int(bounds[b + 1] - bounds[b])))
+        finally:
+            for w in writers:
+                w.close()
+        for path in spill:
+            with pa.memory_map(str(path)) as source:
+                table = ipc.open_file(source).read_all()
+            _count(table, result, names, max_examples)
     return result
+
+
+def _count(table: pa.Table, result: RepeatedIds, names: list[str], max_examples: int
+           ) -> None:
+    if table.num_rows == 0:
+        return
+    ids = table.column("id")
+    counts = pc.value_counts(ids)
+    repeated = counts.field("values").filter(pc.greater(counts.field("counts"), 1))
+    result.count += len(repeated)
+    want = max_examples - len(result.examples)
+    if want <= 0 or not len(repeated):
+        return
+    hits = pc.is_in(ids, value_set=repeated.slice(0, want))
+    found = table.filter(hits)
+    try:
+        values = [str(v) for v in found.column("id").to_pylist()]
+    except (ValueError, pa.ArrowException):  # e.g. nanoseconds, beyond Python's datetime
+        values = found.column("id").cast(pa.large_string()).to_pylist()
+    for value, owner in zip(values, found.column("owner").to_pylist(), strict=True):
+        where = result.examples.setdefault(value, [])
+        where.append(names[owner])
+    for where in result.examples.values():
+        where.sort()
+

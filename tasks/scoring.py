@@ -130,7 +130,12 @@ def _check_unique(partition: Partition, chunks: list[pa.Array]) -> None:
     if not chunks:
         return
     ids = pa.chunked_array(chunks)
-    if pa.types.is_integer(ids.type) and ids.null_count == 0:
+    if ids.null_count:
+        raise DataError(
+            f"partition {partition.relpath}: {ids.null_count} row(s) have no id (null in "
+            "the id column); every row needs an id to be told apart. Fill or drop them"
+        )
+    if pa.types.is_integer(ids.type):
         # Fast path for the common case (ids increasing): 1 ms instead of a hash pass.
         values = ids.to_numpy()
         if len(values) < 2 or bool(np.all(values[1:] > values[:-1])):

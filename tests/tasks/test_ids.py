@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import tasks.ids
+from loaders.errors import DataError
 from tasks.ids import find_repeated_ids
 
 
@@ -71,3 +72,37 @@ def test_string_ids_and_the_example_limit(tmp_path: Path, monkeypatch: pytest.Mo
 def test_one_partition_has_nothing_to_compare(tmp_path: Path) -> None:
     files = _files(tmp_path, {"a.parquet": [1, 2, 3]})
     assert find_repeated_ids(files, "id").count == 0
+
+
+def _write(path: Path, ids: pa.Array, **kwargs: object) -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"id": ids}), path, **kwargs)  # type: ignore[arg-type]
+    return str(path)
+
+
+def test_ids_of_other_arrow_types(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Widths that differ between partitions, dictionaries, nanosecond timestamps,
+    fixed-width strings spread over many buckets, a file without statistics, an empty
+    file, nulls: the repeats are still found, exactly."""
+    monkeypatch.setattr(tasks.ids, "BUCKET_ROWS", 5)
+    ints = {"a": _write(tmp_path / "a.parquet", pa.array([1, 2, 3, None], pa.int32())),
+            "b": _write(tmp_path / "b.parquet", pa.array([3, 4, None], pa.int64()),
+                        write_statistics=False),
+            "e": _write(tmp_path / "e.parquet", pa.array([], pa.int64()))}
+    assert find_repeated_ids(ints, "id").examples == {"3": ["a", "b"]}
+
+    codes = [f"{i:012d}" for i in range(40)]
+    strings = {"a": _write(tmp_path / "s/a.parquet", pa.array(codes[:25]).dictionary_encode()),
+               "b": _write(tmp_path / "s/b.parquet", pa.array(codes[20:]))}
+    found = find_repeated_ids(strings, "id", max_examples=100)
+    assert found.count == 5 and sorted(found.examples) == codes[20:25]
+
+    stamps = pa.array([1_000_000_001, 2_000_000_002, 3_000_000_003], pa.timestamp("ns"))
+    times = {"a": _write(tmp_path / "t/a.parquet", stamps),
+             "b": _write(tmp_path / "t/b.parquet", stamps.slice(1))}
+    assert find_repeated_ids(times, "id").count == 2
+
+    mixed = {"a": _write(tmp_path / "m/a.parquet", pa.array([1, 2])),
+             "b": _write(tmp_path / "m/b.parquet", pa.array(["1", "2"]))}
+    with pytest.raises(DataError, match="different types"):
+        find_repeated_ids(mixed, "id")

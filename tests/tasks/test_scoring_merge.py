@@ -199,6 +199,13 @@ def test_duplicate_ids_are_refused(tmp_path: Path, checkpoints: list[Path],
         score_partition(part, _manifest(checkpoints, features), str(tmp_path / "out"))
     assert not (tmp_path / "out" / "ensemble" / "p.parquet").exists()
 
+    cols["id"] = [1, None, 3, None, 5, 6]  # rows without an id cannot be told apart either
+    write_table(tmp_path / "in" / "p.parquet", cols)
+    part = discover_partitions(str(tmp_path / "in"))[0]
+    with pytest.raises(DataError, match=r"p.parquet: 2 row\(s\) have no id"):
+        score_partition(part, _manifest(checkpoints, features), str(tmp_path / "out"))
+    assert not (tmp_path / "out" / "ensemble" / "p.parquet").exists()
+
 
 def test_staged_leaves_nothing_on_failure(tmp_path: Path) -> None:
     target = tmp_path / "x" / "f.parquet"
