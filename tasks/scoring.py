@@ -178,7 +178,7 @@ def score_partition(
     output_dir: str,
     *,
     method: EnsembleMethod = "mean",
-    batch_size: int = 65_536,
+    batch_size: int = 16_384,
     bad_rows: BadRowPolicy = "fail",
     force: bool = False,
 ) -> PartitionResult:
