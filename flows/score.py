@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=2, metavar="N",
                    help="partitions in flight at once (default: 2)")
     p.add_argument("--batch-size", type=int, default=16_384, metavar="ROWS",
-                   help="rows per batch fed to the models (default: 16384)")
+                   help="rows per batch read, scored and written at once (default: 16384)")
     p.add_argument("--retries", type=int, default=3, metavar="N",
                    help="retries for transient I/O errors (default: 3)")
     p.add_argument("--runner", choices=["threads", "processes", "dask"], default="threads",

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.ipc as ipc
+import pyarrow.parquet as pq
 
 from loaders.errors import DataError
 from tasks.fs import parquet_file
@@ -60,11 +61,11 @@ def _id_type(types: list[pa.DataType], names: list[str]) -> pa.DataType:
 EMPTY = (None, None)
 
 
-def _range(path: str, column: str) -> tuple[Any, Any] | None:
+def _range(reader: pq.ParquetFile, column: str) -> tuple[Any, Any] | None:
     """The file's (min, max) id from footer statistics: EMPTY without ids, None if
     unknown (no statistics, or statistics Python cannot convert or compare)."""
+    meta = reader.metadata
     try:
-        meta = parquet_file(path).metadata
         index = meta.schema.to_arrow_schema().get_field_index(column)
         lo = hi = None
         for g in range(meta.num_row_groups):
@@ -144,10 +145,11 @@ def find_repeated_ids(paths: dict[str, str], column: str, max_examples: int = 5
     files = [paths[n] for n in names]
     if len(files) < 2:
         return RepeatedIds()
-    suspects = _overlapping([_range(f, column) for f in files])
+    opened = [parquet_file(f) for f in files]  # footers only; I/O errors are the caller's
+    suspects = _overlapping([_range(r, column) for r in opened])
     if not suspects:
         return RepeatedIds()
-    readers = {i: parquet_file(files[i]) for i in suspects}
+    readers = {i: opened[i] for i in suspects}
     id_type = _id_type([r.schema_arrow.field(column).type for r in readers.values()],
                        [names[i] for i in suspects])
     total = sum(r.metadata.num_rows for r in readers.values())
