@@ -6,14 +6,16 @@ start, one after the other (about 4 s + 5.5 s here). Starting it as the very fir
 as a separate process and without importing Prefect's server modules into this process
 (they would contend with TensorFlow's import for the GIL), overlaps the two on two cores.
 The server keeps Prefect's ephemeral settings (same database under PREFECT_HOME, no UI,
-services as in ephemeral mode) except block auto-registration, which a scoring run does
-not need, and is stopped when the run ends.
+services as in ephemeral mode) except block auto-registration and automations, which a
+one-run server does not need (see :meth:`EarlyServer.start`), and is stopped when the run
+ends.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import gc
 import os
 import socket
 import subprocess
@@ -44,21 +46,26 @@ class EarlyServer:
 
     def start(self) -> None:
         env = {
+            # Skipped unless asked for (each of these can be turned back on by setting it
+            # in the environment):
+            # - Block auto-registration first imports every installed Prefect collection
+            #   to hash the block registry (prefect-dask pulls in dask.distributed: ~1 s
+            #   of the server's start here), though a scoring run uses no block documents.
+            "PREFECT_SERVER_REGISTER_BLOCKS_ON_START": "false",
+            "PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION": "false",
+            # - Automations (the triggers and actions services). Starting them builds a
+            #   second copy of the API app in the server process, 1.5 s of CPU that held
+            #   up its first answer by ~0.7 s; a server that lives for one scoring run has
+            #   no automations to run. Use a long-running server (PREFECT_API_URL) for them.
+            "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
             **os.environ,
+            # As Prefect's own ephemeral server: no UI, ephemeral-mode services only.
             "PREFECT_UI_ENABLED": "0",
             "PREFECT__SERVER_EPHEMERAL": "1",
             "PREFECT__SERVER_FINAL": "1",
-            # Block auto-registration first imports every installed Prefect collection to
-            # hash the block registry (prefect-dask pulls in dask.distributed: ~1 s of the
-            # server's ~6 s start here), though a scoring run uses no block documents. A
-            # full `prefect server start` still registers them as usual.
-            "PREFECT_SERVER_REGISTER_BLOCKS_ON_START": "false",
-            "PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION": "false",
         }
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--factory",
-             "prefect.server.api.server:create_app", "--host", "127.0.0.1",
-             "--port", str(self.port), "--log-level", "error", "--lifespan", "on"],
+            [sys.executable, "-m", "flows.server", str(self.port)],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )
         atexit.register(self.stop)
@@ -118,3 +125,26 @@ class EarlyServer:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def serve(port: int) -> None:
+    """The server process: Prefect's API app (``create_app``, as ``prefect server start``
+    and ephemeral mode build it) under uvicorn on 127.0.0.1:``port``.
+
+    Python's cyclic garbage collector is off while Prefect's server modules import and the
+    app is built: those allocate hundreds of thousands of long-lived objects, and every
+    collection pass re-scans them all (0.6-0.9 s of a ~5 s start here). They are then
+    frozen out of future passes, and collection resumes for the server's actual work.
+    """
+    gc.disable()
+    import uvicorn
+    from prefect.server.api.server import create_app
+
+    app = create_app()
+    gc.freeze()
+    gc.enable()
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", lifespan="on")
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]))
