@@ -89,7 +89,7 @@ class EarlyServer:
                     return
             except OSError:
                 pass
-            time.sleep(0.1)
+            time.sleep(0.05)
         else:
             self._error = f"Prefect server did not answer within {self.timeout:.0f} s"
         self._ready.set()
