@@ -7,7 +7,8 @@ step re-reading per-member files cost about as much as decoding the input again.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any, Literal
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +23,7 @@ __all__ = [
     "RowStream",
     "batches_by_row_group",
     "combine",
+    "read_ahead",
 ]
 
 EnsembleMethod = Literal["mean", "weighted", "median"]
@@ -142,6 +144,31 @@ def batches_by_row_group(reader: pq.ParquetFile, columns: list[str], batch_size:
     for group in range(reader.num_row_groups):
         yield from reader.iter_batches(batch_size=batch_size, columns=columns,
                                        row_groups=[group], use_threads=False)
+
+
+T = TypeVar("T")
+
+# One worker per partition in flight at most (the flow's task runner has 16 threads).
+_READ_AHEAD_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="read-ahead")
+
+
+def read_ahead(items: Iterator[T]) -> Iterator[T]:
+    """``items``, with the next one always being produced on another thread while the
+    caller works on the current one.
+
+    Decoding releases the GIL, so a partition's next batch decodes while its members score
+    the current one. A partition scored alone went from 0.60-0.74 to 0.80 M row-model
+    evaluations/s (3 pairs); with two in flight, the default, no difference showed (6
+    pairs). At most one item is produced ahead; an error producing it is raised here, in
+    the caller's thread, when that item is asked for.
+    """
+    pending = _READ_AHEAD_POOL.submit(next, items, None)
+    while True:
+        item = pending.result()
+        if item is None:
+            return
+        pending = _READ_AHEAD_POOL.submit(next, items, None)
+        yield item
 
 
 class RowStream:

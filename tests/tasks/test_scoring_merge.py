@@ -13,7 +13,7 @@ import pytest
 from flows.demo import build_mlp_checkpoint, mlp_reference
 from loaders.errors import DataError, ModelLoadError
 from loaders.manifest import Manifest, ModelSpec
-from tasks.merge import RowStream, combine
+from tasks.merge import RowStream, combine, read_ahead
 from tasks.partitions import discover_partitions
 from tasks.scoring import committed_metadata, score_partition
 from tasks.storage import staged
@@ -62,6 +62,38 @@ def test_row_stream_slices_across_row_groups(tmp_path: Path) -> None:
     assert [v for chunk in got for v in chunk] == list(range(100))
     with pytest.raises(ValueError, match="ended after 0 of 1 rows"):
         stream.take(1)
+
+
+def test_read_ahead_keeps_order_errors_and_stops_early() -> None:
+    """Items come in order, an error producing one is raised where it is asked for, and a
+    consumer that stops early leaves the producer one item ahead at most."""
+    import threading
+
+    threads: set[str] = set()
+    produced: list[int] = []
+
+    def numbers(fail_at: int | None = None):  # type: ignore[no-untyped-def]
+        for i in range(10):
+            threads.add(threading.current_thread().name)
+            if i == fail_at:
+                raise pa.ArrowInvalid(f"bad page at {i}")
+            produced.append(i)
+            yield i
+
+    assert list(read_ahead(numbers())) == list(range(10))
+    assert all(name.startswith("read-ahead") for name in threads)
+
+    got = []
+    with pytest.raises(pa.ArrowInvalid, match="bad page at 3"):
+        for i in read_ahead(numbers(fail_at=3)):
+            got.append(i)
+    assert got == [0, 1, 2]
+
+    produced.clear()
+    ahead = read_ahead(numbers())
+    assert [next(ahead), next(ahead)] == [0, 1]
+    ahead.close()
+    assert produced in ([0, 1, 2], [0, 1])  # the one in flight may still finish
 
 
 def test_score_matches_reference_and_reruns_skip(tmp_path: Path, checkpoints: list[Path],
