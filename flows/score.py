@@ -263,7 +263,9 @@ def _end_start_up_gc() -> None:
     Importing TensorFlow and Prefect allocates about 400,000 long-lived objects, and with
     the collector on, each of its passes re-scans all of them: 1.2 s of the CLI's ~6 s
     start-up here. They are frozen out of later passes, which also keeps the passes
-    during scoring short; the ~5,000 objects of garbage the imports leave stay until exit.
+    during scoring short. Cyclic garbage made meanwhile (~5,000 objects from the imports,
+    plus what building the demo or loading the models leaves) is frozen too and stays
+    until the process exits.
     No-op when the collector is on (``main`` called from Python rather than ``-m``).
     """
     if not gc.isenabled():

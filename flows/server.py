@@ -46,8 +46,9 @@ class EarlyServer:
 
     def start(self) -> None:
         env = {
-            # Skipped unless asked for (each of these can be turned back on by setting it
-            # in the environment):
+            # Skipped unless asked for (each can be turned back on by setting the variable
+            # of that name in the environment; a profile or prefect.toml does not override
+            # it):
             # - Block auto-registration first imports every installed Prefect collection
             #   to hash the block registry (prefect-dask pulls in dask.distributed: ~1 s
             #   of the server's start here), though a scoring run uses no block documents.

@@ -148,8 +148,12 @@ def batches_by_row_group(reader: pq.ParquetFile, columns: list[str], batch_size:
 
 T = TypeVar("T")
 
-# One worker per partition in flight at most (the flow's task runner has 16 threads).
+# Each partition being scored has at most one job here at a time; with more than 16 in
+# flight in one process, the extra ones wait their turn (no job waits on another job).
+# After Ctrl-C the pool takes no new jobs, so partitions still being scored fail at their
+# next batch, uncommitted, instead of running to their end.
 _READ_AHEAD_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="read-ahead")
+_END = object()
 
 
 def read_ahead(items: Iterator[T]) -> Iterator[T]:
@@ -162,13 +166,13 @@ def read_ahead(items: Iterator[T]) -> Iterator[T]:
     pairs). At most one item is produced ahead; an error producing it is raised here, in
     the caller's thread, when that item is asked for.
     """
-    pending = _READ_AHEAD_POOL.submit(next, items, None)
+    pending = _READ_AHEAD_POOL.submit(next, items, _END)
     while True:
         item = pending.result()
-        if item is None:
+        if item is _END:
             return
-        pending = _READ_AHEAD_POOL.submit(next, items, None)
-        yield item
+        pending = _READ_AHEAD_POOL.submit(next, items, _END)
+        yield item  # type: ignore[misc]
 
 
 class RowStream:
