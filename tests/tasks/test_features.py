@@ -1,0 +1,43 @@
+"""Arrow batches to the models' matrix, and the bad-row check run on every batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from tasks.features import find_bad_rows, to_matrix
+
+
+def test_to_matrix_follows_manifest_order_and_reuses_the_buffer() -> None:
+    batch = pa.record_batch({"b": pa.array([1.5, 2.5], pa.float64()),
+                             "a": pa.array([1, None], pa.int32()),
+                             "c": pa.array([3.0, 4.0], pa.float32())})
+    buffer = np.full((4, 3), -1.0, dtype=np.float32)
+    matrix = to_matrix(batch, ("a", "b", "c"), buffer)
+    assert matrix.base is buffer and matrix.flags.c_contiguous
+    assert matrix.dtype == np.float32 and matrix.shape == (2, 3)
+    assert matrix[0].tolist() == [1.0, 1.5, 3.0]
+    assert np.isnan(matrix[1, 0]) and matrix[1, 1:].tolist() == [2.5, 4.0]  # null -> NaN
+
+
+def test_bad_rows_name_the_first_offending_column() -> None:
+    features = ("a", "b", "c")
+    m = np.zeros((5, 3), dtype=np.float32)
+    assert find_bad_rows(m, features) is None
+    m[1, 2] = np.nan
+    m[3, 1] = -np.inf
+    m[3, 2] = np.nan
+    bad = find_bad_rows(m, features)
+    assert bad is not None and bad.count == 2
+    assert bad.mask.tolist() == [False, True, False, True, False]
+    assert bad.reasons == ["c is null or NaN", "b is infinite"]
+
+
+def test_finite_values_whose_sum_overflows_are_not_bad() -> None:
+    """The fast path sums the batch; an overflowing sum must not flag finite rows."""
+    m = np.full((4, 3), 3e38, dtype=np.float32)
+    m[2, 0] = -3e38
+    assert find_bad_rows(m, ("a", "b", "c")) is None
+    m[2, 1] = np.inf
+    bad = find_bad_rows(m, ("a", "b", "c"))
+    assert bad is not None and bad.reasons == ["b is infinite"]
