@@ -56,32 +56,38 @@ class PartitionMerged(BaseModel):
 def combine(
     scores: np.ndarray, method: EnsembleMethod, weights: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Ensemble score, population std (ddof 0) and member count per row of (rows, members).
+    """Ensemble score, population std (ddof 0) and member count per row of a
+    (members, rows) score matrix.
 
-    Non-finite member scores are left out of a row's figures (and of its count).
+    Members are rows, not columns: every reduction then runs over whole contiguous rows,
+    which measured ~6x less CPU than reducing across a (rows, members) matrix's short
+    axis (89 -> 16 ms per 1M rows of 4 members). Non-finite member scores are left out of
+    a row's figures (and of its count).
     """
     finite = np.isfinite(scores)
-    n = finite.sum(axis=1)
+    n = finite.sum(axis=0)
+    k = scores.shape[0]
     if finite.all():
-        s64 = scores.astype(np.float64)
-        std = s64.std(axis=1)
+        mean = np.add.reduce(scores, axis=0, dtype=np.float64) / k
+        deviation = scores - mean
+        std = np.sqrt(np.add.reduce(deviation * deviation, axis=0) / k)
         if method == "median":
-            ens = np.median(s64, axis=1)
+            ens = np.median(scores.astype(np.float64), axis=0)
         elif method == "weighted":
-            ens = s64 @ (weights / weights.sum())
+            ens = (weights / weights.sum()) @ scores.astype(np.float64)
         else:
-            ens = s64.mean(axis=1)
+            ens = mean
     else:
         masked = np.where(finite, scores, np.nan).astype(np.float64)
         with np.errstate(invalid="ignore", divide="ignore"):
-            std = np.nanstd(masked, axis=1)
+            std = np.nanstd(masked, axis=0)
             if method == "median":
-                ens = np.nanmedian(masked, axis=1)
+                ens = np.nanmedian(masked, axis=0)
             elif method == "weighted":
-                w = finite * weights
-                ens = np.nansum(masked * weights, axis=1) / w.sum(axis=1)
+                w = finite * weights[:, None]
+                ens = np.nansum(masked * weights[:, None], axis=0) / w.sum(axis=0)
             else:
-                ens = np.nanmean(masked, axis=1)
+                ens = np.nanmean(masked, axis=0)
     return ens.astype(np.float32), std.astype(np.float32), n.astype(np.int32)
 
 
@@ -99,11 +105,12 @@ class EnsembleStats:
         self.std_samples: list[np.ndarray] = []
 
     def add(self, scores: np.ndarray, ens: np.ndarray, std: np.ndarray) -> None:
+        """``scores``: (members, rows), as for ``combine``."""
         if len(ens):
             m64 = scores.astype(np.float64)
             m64[~np.isfinite(m64)] = 0.0
-            self.msum += m64.sum(axis=0)
-            self.cross += m64.T @ m64
+            self.msum += m64.sum(axis=1)
+            self.cross += m64 @ m64.T
             first = (-self.rows) % self.stride
             self.samples.append(ens[first::self.stride])
             self.std_samples.append(std[first::self.stride])
@@ -131,9 +138,17 @@ class EnsembleStats:
         )
 
 
+# Rows decoded per call into the Parquet reader. Decoding costs per call as well as per
+# row: a 1M-row, 33-column partition took 0.37 s of CPU in 16k-row calls and 0.17 s in
+# 128k-row ones (0.13 s for whole 256k-row groups). Large enough to amortise that, small
+# enough (~17 MB for 33 columns) that a huge row group is never decoded at once.
+DECODE_ROWS = 131_072
+
+
 def batches_by_row_group(reader: pq.ParquetFile, columns: list[str], batch_size: int
                          ) -> Iterator[pa.RecordBatch]:
-    """Record batches, one row group at a time, decoded on the calling thread.
+    """Record batches of at most ``batch_size`` rows, decoded one row group at a time on
+    the calling thread, ``DECODE_ROWS`` rows per decode call and sliced without copying.
 
     A single ``iter_batches`` over every row group kept each decoded row group's memory
     until the end of the file (pyarrow 26: 2 GiB of Arrow memory for a 10M-row, 32-feature
@@ -141,9 +156,12 @@ def batches_by_row_group(reader: pq.ParquetFile, columns: list[str], batch_size:
     because TensorFlow already keeps every core busy; Arrow's decode threads only
     contended with it (measured ~3x slower decode).
     """
+    decode_rows = max(batch_size, DECODE_ROWS)
     for group in range(reader.num_row_groups):
-        yield from reader.iter_batches(batch_size=batch_size, columns=columns,
-                                       row_groups=[group], use_threads=False)
+        for chunk in reader.iter_batches(batch_size=decode_rows, columns=columns,
+                                         row_groups=[group], use_threads=False):
+            for start in range(0, chunk.num_rows, batch_size):
+                yield chunk.slice(start, batch_size)
 
 
 T = TypeVar("T")

@@ -172,7 +172,7 @@ def _predict_members(scorers: dict[int, Any], matrix: np.ndarray, scores: np.nda
                      seconds: dict[int, float]) -> None:
     def run(k: int) -> None:
         t0 = time.perf_counter()
-        scores[:, k] = scorers[k].predict(matrix)
+        scores[k] = scorers[k].predict(matrix)
         seconds[k] += time.perf_counter() - t0
 
     if len(scorers) == 1:
@@ -335,7 +335,9 @@ def _score(partition: Partition, manifest: Manifest, target: OutputLocation,
                     matrix = np.ascontiguousarray(matrix[keep])
                     ids = ids.filter(pa.array(keep))
                 n = len(matrix)
-                scores = np.empty((n, len(names)), dtype=np.float32)
+                # (members, rows): each member fills a contiguous row, and the ensemble
+                # columns reduce over whole rows (see combine).
+                scores = np.empty((len(names), n), dtype=np.float32)
                 if prev_rows is not None:
                     old = prev_rows.take(n)
                     if not old.column(0).combine_chunks().equals(ids):
@@ -344,14 +346,14 @@ def _score(partition: Partition, manifest: Manifest, target: OutputLocation,
                             "from the input's; re-run with --force"
                         )
                     for j, k in enumerate(reused):
-                        scores[:, k] = old.column(j + 1).to_numpy()
+                        scores[k] = old.column(j + 1).to_numpy()
                 _predict_members(scorers, matrix, scores, seconds)
                 if first_batch_at is None:
                     first_batch_at = time.time()
                 finite = np.isfinite(scores)
                 if not finite.all():
-                    broken: np.ndarray = ~finite.all(axis=1)  # type: ignore[assignment]
-                    culprits = [names[k] for k in range(len(names)) if not finite[:, k].all()]
+                    broken: np.ndarray = ~finite.all(axis=0)  # type: ignore[assignment]
+                    culprits = [names[k] for k in range(len(names)) if not finite[k].all()]
                     if bad_rows == "fail":
                         raise ModelLoadError(
                             f"model(s) {culprits} returned non-finite scores for "
@@ -361,19 +363,19 @@ def _score(partition: Partition, manifest: Manifest, target: OutputLocation,
                         )
                     reasons = [
                         "non-finite score from " + ", ".join(
-                            names[k] for k in np.flatnonzero(~finite[i]))
+                            names[k] for k in np.flatnonzero(~finite[:, i]))
                         for i in np.flatnonzero(broken)
                     ]
                     n_bad += len(reasons)
                     set_aside(ids, broken, reasons)
-                    scores = scores[~broken]
+                    scores = scores[:, ~broken]
                     ids = ids.filter(pa.array(~broken))
                 ens, std, count = combine(scores, method, weights)
                 stats.add(scores, ens, std)
                 scored += len(ens)
                 id_chunks.append(ids)
                 writer.write_batch(pa.record_batch(
-                    [ids, *(pa.array(scores[:, k]) for k in range(len(names))),
+                    [ids, *(pa.array(scores[k]) for k in range(len(names))),
                      pa.array(ens), pa.array(std), pa.array(count)], schema=schema))
         except pa.ArrowException as err:
             if isinstance(err, OSError):

@@ -10,10 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import tasks.merge
 from flows.demo import build_mlp_checkpoint, mlp_reference
 from loaders.errors import DataError, ModelLoadError
 from loaders.manifest import Manifest, ModelSpec
-from tasks.merge import RowStream, combine, read_ahead
+from tasks.merge import RowStream, batches_by_row_group, combine, read_ahead
 from tasks.partitions import discover_partitions
 from tasks.scoring import committed_metadata, score_partition
 from tasks.storage import staged
@@ -41,17 +42,19 @@ def _data(tmp_path: Path, features: list[str], n: int = 1000, seed: int = 0) -> 
 
 
 def test_combine_methods() -> None:
-    s = np.array([[0.1, 0.2, 0.6], [1.0, 1.0, 1.0]], dtype=np.float32)
+    s = np.array([[0.1, 0.2, 0.6], [1.0, 1.0, 1.0]], dtype=np.float32)  # (rows, members)
     w = np.array([1.0, 1.0, 2.0])
-    ens, std, n = combine(s, "mean", w)
+    ens, std, n = combine(s.T, "mean", w)
     assert np.allclose(ens, s.mean(1)) and np.allclose(std, s.std(1)) and list(n) == [3, 3]
-    ens, _, _ = combine(s, "weighted", w)
-    assert np.allclose(ens, (s * w).sum(1) / 4)
-    ens, _, _ = combine(s, "median", w)
+    ens, std, _ = combine(s.T, "weighted", w)
+    assert np.allclose(ens, (s * w).sum(1) / 4) and np.allclose(std, s.std(1))
+    ens, _, _ = combine(s.T, "median", w)
     assert np.allclose(ens, [0.2, 1.0])
     s[0, 2] = np.nan
-    ens, std, n = combine(s, "mean", w)
+    ens, std, n = combine(s.T, "mean", w)
     assert np.allclose(ens[0], 0.15) and np.isclose(std[0], 0.05) and list(n) == [2, 3]
+    ens, _, _ = combine(s.T, "weighted", w)
+    assert np.allclose(ens, [0.15, 1.0])
 
 
 def test_row_stream_slices_across_row_groups(tmp_path: Path) -> None:
@@ -62,6 +65,23 @@ def test_row_stream_slices_across_row_groups(tmp_path: Path) -> None:
     assert [v for chunk in got for v in chunk] == list(range(100))
     with pytest.raises(ValueError, match="ended after 0 of 1 rows"):
         stream.take(1)
+
+
+def test_batches_are_decoded_in_chunks_and_sliced_within_row_groups(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"x": np.arange(2500), "y": np.arange(2500) * 2.0}), path,
+                   row_group_size=1000)
+    monkeypatch.setattr(tasks.merge, "DECODE_ROWS", 700)
+    batches = list(batches_by_row_group(pq.ParquetFile(path), ["y", "x"], 300))
+    # Row groups of 1000, 1000 and 500 rows, decoded 700 rows at a time, sliced to 300.
+    assert [b.num_rows for b in batches] == [300, 300, 100, 300] * 2 + [300, 200]
+    table = pa.Table.from_batches(batches)
+    assert table.column_names == ["y", "x"]
+    assert table.column("x").to_pylist() == list(range(2500))
+    # A batch size above the decode size decodes that many rows per call.
+    assert [b.num_rows for b in batches_by_row_group(pq.ParquetFile(path), ["x"], 800)] == [
+        800, 200, 800, 200, 500]
 
 
 def test_read_ahead_keeps_order_errors_and_stops_early() -> None:
