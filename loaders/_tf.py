@@ -12,6 +12,14 @@ import logging
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# TensorFlow's own pooling (BFC) CPU allocator instead of plain malloc. With malloc each
+# Session.run wrote its activations (16 MB a layer for a 16k-row batch of a 256-wide
+# MLP) into freshly mapped pages whenever glibc had handed the last ones back: ~300k
+# page faults per 4 partitions of the benchmark workload, 6-16 % of the CPU in the
+# kernel. With BFC the memory is kept and reused: kernel share 4 %, and the flow was
+# faster in each of 3 interleaved pairs (perf, see BENCHMARKS.md). An explicit
+# TF_CPU_ALLOCATOR_USE_BFC=false wins.
+os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
 _QUIET = os.environ["TF_CPP_MIN_LOG_LEVEL"] not in ("0", "1")
 
 
