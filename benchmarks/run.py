@@ -32,8 +32,17 @@ __all__ = ["main"]
 
 
 def measure_ceiling(w: Workload, prefixes: list[Path], batch_sizes: list[int],
-                    seconds: float) -> dict[str, Any]:
-    """Row-model evaluations per second of the members' graphs alone, run concurrently."""
+                    seconds: float, rounds: int = 3) -> dict[str, Any]:
+    """Row-model evaluations per second of the members' graphs alone, run concurrently.
+
+    Each batch size gets ``seconds`` in all, split over ``rounds`` interleaved windows
+    (sizes in turn, the order reversed every other round). Measured one size after the
+    other, a drift in the machine's speed favoured whichever size ran in a fast moment,
+    and the best of a few such single windows overstated the ceiling: with TensorFlow's
+    BFC allocator, 64k-row batches won three sequential runs in a row (0.74-0.83 M/s vs
+    0.66-0.78 at 16k) but lost when interleaved (0.78 vs 0.81 over 3 rounds), as they
+    lost in the product itself (4-partition flow 24.3 s vs 23.4 s at 16k, 3 pairs).
+    """
     from loaders.cache import load_scorer
     from loaders.manifest import ModelSpec
 
@@ -41,16 +50,19 @@ def measure_ceiling(w: Workload, prefixes: list[Path], batch_sizes: list[int],
                                      output="score:0"), w.features)
                for i, p in enumerate(prefixes)]
     rng = np.random.default_rng(1)
-    results = {}
-    for bs in batch_sizes:
-        x = rng.standard_normal((bs, w.features), dtype=np.float32)
+    inputs = {bs: rng.standard_normal((bs, w.features), dtype=np.float32)
+              for bs in batch_sizes}
+    for x in inputs.values():
         for s in scorers:  # warm-up: first run of a shape pays for graph optimisation
             s.predict(x)
-        counts = [0] * len(scorers)
-        deadline = time.perf_counter() + seconds
+    rows = dict.fromkeys(batch_sizes, 0)
+    elapsed = dict.fromkeys(batch_sizes, 0.0)
 
-        def loop(k: int, x: np.ndarray = x, deadline: float = deadline,
-                 counts: list[int] = counts) -> None:
+    def window(x: np.ndarray, window_seconds: float) -> tuple[int, float]:
+        counts = [0] * len(scorers)
+        deadline = time.perf_counter() + window_seconds
+
+        def loop(k: int) -> None:
             s = scorers[k]
             while time.perf_counter() < deadline:
                 s.session.run(s.output_tensor, {s.input_tensor: x})
@@ -62,10 +74,17 @@ def measure_ceiling(w: Workload, prefixes: list[Path], batch_sizes: list[int],
             t.start()
         for t in threads:
             t.join()
-        elapsed = time.perf_counter() - start
-        results[bs] = sum(counts) / elapsed
+        return sum(counts), time.perf_counter() - start
+
+    rounds = max(1, rounds if len(batch_sizes) > 1 else 1)
+    for r in range(rounds):
+        for bs in batch_sizes if r % 2 == 0 else batch_sizes[::-1]:
+            n, t = window(inputs[bs], seconds / rounds)
+            rows[bs] += n
+            elapsed[bs] += t
     for s in scorers:
         s.close()
+    results = {bs: rows[bs] / elapsed[bs] for bs in batch_sizes}
     best = max(results, key=lambda b: results[b])
     return {"rows_per_s_by_batch": results, "best_batch": best, "rate": results[best]}
 
@@ -222,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--hidden", default="256,256", help="hidden layer widths (default 256,256)")
     p.add_argument("--workdir", type=Path, default=Path(".bench"))
     p.add_argument("--ceiling-batches", default="16384,65536,262144")
-    p.add_argument("--ceiling-seconds", type=float, default=6.0)
+    p.add_argument("--ceiling-seconds", type=float, default=6.0,
+                   help="seconds per batch size, in 3 interleaved windows (default 6)")
     p.add_argument("--product-args", default="", help="extra CLI arguments for flows.score")
     p.add_argument("--json", type=Path, default=None, help="where to write the figures "
                    "(default: WORKDIR/results.json)")
