@@ -37,11 +37,9 @@ def measure_ceiling(w: Workload, prefixes: list[Path], batch_sizes: list[int],
 
     Each batch size gets ``seconds`` in all, split over ``rounds`` interleaved windows
     (sizes in turn, the order reversed every other round). Measured one size after the
-    other, a drift in the machine's speed favoured whichever size ran in a fast moment,
-    and the best of a few such single windows overstated the ceiling: with TensorFlow's
-    BFC allocator, 64k-row batches won three sequential runs in a row (0.74-0.83 M/s vs
-    0.66-0.78 at 16k) but lost when interleaved (0.78 vs 0.81 over 3 rounds), as they
-    lost in the product itself (4-partition flow 24.3 s vs 23.4 s at 16k, 3 pairs).
+    other, a drift in the machine's speed (up to 15 % between 6-s windows here) favours
+    whichever size runs in a fast moment, and the best of such single windows overstates
+    the ceiling.
     """
     from loaders.cache import load_scorer
     from loaders.manifest import ModelSpec
