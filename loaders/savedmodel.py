@@ -6,8 +6,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tensorflow.core.protobuf import saved_model_pb2
-
 from loaders._tf import tf
 from loaders.base import GraphScorer, new_session
 from loaders.errors import ModelLoadError
@@ -38,6 +36,10 @@ def _inspect(spec: ModelSpec, folder: str) -> None:
     pb = Path(folder) / "saved_model.pb"
     if not pb.is_file():
         return  # saved_model.pbtxt: the loader parses it; rare enough to not inspect twice
+    # Imported here, not at the top: a top-level tensorflow import could run before
+    # loaders._tf has set TensorFlow's environment (log level, BFC allocator).
+    from tensorflow.core.protobuf import saved_model_pb2
+
     saved = saved_model_pb2.SavedModel()
     try:
         saved.ParseFromString(pb.read_bytes())

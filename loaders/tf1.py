@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import time
 
-from tensorflow.core.protobuf import meta_graph_pb2
-
 from loaders._tf import tf
 from loaders.base import GraphScorer, new_session, tensor_name
 from loaders.errors import ModelLoadError
@@ -44,6 +42,10 @@ def load_checkpoint(spec: ModelSpec, prefix: str, digest: str) -> GraphScorer:
     """
     assert spec.input is not None and spec.output is not None
     start = time.perf_counter()
+    # Imported here, not at the top: a top-level tensorflow import could run before
+    # loaders._tf has set TensorFlow's environment (log level, BFC allocator).
+    from tensorflow.core.protobuf import meta_graph_pb2
+
     meta = meta_graph_pb2.MetaGraphDef()
     try:
         with open(f"{prefix}.meta", "rb") as fh:
