@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-__all__ = ["BadRows", "find_bad_rows", "to_matrix"]
+__all__ = ["BadRows", "all_finite", "find_bad_rows", "to_matrix"]
 
 
 def _column_values(col: pa.Array) -> np.ndarray:
@@ -52,19 +52,26 @@ class BadRows:
         return len(self.reasons)
 
 
+def all_finite(values: np.ndarray) -> bool:
+    """Whether every value is finite, checked once per batch on features and scores.
+
+    A sum is finite only if every term is: one pass and no mask, 3x cheaper than
+    ``isfinite().all()`` on the clean batches that are the rule. A sum that overflows
+    falls back to the exact check.
+    """
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(values.sum()):
+            return True
+    return bool(np.isfinite(values).all())
+
+
 def find_bad_rows(matrix: np.ndarray, features: tuple[str, ...]) -> BadRows | None:
     """``None`` when every value is finite (the common, fast case); otherwise which rows
     are bad and why: the first offending column and whether it is null/NaN or infinite."""
-    # A sum is finite only if every term is: one pass and no mask, 3x cheaper than
-    # isfinite().all() on the clean batches that are the rule. A sum that overflows
-    # falls through to the exact check below.
-    with np.errstate(over="ignore", invalid="ignore"):
-        if np.isfinite(matrix.sum()):
-            return None
+    if all_finite(matrix):
+        return None
     finite = np.isfinite(matrix)
     good = finite.all(axis=1)
-    if good.all():
-        return None
     bad_idx = np.flatnonzero(~good)
     reasons = []
     for i in bad_idx:

@@ -37,7 +37,7 @@ from loaders.cache import MODEL_CACHE
 from loaders.errors import DataError, ModelLoadError
 from loaders.inspect import digest_files, resolve_model
 from loaders.manifest import BadRowPolicy, Manifest
-from tasks.features import find_bad_rows, to_matrix
+from tasks.features import all_finite, find_bad_rows, to_matrix
 from tasks.fs import S3Path, parquet_file, s3_filesystem
 from tasks.merge import (
     EnsembleMethod,
@@ -350,8 +350,8 @@ def _score(partition: Partition, manifest: Manifest, target: OutputLocation,
                 _predict_members(scorers, matrix, scores, seconds)
                 if first_batch_at is None:
                     first_batch_at = time.time()
-                finite = np.isfinite(scores)
-                if not finite.all():
+                if not all_finite(scores):
+                    finite = np.isfinite(scores)
                     broken: np.ndarray = ~finite.all(axis=0)  # type: ignore[assignment]
                     culprits = [names[k] for k in range(len(names)) if not finite[k].all()]
                     if bad_rows == "fail":
