@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -85,6 +86,29 @@ def measure_ceiling(w: Workload, prefixes: list[Path], batch_sizes: list[int],
     results = {bs: rows[bs] / elapsed[bs] for bs in batch_sizes}
     best = max(results, key=lambda b: results[b])
     return {"rows_per_s_by_batch": results, "best_batch": best, "rate": results[best]}
+
+
+def matmul_reference(w: Workload, seconds: float = 2.0) -> dict[str, float]:
+    """float32 matrix-multiply rate of numpy's BLAS on every core, and the MLP rate it
+    would allow: a yardstick for the ceiling itself, independent of TensorFlow.
+
+    The MLP's work is its matrix products (2 * sum of in * out FLOPs per row and member);
+    a ceiling near this rate means TensorFlow leaves little on the table, so the ratios
+    below measure the product against the machine, not against a slow baseline.
+    """
+    rng = np.random.default_rng(2)
+    width = max(w.hidden)
+    a = rng.standard_normal((16_384, width), dtype=np.float32)
+    b = rng.standard_normal((width, width), dtype=np.float32)
+    out = np.matmul(a, b)  # warm-up: BLAS starts its threads
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        np.matmul(a, b, out=out)
+        n += 1
+    flops = 2.0 * a.shape[0] * width * width * n / (time.perf_counter() - start)
+    dims = [w.features, *w.hidden, 1]
+    per_eval = 2.0 * sum(i * o for i, o in itertools.pairwise(dims))
+    return {"gflops": flops / 1e9, "mlp_rate": flops / per_eval}
 
 
 def _rss_sampler(pid: int, stop: threading.Event, peak: list[int]) -> None:
@@ -249,10 +273,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dask", type=int, default=0, metavar="WORKERS",
                    help="also run the product with --runner dask on a local cluster of "
                    "this many worker processes, and report its overhead vs threads")
-    p.add_argument("--startup-samples", type=int, default=2, metavar="N",
+    p.add_argument("--repeat", type=int, default=2, metavar="N",
+                   help="full product runs, each compared with the ceiling measured just "
+                   "before and after it; the ratios shown are their mean (default 2)")
+    p.add_argument("--startup-samples", type=int, default=1, metavar="N",
                    help="extra product runs on the first two partitions only, for the "
-                   "median start-up (it varies by seconds from run to run; default 2)")
+                   "median start-up (it varies by seconds from run to run; default 1)")
     args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
     w = Workload(members=args.members, partitions=args.partitions, rows=args.rows_per_partition,
@@ -263,20 +292,34 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  ready in {time.perf_counter() - t:.1f} s", flush=True)
 
     batch_sizes = [int(b) for b in args.ceiling_batches.split(",")]
-    # The machine's speed drifts over minutes: the ceiling is measured on both sides of
-    # the product runs and averaged, and the spread is shown.
+    print("reference: numpy float32 matrix multiply on every core ...", flush=True)
+    reference = matmul_reference(w)
+    # The machine's speed drifts over minutes (the ceiling moved by up to 10 % between
+    # one side of a 100-s product run and the other here), so each product run is
+    # compared with the mean of the ceiling measured just before and just after it, and
+    # with --repeat N the runs alternate with ceiling windows: C P C P C.
     print("ceiling (before): members' graphs alone, features in memory ...", flush=True)
     ceiling = measure_ceiling(w, prefixes, batch_sizes, args.ceiling_seconds)
-    print("product: python -m flows.score (fresh process, ephemeral Prefect) ...", flush=True)
-    product = run_product(manifest, data, args.workdir / "out" / w.key,
-                          args.product_args.split())
-    # Right after the product run, before anything else runs: the two ceiling windows
-    # then bracket the run they are compared with.
-    print("ceiling (after) ...", flush=True)
-    after = measure_ceiling(w, prefixes, [ceiling["best_batch"]], args.ceiling_seconds)
-    ceiling["before"], ceiling["after"] = ceiling["rate"], after["rate"]
-    ceiling["rate"] = (ceiling["before"] + ceiling["after"]) / 2
-    startups = [product["startup"]]
+    ceilings = [ceiling["rate"]]
+    runs: list[dict[str, Any]] = []
+    for i in range(args.repeat):
+        print(f"product run {i + 1}/{args.repeat}: python -m flows.score (fresh process, "
+              "ephemeral Prefect) ...", flush=True)
+        runs.append(run_product(manifest, data, args.workdir / "out" / w.key,
+                                args.product_args.split()))
+        # Right after the product run, before anything else runs: the ceiling windows
+        # then bracket the run they are compared with.
+        print("ceiling (after) ...", flush=True)
+        ceilings.append(measure_ceiling(w, prefixes, [ceiling["best_batch"]],
+                                        args.ceiling_seconds)["rate"])
+    for i, run in enumerate(runs):
+        run["ceiling"] = (ceilings[i] + ceilings[i + 1]) / 2
+        run["ratio_flow"] = w.row_model_evals / run["flow"] / run["ceiling"]
+        run["ratio_process"] = w.row_model_evals / run["wall"] / run["ceiling"]
+    ceiling["before"], ceiling["after"] = ceilings[0], ceilings[-1]
+    ceiling["windows"] = ceilings
+    ceiling["rate"] = float(np.mean([run["ceiling"] for run in runs]))
+    startups = [run["startup"] for run in runs]
     if args.startup_samples:
         # Start-up alone, again: the same first batches as the full run (two partitions
         # in flight), without scoring the whole workload each time.
@@ -295,18 +338,30 @@ def main(argv: list[str] | None = None) -> int:
                                    ["--runner", "dask", "--address", address,
                                     *args.product_args.split()])
     max_err = verify_sample(prefixes, data, args.workdir / "out" / w.key)
-    product["startup_samples"] = startups
-    product["startup_median"] = float(np.median(startups))
+    product = {
+        "wall": float(np.mean([run["wall"] for run in runs])),
+        "flow": float(np.mean([run["flow"] for run in runs])),
+        "peak_rss": max(run["peak_rss"] for run in runs),
+        "model_loads": runs[-1]["model_loads"],
+        "max_loads_per_checkpoint": max(
+            (n for run in runs for proc in run["model_loads"].values() for n in proc.values()),
+            default=0),
+        "rows": runs[-1]["rows"],
+        "runs": runs,
+        "startup_samples": startups,
+        "startup_median": float(np.median(startups)),
+    }
 
     evals = w.row_model_evals
-    rate_process = evals / product["wall"]
-    rate_flow = evals / product["flow"]
     c = ceiling["rate"]
+    ratio_flow = float(np.mean([run["ratio_flow"] for run in runs]))
+    ratio_process = float(np.mean([run["ratio_process"] for run in runs]))
+    rate_flow, rate_process = ratio_flow * c, ratio_process * c
     rows = [
         ("ceiling (Session.run only, best batch " f"{ceiling['best_batch']:,})",
          f"{c / 1e6:.2f} M/s", "1.00"),
-        ("product, flow phase", f"{rate_flow / 1e6:.2f} M/s", f"{rate_flow / c:.2f}"),
-        ("product, whole process", f"{rate_process / 1e6:.2f} M/s", f"{rate_process / c:.2f}"),
+        ("product, flow phase", f"{rate_flow / 1e6:.2f} M/s", f"{ratio_flow:.2f}"),
+        ("product, whole process", f"{rate_process / 1e6:.2f} M/s", f"{ratio_process:.2f}"),
     ]
     lines: list[str] = []
 
@@ -320,15 +375,16 @@ def main(argv: list[str] | None = None) -> int:
     for name, rate, ratio in rows:
         show(f"{name:58s} {rate:>10s} {ratio:>10s}")
     show()
-    show(f"whole process wall time   {product['wall']:8.1f} s")
-    show(f"flow time                 {product['flow']:8.1f} s")
+    runs_note = f" (mean of {len(runs)} runs)" if len(runs) > 1 else ""
+    show(f"whole process wall time   {product['wall']:8.1f} s{runs_note}")
+    show(f"flow time                 {product['flow']:8.1f} s{runs_note}")
     show(f"start-up (to first batch) {product['startup_median']:8.1f} s  (median of "
          f"{', '.join(f'{x:.1f}' for x in startups)})")
     show(f"peak RSS                  {product['peak_rss'] / 2**30:8.2f} GiB")
     loads = product["model_loads"]
     per_ckpt = [n for proc in loads.values() for n in proc.values()]
-    show(f"model loads per checkpoint per process: max {max(per_ckpt, default=0)} "
-          f"({len(loads)} process(es), {len(per_ckpt)} loads in all)")
+    show(f"model loads per checkpoint per process: max {product['max_loads_per_checkpoint']} "
+         f"({len(loads)} process(es), {len(per_ckpt)} loads in all, in each run)")
     show(f"max abs error vs numpy    {max_err:.2e} (sampled rows)")
     if dask_run is not None:
         d_flow = evals / dask_run["flow"]
@@ -337,15 +393,20 @@ def main(argv: list[str] | None = None) -> int:
               f"{dask_run['wall']:.1f} s; overhead vs threads: flow x"
               f"{dask_run['flow'] / product['flow']:.2f}, whole x"
               f"{dask_run['wall'] / product['wall']:.2f}")
-    show(f"  ceiling: {ceiling['before'] / 1e6:.2f} M/s just before the full product run, "
-         f"{ceiling['after'] / 1e6:.2f} M/s after (mean used)")
+    for i, run in enumerate(runs):
+        show(f"  run {i + 1}: flow {run['flow']:.1f} s, ratio {run['ratio_flow']:.2f}; whole "
+             f"{run['wall']:.1f} s, ratio {run['ratio_process']:.2f}; ceiling around it "
+             f"{ceilings[i] / 1e6:.2f} / {ceilings[i + 1] / 1e6:.2f} M/s")
     for bs, r in sorted(ceiling["rows_per_s_by_batch"].items()):
-        show(f"  ceiling at batch {bs:>7,}: {r / 1e6:.2f} M/s (before)")
+        show(f"  ceiling at batch {bs:>7,}: {r / 1e6:.2f} M/s (first window)")
+    show(f"  hardware yardstick: numpy float32 matmul {reference['gflops']:.0f} GFLOP/s, "
+         f"i.e. {reference['mlp_rate'] / 1e6:.2f} M/s for this MLP; the ceiling is "
+         f"{c / reference['mlp_rate']:.2f} of it")
 
     figures = {
         "workload": w.key, "row_model_evals": evals, "machine": _machine(),
-        "ceiling": ceiling, "product": product, "dask": dask_run,
-        "ratio_flow": rate_flow / c, "ratio_process": rate_process / c,
+        "ceiling": ceiling, "product": product, "dask": dask_run, "reference": reference,
+        "ratio_flow": ratio_flow, "ratio_process": ratio_process,
         "max_abs_error": max_err,
         "command": "python -m benchmarks.run " + " ".join(argv if argv is not None
                                                             else sys.argv[1:]),
