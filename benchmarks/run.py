@@ -76,6 +76,7 @@ def measure_ceiling(w: Workload, prefixes: list[Path], batch_sizes: list[int],
         return sum(counts), time.perf_counter() - start
 
     rounds = rounds if len(batch_sizes) > 1 else 1
+    steal = StealMeter()
     for r in range(rounds):
         for bs in batch_sizes if r % 2 == 0 else batch_sizes[::-1]:
             n, t = window(inputs[bs], seconds / rounds)
@@ -85,7 +86,8 @@ def measure_ceiling(w: Workload, prefixes: list[Path], batch_sizes: list[int],
         s.close()
     results = {bs: rows[bs] / elapsed[bs] for bs in batch_sizes}
     best = max(results, key=lambda b: results[b])
-    return {"rows_per_s_by_batch": results, "best_batch": best, "rate": results[best]}
+    return {"rows_per_s_by_batch": results, "best_batch": best, "rate": results[best],
+            "steal": steal.share()}
 
 
 def matmul_reference(w: Workload, seconds: float = 2.0) -> dict[str, float]:
@@ -111,6 +113,30 @@ def matmul_reference(w: Workload, seconds: float = 2.0) -> dict[str, float]:
     return {"gflops": flops / 1e9, "mlp_rate": flops / per_eval}
 
 
+def _cpu_jiffies() -> tuple[int, int]:
+    """(stolen, total) CPU time of the machine so far, from /proc/stat; (0, 0) elsewhere."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+
+
+class StealMeter:
+    """Share of the machine's CPU time the hypervisor gave to other guests meanwhile.
+
+    On a shared VM this is one visible reason a run is slower than the one before it; it
+    is reported next to each run so a low ratio can be told from a busy neighbour.
+    """
+
+    def __init__(self) -> None:
+        self.start = _cpu_jiffies()
+
+    def share(self) -> float:
+        stolen, total = _cpu_jiffies()
+        return (stolen - self.start[0]) / max(1, total - self.start[1])
+
+
 def _rss_sampler(pid: int, stop: threading.Event, peak: list[int]) -> None:
     import psutil
 
@@ -130,6 +156,7 @@ def run_product(manifest: Path, data: Path | str, output: Path, extra: list[str]
     cmd = [sys.executable, "-m", "flows.score", "--models", str(manifest), "--input", str(data),
            "--output", str(output), "--force", "--quiet", *extra]
     t0 = time.time()
+    steal = StealMeter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     stop, peak = threading.Event(), [0]
@@ -150,6 +177,7 @@ def run_product(manifest: Path, data: Path | str, output: Path, extra: list[str]
         "peak_rss": peak[0],
         "model_loads": record["model_loads"],
         "rows": record["summary"]["rows"],
+        "steal": steal.share(),
     }
 
 
@@ -301,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     print("ceiling (before): members' graphs alone, features in memory ...", flush=True)
     ceiling = measure_ceiling(w, prefixes, batch_sizes, args.ceiling_seconds)
     ceilings = [ceiling["rate"]]
+    steals = [ceiling["steal"]]
     runs: list[dict[str, Any]] = []
     for i in range(args.repeat):
         print(f"product run {i + 1}/{args.repeat}: python -m flows.score (fresh process, "
@@ -310,14 +339,16 @@ def main(argv: list[str] | None = None) -> int:
         # Right after the product run, before anything else runs: the ceiling windows
         # then bracket the run they are compared with.
         print("ceiling (after) ...", flush=True)
-        ceilings.append(measure_ceiling(w, prefixes, [ceiling["best_batch"]],
-                                        args.ceiling_seconds)["rate"])
+        after = measure_ceiling(w, prefixes, [ceiling["best_batch"]], args.ceiling_seconds)
+        ceilings.append(after["rate"])
+        steals.append(after["steal"])
     for i, run in enumerate(runs):
         run["ceiling"] = (ceilings[i] + ceilings[i + 1]) / 2
         run["ratio_flow"] = w.row_model_evals / run["flow"] / run["ceiling"]
         run["ratio_process"] = w.row_model_evals / run["wall"] / run["ceiling"]
     ceiling["before"], ceiling["after"] = ceilings[0], ceilings[-1]
     ceiling["windows"] = ceilings
+    ceiling["window_steal"] = steals
     ceiling["rate"] = float(np.mean([run["ceiling"] for run in runs]))
     startups = [run["startup"] for run in runs]
     if args.startup_samples:
@@ -396,7 +427,9 @@ def main(argv: list[str] | None = None) -> int:
     for i, run in enumerate(runs):
         show(f"  run {i + 1}: flow {run['flow']:.1f} s, ratio {run['ratio_flow']:.2f}; whole "
              f"{run['wall']:.1f} s, ratio {run['ratio_process']:.2f}; ceiling around it "
-             f"{ceilings[i] / 1e6:.2f} / {ceilings[i + 1] / 1e6:.2f} M/s")
+             f"{ceilings[i] / 1e6:.2f} / {ceilings[i + 1] / 1e6:.2f} M/s; CPU stolen by "
+             f"the host {run['steal']:.1%} (ceiling windows {steals[i]:.1%} / "
+             f"{steals[i + 1]:.1%})")
     for bs, r in sorted(ceiling["rows_per_s_by_batch"].items()):
         show(f"  ceiling at batch {bs:>7,}: {r / 1e6:.2f} M/s (first window)")
     show(f"  hardware yardstick: numpy float32 matmul {reference['gflops']:.0f} GFLOP/s, "

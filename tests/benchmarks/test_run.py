@@ -1,0 +1,41 @@
+"""The benchmark command end to end on a tiny workload: it must keep running as the product
+changes, and its figures must be the ones it claims (one load per checkpoint, scores
+matching numpy). Its speed figures are not asserted here: they belong to benchmarks/."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+def test_benchmark_runs_on_a_tiny_workload(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.run", "--members", "2", "--partitions", "2",
+         "--rows-per-partition", "5000", "--hidden", "16,8", "--features", "8",
+         "--ceiling-batches", "1024,4096", "--ceiling-seconds", "0.3", "--repeat", "2",
+         "--startup-samples", "0", "--workdir", str(tmp_path / "bench"), "--json", str(out)],
+        cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "product, flow phase" in proc.stdout and "hardware yardstick" in proc.stdout
+    figures = json.loads(out.read_text())
+    runs = figures["product"]["runs"]
+    assert len(runs) == 2 and len(figures["ceiling"]["windows"]) == 3
+    for run in runs:
+        assert run["rows"] == 10_000
+        assert run["ratio_flow"] > 0 and run["ratio_process"] > 0
+        assert run["flow"] < run["wall"]
+    assert figures["product"]["max_loads_per_checkpoint"] == 1
+    assert figures["max_abs_error"] < 1e-5
+    assert figures["reference"]["gflops"] > 0
+    assert len(figures["product"]["startup_samples"]) == 2
