@@ -7,8 +7,9 @@ as a separate process and without importing Prefect's server modules into this p
 (they would contend with TensorFlow's import for the GIL), overlaps the two on two cores.
 The server keeps Prefect's ephemeral settings (same database under PREFECT_HOME, no UI,
 services as in ephemeral mode) except block auto-registration and automations, which a
-one-run server does not need (see :meth:`EarlyServer.start`), and is stopped when the run
-ends.
+one-run server does not need (see :meth:`EarlyServer.start`), and Prefect's migrations
+when the SQLite database is known to be at the installed Prefect's revision already (see
+:func:`serve`). It is stopped when the run ends.
 """
 
 from __future__ import annotations
@@ -16,13 +17,18 @@ from __future__ import annotations
 import atexit
 import contextlib
 import gc
+import json
 import os
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
 
 __all__ = ["EarlyServer"]
 
@@ -128,6 +134,61 @@ class EarlyServer:
             proc.wait()
 
 
+# Beside the SQLite database: the schema revision the installed Prefect migrates it to,
+# recorded the last time this server ran Prefect's migrations.
+HEAD_MARKER = ".ensemble-scoring-prefect-head.json"
+
+
+def _sqlite_path(url: str) -> Path | None:
+    """The database file of a SQLite connection URL; None for any other database."""
+    prefix = "sqlite+aiosqlite:///"
+    if not url.startswith(prefix) or url[len(prefix):].startswith(":memory:"):
+        return None
+    return Path(url[len(prefix):].split("?", 1)[0])
+
+
+def _revision(db: Path) -> list[str] | None:
+    """The database's Alembic revision(s), read-only; None if it has none (yet)."""
+    if not db.is_file():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True,
+                                                timeout=1)) as conn:
+            return sorted(row[0] for row in conn.execute("SELECT version_num FROM alembic_version"))
+    except sqlite3.Error:
+        return None
+
+
+def _database_is_current(db: Path, prefect_version: str) -> bool:
+    """Whether ``db`` is already at the revision this Prefect migrates to.
+
+    Prefect's server runs its migrations on every start (Alembic loads every migration
+    script to find the head): ~0.5 s of a ~5 s start here, even when there is nothing
+    to do. The head of an installed Prefect never changes, so it is recorded once, after
+    a start that ran the migrations, and compared with the database's revision (a
+    read-only query) on the next starts. A database another Prefect version migrated,
+    a new or replaced database and any marker problem all fall back to migrating.
+    """
+    try:
+        marker = json.loads((db.parent / HEAD_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    current = _revision(db)
+    return (isinstance(marker, dict) and marker.get("prefect") == prefect_version
+            and current is not None and marker.get("revision") == current)
+
+
+def _record_head(db: Path, prefect_version: str) -> None:
+    revision = _revision(db)
+    if revision is None:
+        return
+    marker = db.parent / HEAD_MARKER
+    tmp = marker.with_name(f"{marker.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(OSError):
+        tmp.write_text(json.dumps({"prefect": prefect_version, "revision": revision}))
+        tmp.replace(marker)
+
+
 def serve(port: int) -> None:
     """The server process: Prefect's API app (``create_app``, as ``prefect server start``
     and ephemeral mode build it) under uvicorn on 127.0.0.1:``port``.
@@ -136,15 +197,48 @@ def serve(port: int) -> None:
     app is built: those allocate hundreds of thousands of long-lived objects, and every
     collection pass re-scans them all (0.6-0.9 s of a ~5 s start here). They are then
     frozen out of future passes, and collection resumes for the server's actual work.
+
+    Migrations are skipped when the SQLite database is known to be current (see
+    :func:`_database_is_current`), unless ``PREFECT_SERVER_DATABASE_MIGRATE_ON_START`` is
+    set in the environment, which then decides.
     """
     gc.disable()
     import uvicorn
+    from prefect import __version__ as prefect_version
     from prefect.server.api.server import create_app
+    from prefect.settings import (
+        PREFECT_API_DATABASE_MIGRATE_ON_START,
+        get_current_settings,
+        temporary_settings,
+    )
 
-    app = create_app()
-    gc.freeze()
-    gc.enable()
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", lifespan="on")
+    url = get_current_settings().server.database.connection_url
+    db = _sqlite_path(url.get_secret_value() if url is not None else "")
+    explicit = any(k in os.environ for k in ("PREFECT_SERVER_DATABASE_MIGRATE_ON_START",
+                                             "PREFECT_API_DATABASE_MIGRATE_ON_START"))
+    skip = db is not None and not explicit and _database_is_current(db, prefect_version)
+    with temporary_settings(updates={PREFECT_API_DATABASE_MIGRATE_ON_START: False}
+                            if skip else {}):
+        app = create_app()
+        if db is not None and not skip and PREFECT_API_DATABASE_MIGRATE_ON_START.value():
+            _record_head_after_start(app, db, prefect_version)
+        gc.freeze()
+        gc.enable()
+        uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", lifespan="on")
+
+
+def _record_head_after_start(app: Any, db: Path, prefect_version: str) -> None:
+    """Once the app's start-up (which runs the migrations) has succeeded, record the
+    revision it left the database at."""
+    startup = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(a: Any) -> AsyncIterator[Any]:
+        async with startup(a) as state:
+            _record_head(db, prefect_version)
+            yield state
+
+    app.router.lifespan_context = lifespan
 
 
 if __name__ == "__main__":

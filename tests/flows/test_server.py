@@ -1,0 +1,92 @@
+"""The CLI's private Prefect server: a real server process on a fresh PREFECT_HOME, and the
+marker that lets later starts skip Prefect's migrations when the database is current."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from flows.server import (
+    HEAD_MARKER,
+    EarlyServer,
+    _database_is_current,
+    _record_head,
+    _sqlite_path,
+)
+
+
+def _make_db(path: Path, revision: str) -> Path:
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS alembic_version (version_num TEXT)")
+        conn.execute("DELETE FROM alembic_version")
+        conn.execute("INSERT INTO alembic_version VALUES (?)", (revision,))
+    return path
+
+
+def test_sqlite_path_only_for_a_sqlite_file() -> None:
+    assert _sqlite_path("sqlite+aiosqlite:////home/u/.prefect/prefect.db") == Path(
+        "/home/u/.prefect/prefect.db")
+    assert _sqlite_path("sqlite+aiosqlite:///:memory:") is None
+    assert _sqlite_path("postgresql+asyncpg://u:p@db/prefect") is None
+
+
+def test_marker_says_current_only_for_the_same_prefect_and_revision(tmp_path: Path) -> None:
+    db = _make_db(tmp_path / "prefect.db", "aaa111")
+    assert not _database_is_current(db, "3.9.1")  # no marker yet: migrate
+    _record_head(db, "3.9.1")
+    assert json.loads((tmp_path / HEAD_MARKER).read_text()) == {
+        "prefect": "3.9.1", "revision": ["aaa111"]}
+    assert _database_is_current(db, "3.9.1")
+    assert not _database_is_current(db, "3.10.0")  # another Prefect: its head may differ
+    _make_db(db, "bbb222")  # migrated by something else since
+    assert not _database_is_current(db, "3.9.1")
+    (tmp_path / HEAD_MARKER).write_text("{not json")
+    assert not _database_is_current(db, "3.9.1")
+
+
+def test_no_marker_for_a_database_without_revision(tmp_path: Path) -> None:
+    db = tmp_path / "prefect.db"
+    sqlite3.connect(db).close()  # created, never migrated
+    _record_head(db, "3.9.1")
+    assert not (tmp_path / HEAD_MARKER).exists()
+    assert not _database_is_current(tmp_path / "missing.db", "3.9.1")
+
+
+def _post(url: str, body: dict[str, object]) -> int:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return int(resp.status)
+
+
+@pytest.mark.slow
+def test_second_start_skips_migrations_and_serves(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in ("PREFECT_API_URL", "PREFECT_SERVER_DATABASE_MIGRATE_ON_START",
+                "PREFECT_API_DATABASE_MIGRATE_ON_START", "PREFECT_API_DATABASE_CONNECTION_URL",
+                "PREFECT_SERVER_DATABASE_CONNECTION_URL"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    marker_path = tmp_path / HEAD_MARKER
+    written: list[int] = []
+    for start in (1, 2):
+        server = EarlyServer()
+        server.start()
+        try:
+            server.wait()
+            # The API works on the database either way (a query that touches tables).
+            assert _post(f"{server.api_url}/flows/filter", {"limit": 1}) == 200
+        finally:
+            server.stop()
+        marker = json.loads(marker_path.read_text())
+        assert marker["revision"], f"start {start}: no revision recorded"
+        written.append(marker_path.stat().st_mtime_ns)
+    # The first start migrated and recorded the head; the second found the database
+    # current, skipped the migrations and so wrote nothing.
+    assert written[0] == written[1]
+    assert _database_is_current(tmp_path / "prefect.db", marker["prefect"])
