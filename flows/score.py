@@ -151,7 +151,10 @@ def _start_prefect_early() -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Validate everything, then run the flow; returns the exit code."""
+    from flows import prefetch
+
     started = time.perf_counter()
+    prefetch.start("cli")
     server = _start_prefect_early()
     try:
         with contextlib.ExitStack() as stack:
@@ -239,6 +242,9 @@ def _run(args: argparse.Namespace, server: Any, started: float,
         return _fail(str(exc) if isinstance(exc, ScoringError) else f"run failed: {exc!r}",
                      EXIT_FAILED)
     print_summary(state.result(), time.perf_counter() - started)
+    from flows import prefetch
+
+    prefetch.record("cli")  # what this run imported, for the next one to read ahead
     return EXIT_OK
 
 

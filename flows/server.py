@@ -9,7 +9,8 @@ The server keeps Prefect's ephemeral settings (same database under PREFECT_HOME,
 services as in ephemeral mode) except block auto-registration and automations, which a
 one-run server does not need (see :meth:`EarlyServer.start`), and Prefect's migrations
 when the SQLite database is known to be at the installed Prefect's revision already (see
-:func:`serve`). It is stopped when the run ends.
+:func:`serve`). Like the CLI, it reads ahead the files it imported the last time (see
+:mod:`flows.prefetch`). It is stopped when the run ends.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +205,9 @@ def serve(port: int) -> None:
     :func:`_database_is_current`), unless ``PREFECT_SERVER_DATABASE_MIGRATE_ON_START`` is
     set in the environment, which then decides.
     """
+    from flows import prefetch
+
+    prefetch.start("server")
     gc.disable()
     import uvicorn
     from prefect import __version__ as prefect_version
@@ -222,23 +226,31 @@ def serve(port: int) -> None:
     with temporary_settings(updates={PREFECT_API_DATABASE_MIGRATE_ON_START: False}
                             if skip else {}):
         app = create_app()
-        if db is not None and not skip and PREFECT_API_DATABASE_MIGRATE_ON_START.value():
-            _record_head_after_start(app, db, prefect_version)
+        record_head = (db is not None and not skip
+                       and PREFECT_API_DATABASE_MIGRATE_ON_START.value())
+        _wrap_lifespan(app, after_start=(lambda: _record_head(db, prefect_version))
+                       if record_head and db is not None else None,
+                       at_exit=lambda: prefetch.record("server"))
         gc.freeze()
         gc.enable()
         uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", lifespan="on")
 
 
-def _record_head_after_start(app: Any, db: Path, prefect_version: str) -> None:
-    """Once the app's start-up (which runs the migrations) has succeeded, record the
-    revision it left the database at."""
+def _wrap_lifespan(app: Any, *, after_start: Callable[[], None] | None,
+                   at_exit: Callable[[], None]) -> None:
+    """Run ``after_start`` once the app's start-up (which runs the migrations) has
+    succeeded, to record the revision it left the database at; and ``at_exit`` when the
+    server shuts down, to record the modules it imported by then (some only import on
+    the first requests)."""
     startup = app.router.lifespan_context
 
     @contextlib.asynccontextmanager
     async def lifespan(a: Any) -> AsyncIterator[Any]:
         async with startup(a) as state:
-            _record_head(db, prefect_version)
+            if after_start is not None:
+                after_start()
             yield state
+        at_exit()
 
     app.router.lifespan_context = lifespan
 

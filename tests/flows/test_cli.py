@@ -92,6 +92,7 @@ def test_demo_runs_in_ephemeral_mode(tmp_path: Path) -> None:
     """``python -m flows.score`` with no arguments: builds the demo and prints a summary."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
     proc = subprocess.run([sys.executable, "-m", "flows.score"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -99,3 +100,6 @@ def test_demo_runs_in_ephemeral_mode(tmp_path: Path) -> None:
     assert "Members:        3 (seed0, seed1, seed2)" in proc.stdout
     assert "ensemble_score" in proc.stdout
     assert len(list((tmp_path / ".demo" / "output" / "ensemble").glob("*.parquet"))) == 4
+    # Both processes recorded what they imported, for the next run to read ahead.
+    lists = sorted(p.name.split("-")[1] for p in (tmp_path / "cache").rglob("imports-*.txt"))
+    assert lists == ["cli", "server"]

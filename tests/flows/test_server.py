@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from flows import prefetch
 from flows.server import (
     HEAD_MARKER,
     EarlyServer,
@@ -72,6 +73,7 @@ def test_second_start_skips_migrations_and_serves(tmp_path: Path,
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("PREFECT_HOME", str(tmp_path))
     monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     marker_path = tmp_path / HEAD_MARKER
     written: list[int] = []
     for start in (1, 2):
@@ -90,3 +92,7 @@ def test_second_start_skips_migrations_and_serves(tmp_path: Path,
     # current, skipped the migrations and so wrote nothing.
     assert written[0] == written[1]
     assert _database_is_current(tmp_path / "prefect.db", marker["prefect"])
+    # On shutdown the server recorded what it imported, for the next start to read ahead.
+    imported = prefetch.list_path("server").read_text().splitlines()
+    assert any(f.endswith(("fastapi/applications.py", ".pyc")) and "fastapi" in f
+               for f in imported)
