@@ -161,7 +161,24 @@ def run(args: argparse.Namespace) -> int:
             return _run(args, server, started, stack)
     finally:
         if server is not None:
+            _drain_prefect()
             server.stop()
+
+
+def _drain_prefect(timeout: float = 10.0) -> None:
+    """Send Prefect's queued logs and events while the private server still answers.
+
+    Prefect drains them when the interpreter exits, after the server has stopped; with
+    logs still queued (an interrupted run leaves some), its client then retried a dead
+    server for over a minute before the process could end.
+    """
+    if "prefect.logging.handlers" not in sys.modules:
+        return  # nothing was queued: the run never got to Prefect
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for service in (APILogWorker, EventsWorker):
+        service.drain_all(timeout=timeout)
 
 
 def _run(args: argparse.Namespace, server: Any, started: float,

@@ -20,6 +20,7 @@ import contextlib
 import gc
 import json
 import os
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -72,9 +73,15 @@ class EarlyServer:
             "PREFECT__SERVER_EPHEMERAL": "1",
             "PREFECT__SERVER_FINAL": "1",
         }
+        # Its own session, so a Ctrl-C in the terminal (SIGINT to the whole foreground
+        # process group) reaches only the CLI. Sharing the group, the server shut down
+        # at once, and the interrupted CLI then spent minutes retrying to record the
+        # crashed run on a dead server instead of exiting. The CLI stops it on the way
+        # out (:meth:`stop`), and it exits by itself if the CLI dies (:func:`_exit_with`).
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "flows.server", str(self.port)],
+            [sys.executable, "-m", "flows.server", str(self.port), str(os.getpid())],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True,
         )
         atexit.register(self.stop)
         threading.Thread(target=self._poll, name="prefect-server-health", daemon=True).start()
@@ -192,6 +199,18 @@ def _record_head(db: Path, prefect_version: str) -> None:
         tmp.replace(marker)
 
 
+def _exit_with(parent: int, poll: float = 0.5) -> None:
+    """Shut this server down (SIGTERM to itself: uvicorn stops gracefully) once the CLI
+    process ``parent`` has gone, however it ended (killed, crashed), so that no server
+    outlives its run. It runs in its own session and gets no signal from the terminal."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
 def serve(port: int) -> None:
     """The server process: Prefect's API app (``create_app``, as ``prefect server start``
     and ephemeral mode build it) under uvicorn on 127.0.0.1:``port``.
@@ -256,4 +275,6 @@ def _wrap_lifespan(app: Any, *, after_start: Callable[[], None] | None,
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 2:
+        _exit_with(int(sys.argv[2]))
     serve(int(sys.argv[1]))

@@ -3,12 +3,16 @@ what is wrong and where."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from flows.score import main
@@ -103,3 +107,61 @@ def test_demo_runs_in_ephemeral_mode(tmp_path: Path) -> None:
     # Both processes recorded what they imported, for the next run to read ahead.
     lists = sorted(p.name.split("-")[1] for p in (tmp_path / "cache").rglob("imports-*.txt"))
     assert lists == ["cli", "server"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_the_run_and_its_server(setup: dict[str, object]) -> None:
+    """Ctrl-C (SIGINT to the terminal's whole process group) mid-run: the CLI reports
+    the run as interrupted and exits within seconds, keeps the committed partitions, and
+    leaves no Prefect server behind. The server used to get the SIGINT too and stop, and
+    the CLI then retried it for minutes before exiting."""
+    tmp, features = setup["tmp"], setup["features"]
+    assert isinstance(tmp, Path) and isinstance(features, list)
+    rng = np.random.default_rng(0)
+    for i in range(40):  # far more than can be scored before the interrupt
+        cols: dict[str, object] = {"id": np.arange(50_000) + i * 50_000}
+        for f in features:
+            cols[f] = rng.standard_normal(50_000).astype(np.float32)
+        write_table(tmp / "big" / f"part-{i:02d}.parquet", cols)
+    manifest = write_manifest(tmp / "manifest.yaml", {
+        "id_column": "id", "features": features, "models": setup["models"]})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env["PREFECT_HOME"] = str(tmp / "prefect-home")
+    out = tmp / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flows.score", "--models", str(manifest), "--input",
+         str(tmp / "big"), "--output", str(out), "--concurrency", "1", "--batch-size", "256"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not list((out / "ensemble").glob("*.parquet")):  # a partition is committed
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        interrupted = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+        took = time.monotonic() - interrupted
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-3000:]
+    assert "interrupted; committed partitions are kept" in err
+    assert took < 60, f"took {took:.0f} s to exit after Ctrl-C"
+    committed = sorted((out / "ensemble").glob("*.parquet"))
+    assert 1 <= len(committed) < 40
+    for path in committed:
+        assert pq.read_metadata(path).num_rows == 50_000
+    time.sleep(2)  # the server's own shutdown
+    assert not _servers_of(proc.pid)
+
+
+def _servers_of(cli_pid: int) -> list[int]:
+    """Private server processes started by the CLI process ``cli_pid`` still alive."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+            if b"flows.server" in args and str(cli_pid).encode() in args:
+                found.append(int(entry.name))
+    return found

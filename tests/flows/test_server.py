@@ -4,7 +4,12 @@ marker that lets later starts skip Prefect's migrations when the database is cur
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -96,3 +101,36 @@ def test_second_start_skips_migrations_and_serves(tmp_path: Path,
     imported = prefetch.list_path("server").read_text().splitlines()
     assert any(f.endswith(("fastapi/applications.py", ".pyc")) and "fastapi" in f
                for f in imported)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")
+
+
+@pytest.mark.slow
+def test_server_exits_when_its_cli_is_killed(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server runs in its own session (a Ctrl-C is for the CLI alone), so it must
+    notice by itself when the CLI dies without stopping it, here by SIGKILL."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(PREFECT_HOME=str(tmp_path), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               XDG_CACHE_HOME=str(tmp_path / "cache"))
+    script = ("import os, signal\n"
+              "from flows.server import EarlyServer\n"
+              "server = EarlyServer()\n"
+              "server.start()\n"
+              "server.wait()\n"
+              "print(server.process.pid, flush=True)\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).parents[2])
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    server_pid = int(proc.stdout.split()[0])
+    deadline = time.monotonic() + 30
+    while _alive(server_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _alive(server_pid), "the server outlived its CLI"
