@@ -132,7 +132,7 @@ def test_ctrl_c_stops_the_run_and_its_server(setup: dict[str, object]) -> None:
         [sys.executable, "-m", "flows.score", "--models", str(manifest), "--input",
          str(tmp / "big"), "--output", str(out), "--concurrency", "1", "--batch-size", "256"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True)
+        start_new_session=True, preexec_fn=_default_sigint)
     try:
         deadline = time.monotonic() + 300
         while not list((out / "ensemble").glob("*.parquet")):  # a partition is committed
@@ -154,6 +154,12 @@ def test_ctrl_c_stops_the_run_and_its_server(setup: dict[str, object]) -> None:
         assert pq.read_metadata(path).num_rows == 50_000
     time.sleep(2)  # the server's own shutdown
     assert not _servers_of(proc.pid)
+
+
+def _default_sigint() -> None:
+    """In the child: SIGINT as in a terminal's foreground job. A test run started in the
+    background (``nohup``, ``&``) inherits it ignored, and so would the CLI."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _servers_of(cli_pid: int) -> list[int]:
