@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flows import prefetch  # stdlib only: keeps --help instant
+
 __all__ = ["build_parser", "main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -151,8 +153,6 @@ def _start_prefect_early() -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Validate everything, then run the flow; returns the exit code."""
-    from flows import prefetch
-
     started = time.perf_counter()
     prefetch.start("cli")
     server = _start_prefect_early()
@@ -259,8 +259,6 @@ def _run(args: argparse.Namespace, server: Any, started: float,
         return _fail(str(exc) if isinstance(exc, ScoringError) else f"run failed: {exc!r}",
                      EXIT_FAILED)
     print_summary(state.result(), time.perf_counter() - started)
-    from flows import prefetch
-
     prefetch.record("cli")  # what this run imported, for the next one to read ahead
     return EXIT_OK
 

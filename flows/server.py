@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import gc
 import json
 import os
@@ -245,11 +246,11 @@ def serve(port: int) -> None:
     with temporary_settings(updates={PREFECT_API_DATABASE_MIGRATE_ON_START: False}
                             if skip else {}):
         app = create_app()
-        record_head = (db is not None and not skip
-                       and PREFECT_API_DATABASE_MIGRATE_ON_START.value())
-        _wrap_lifespan(app, after_start=(lambda: _record_head(db, prefect_version))
-                       if record_head and db is not None else None,
-                       at_exit=lambda: prefetch.record("server"))
+        after_start = None
+        if db is not None and not skip and PREFECT_API_DATABASE_MIGRATE_ON_START.value():
+            after_start = functools.partial(_record_head, db, prefect_version)
+        _wrap_lifespan(app, after_start=after_start,
+                       at_exit=functools.partial(prefetch.record, "server"))
         gc.freeze()
         gc.enable()
         uvicorn.run(app, host="127.0.0.1", port=port, log_level="error", lifespan="on")
