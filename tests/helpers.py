@@ -3,6 +3,7 @@ against. Every model here is a real TensorFlow artefact written to disk."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,14 @@ def save_keras_export(path: Path, weights: list[tuple[np.ndarray, np.ndarray]]) 
         layer.set_weights([w, b])
     model.export(str(path), verbose=False)
     return path
+
+
+def prefect_free_env(home: Path, **extra: str) -> dict[str, str]:
+    """This process's environment for a child that runs Prefect on its own: no setting
+    of the caller's profile or of the test session's server leaks in, and its database
+    and files live under ``home``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    return env | {"PREFECT_HOME": str(home), **extra}
 
 
 def write_table(path: Path, columns: dict[str, Any]) -> Path:

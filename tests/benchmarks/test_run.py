@@ -5,18 +5,18 @@ matching numpy). Its speed figures are not asserted here: they belong to benchma
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import prefect_free_env
+
 
 @pytest.mark.slow
 def test_benchmark_runs_on_a_tiny_workload(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
+    env = prefect_free_env(tmp_path / "prefect-home")
     out = tmp_path / "results.json"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--members", "2", "--partitions", "2",

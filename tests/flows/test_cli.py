@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.score import main
-from tests.helpers import write_manifest, write_table
+from tests.helpers import prefect_free_env, write_manifest, write_table
 
 
 @pytest.fixture(autouse=True)
@@ -94,9 +94,7 @@ def test_help_documents_every_option() -> None:
 @pytest.mark.slow
 def test_demo_runs_in_ephemeral_mode(tmp_path: Path) -> None:
     """``python -m flows.score`` with no arguments: builds the demo and prints a summary."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env["PREFECT_HOME"] = str(tmp_path / "prefect-home")
-    env["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    env = prefect_free_env(tmp_path / "prefect-home", XDG_CACHE_HOME=str(tmp_path / "cache"))
     proc = subprocess.run([sys.executable, "-m", "flows.score"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -125,8 +123,7 @@ def test_ctrl_c_stops_the_run_and_its_server(setup: dict[str, object]) -> None:
         write_table(tmp / "big" / f"part-{i:02d}.parquet", cols)
     manifest = write_manifest(tmp / "manifest.yaml", {
         "id_column": "id", "features": features, "models": setup["models"]})
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env["PREFECT_HOME"] = str(tmp / "prefect-home")
+    env = prefect_free_env(tmp / "prefect-home")
     out = tmp / "out"
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.score", "--models", str(manifest), "--input",
@@ -167,7 +164,8 @@ def _servers_of(cli_pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
         with contextlib.suppress(OSError):
-            args = (entry / "cmdline").read_bytes().split(b"\0")
-            if b"flows.server" in args and str(cli_pid).encode() in args:
+            args = (entry / "cmdline").read_bytes().split(b"\0")[:-1]
+            # python -m flows.server PORT CLI_PID (see EarlyServer.start)
+            if b"flows.server" in args and args[-1] == str(cli_pid).encode():
                 found.append(int(entry.name))
     return found

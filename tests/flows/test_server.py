@@ -4,7 +4,6 @@ marker that lets later starts skip Prefect's migrations when the database is cur
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -23,6 +22,7 @@ from flows.server import (
     _record_head,
     _sqlite_path,
 )
+from tests.helpers import prefect_free_env
 
 
 def _make_db(path: Path, revision: str) -> Path:
@@ -116,9 +116,8 @@ def test_server_exits_when_its_cli_is_killed(tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """The server runs in its own session (a Ctrl-C is for the CLI alone), so it must
     notice by itself when the CLI dies without stopping it, here by SIGKILL."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(PREFECT_HOME=str(tmp_path), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               XDG_CACHE_HOME=str(tmp_path / "cache"))
+    env = prefect_free_env(tmp_path, PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                           XDG_CACHE_HOME=str(tmp_path / "cache"))
     script = ("import os, signal\n"
               "from flows.server import EarlyServer\n"
               "server = EarlyServer()\n"
