@@ -64,6 +64,7 @@ class GraphScorer:
     input_tensor: Any
     output_tensor: Any
     load_seconds: float = 0.0
+    fused_bias_adds: int = 0  # MatMul + bias adds rewritten to BiasAdd (loaders.rewrite)
     # Larger feeds are split: on the 2-core AVX2 benchmark machine a 256-wide MLP ran
     # 16k-row feeds ~1.5x faster than 64k-row ones (activations stay in cache).
     max_batch: int = 16_384

@@ -17,8 +17,10 @@ from loaders.manifest import ModelSpec
 __all__ = ["MODEL_CACHE", "ModelCache", "load_scorer"]
 
 
-def load_scorer(spec: ModelSpec, n_features: int) -> GraphScorer:
+def load_scorer(spec: ModelSpec, n_features: int, *, fuse: bool = True) -> GraphScorer:
     """Load a member into its own graph and session and check it takes ``n_features``.
+
+    ``fuse=False`` keeps a checkpoint's graph exactly as saved (see ``loaders.rewrite``).
 
     Raises:
         ManifestError: the files are missing or incomplete.
@@ -32,7 +34,7 @@ def load_scorer(spec: ModelSpec, n_features: int) -> GraphScorer:
     if resolved.format == "saved_model":
         scorer = load_saved_model(spec, resolved.location, digest)
     else:
-        scorer = load_checkpoint(spec, resolved.location, digest)
+        scorer = load_checkpoint(spec, resolved.location, digest, fuse=fuse)
     try:
         scorer.check(n_features)
     except Exception:

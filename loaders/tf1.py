@@ -9,6 +9,7 @@ from loaders.base import GraphScorer, new_session, tensor_name
 from loaders.errors import ModelLoadError
 from loaders.guard import check_meta_graph
 from loaders.manifest import ModelSpec
+from loaders.rewrite import fuse_bias_adds
 
 __all__ = ["load_checkpoint", "placeholders"]
 
@@ -31,11 +32,15 @@ def _get_tensor(graph: tf.Graph, spec: ModelSpec, role: str, name: str) -> tf.Te
         ) from err
 
 
-def load_checkpoint(spec: ModelSpec, prefix: str, digest: str) -> GraphScorer:
+def load_checkpoint(spec: ModelSpec, prefix: str, digest: str, *, fuse: bool = True
+                    ) -> GraphScorer:
     """Import the meta graph into a fresh graph and restore the variables into its session.
 
     Both the import and the restore must run inside ``graph.as_default()``: TF 2.x refuses
     meta graph import under eager execution, and a restore outside finds no variables.
+    With ``fuse`` (the default), ``MatMul + bias`` adds become ``BiasAdd`` first, which
+    TensorFlow then fuses with the product (``loaders.rewrite``); the benchmark turns it
+    off to measure the graphs as saved.
 
     Raises:
         ModelLoadError: unreadable or incomplete checkpoint, or unknown tensor names.
@@ -56,6 +61,7 @@ def load_checkpoint(spec: ModelSpec, prefix: str, digest: str) -> GraphScorer:
             "may be truncated or not a MetaGraphDef"
         ) from err
     check_meta_graph(meta, model=spec.name, source=f"{prefix}.meta", allow=spec.allow_ops)
+    fused = fuse_bias_adds(meta.graph_def) if fuse else []
     graph = tf.Graph()
     with graph.as_default():
         try:
@@ -90,4 +96,5 @@ def load_checkpoint(spec: ModelSpec, prefix: str, digest: str) -> GraphScorer:
         input_tensor=input_tensor,
         output_tensor=output_tensor,
         load_seconds=time.perf_counter() - start,
+        fused_bias_adds=len(fused),
     )
