@@ -31,9 +31,15 @@ def test_benchmark_runs_on_a_tiny_workload(tmp_path: Path) -> None:
     figures = json.loads(out.read_text())
     runs = figures["product"]["runs"]
     assert len(runs) == 2 and len(figures["ceiling"]["windows"]) == 3
+    # The ceiling is also measured on the graphs as the product loads them (two hidden
+    # layers and the head, each a MatMul + bias add, fused).
+    assert len(figures["ceiling"]["fused_windows"]) == 3
+    assert figures["ceiling"]["fused_bias_adds"] == 3
+    assert "product's graphs" in proc.stdout
     for run in runs:
         assert run["rows"] == 10_000
         assert run["ratio_flow"] > 0 and run["ratio_process"] > 0
+        assert run["ratio_flow_fused"] > 0
         assert run["flow"] < run["wall"]
     assert figures["product"]["max_loads_per_checkpoint"] == 1
     assert figures["max_abs_error"] < 1e-5
