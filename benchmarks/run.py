@@ -44,8 +44,9 @@ def measure_ceiling(w: Workload, prefixes: list[Path], batch_sizes: list[int],
     The ceiling is the graphs as saved. The same is measured on the graphs as the product
     loads them (``MatMul + bias`` fused, ``loaders.rewrite``), so the report can tell the
     product's speed-up of TensorFlow's own work from its pipeline's overhead. Both are
-    measured in the same windows; the product's graphs at the best batch size of the
-    graphs as saved, or at ``fused_batch``.
+    measured in the same interleaved windows, at every size in ``batch_sizes``; with
+    ``fused_batch`` (their best size in an earlier call), the product's graphs at that
+    size only.
 
     Each batch size gets ``seconds`` in all, split over ``rounds`` interleaved windows
     (sizes in turn, the order reversed every other round). Measured one size after the
@@ -62,10 +63,10 @@ def measure_ceiling(w: Workload, prefixes: list[Path], batch_sizes: list[int],
                 for i, p in enumerate(prefixes)]
 
     forms = {"saved": load(False), "fused": load(True)}
+    fused_sizes = [fused_batch] if fused_batch else batch_sizes
     rng = np.random.default_rng(1)
     inputs = {bs: rng.standard_normal((bs, w.features), dtype=np.float32)
-              for bs in batch_sizes}
-    fused_sizes = [fused_batch] if fused_batch else batch_sizes
+              for bs in dict.fromkeys([*batch_sizes, *fused_sizes])}
     for x in inputs.values():
         for s in forms["saved"] + forms["fused"]:  # warm-up: the first run of a shape pays
             s.session.run(s.output_tensor, {s.input_tensor: x})  # extra; fed whole, as timed

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
+
 from loaders._tf import tf
 from loaders.base import GraphScorer, new_session, tensor_name
 from loaders.errors import ModelLoadError
 from loaders.guard import check_meta_graph
 from loaders.manifest import ModelSpec
-from loaders.rewrite import fuse_bias_adds
+from loaders.rewrite import Fusion, fuse_bias_adds
 
 __all__ = ["load_checkpoint", "placeholders"]
 
@@ -30,6 +32,17 @@ def _get_tensor(graph: tf.Graph, spec: ModelSpec, role: str, name: str) -> tf.Te
             f"model {spec.name!r}: {role} tensor {tensor_name(name)!r} is not in the graph "
             f"of {spec.path}; {hint}"
         ) from err
+
+
+def _shapes_hold(graph: tf.Graph, session: tf.compat.v1.Session,
+                 shapes: dict[str, tuple[int, ...]]) -> bool:
+    """Whether the restored weights and biases have the shapes their graph declares."""
+    names = list(shapes)
+    try:
+        values = session.run([graph.get_tensor_by_name(tensor_name(n)) for n in names])
+    except tf.errors.OpError:
+        return False  # e.g. a variable the checkpoint did not restore
+    return all(np.shape(v) == shapes[n] for n, v in zip(names, values, strict=True))
 
 
 def load_checkpoint(spec: ModelSpec, prefix: str, digest: str, *, fuse: bool = True
@@ -61,7 +74,7 @@ def load_checkpoint(spec: ModelSpec, prefix: str, digest: str, *, fuse: bool = T
             "may be truncated or not a MetaGraphDef"
         ) from err
     check_meta_graph(meta, model=spec.name, source=f"{prefix}.meta", allow=spec.allow_ops)
-    fused = fuse_bias_adds(meta.graph_def) if fuse else []
+    fusion = fuse_bias_adds(meta.graph_def) if fuse else Fusion()
     graph = tf.Graph()
     with graph.as_default():
         try:
@@ -86,6 +99,11 @@ def load_checkpoint(spec: ModelSpec, prefix: str, digest: str, *, fuse: bool = T
             f"model {spec.name!r}: cannot restore checkpoint {prefix}: {detail}. Check that "
             "the .index and every .data-* shard were copied completely"
         ) from err
+    if fusion.nodes and not _shapes_hold(graph, session, fusion.shapes):
+        # The checkpoint's values contradict the shapes its graph declares, which the
+        # rewrite relied on (see loaders.rewrite): load the graph exactly as saved.
+        session.close()
+        return load_checkpoint(spec, prefix, digest, fuse=False)
     graph.finalize()
     return GraphScorer(
         name=spec.name,
@@ -96,5 +114,5 @@ def load_checkpoint(spec: ModelSpec, prefix: str, digest: str, *, fuse: bool = T
         input_tensor=input_tensor,
         output_tensor=output_tensor,
         load_seconds=time.perf_counter() - start,
-        fused_bias_adds=len(fused),
+        fused_bias_adds=len(fusion.nodes),
     )

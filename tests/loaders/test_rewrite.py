@@ -68,7 +68,7 @@ def test_rewrite_keeps_the_result(case: str) -> None:
     body, expect = CASES[case]
     graph_def = _graph(body)
     before = _run(graph_def)
-    rewritten = fuse_bias_adds(graph_def)
+    rewritten = fuse_bias_adds(graph_def).nodes
     assert bool(rewritten) == expect
     ops = {n.name: n.op for n in graph_def.node}
     assert all(ops[name] == "BiasAdd" for name in rewritten)
@@ -90,3 +90,37 @@ def test_checkpoints_load_fused_and_score_as_saved(checkpoints: list[Path]) -> N
         assert np.abs(fused.predict(x) - saved.predict(x)).max() <= 1e-6
         fused.close()
         saved.close()
+
+
+def test_checkpoint_contradicting_its_graph_loads_as_saved(tmp_path: Path) -> None:
+    """A resource variable's declared shape is not enforced at restore: a bias saved as
+    [1] under a graph declaring [3] broadcasts in the add, while the fused kernel read
+    past it and scored wrong, silently. The loader sees the restored shape differ from
+    the declared one and keeps the graph as saved."""
+
+    def save(prefix: Path, bias: np.ndarray) -> None:
+        graph = tf.Graph()
+        with graph.as_default():
+            x = tf.compat.v1.placeholder(tf.float32, [None, 4], name="features")
+            hidden = tf.matmul(x, _var(W, "w")) + _var(bias, "b")
+            tf.identity(tf.matmul(hidden, tf.ones([3, 1])), name="score")
+            saver = tf.compat.v1.train.Saver()
+            with tf.compat.v1.Session(graph=graph) as session:
+                session.run(tf.compat.v1.global_variables_initializer())
+                saver.save(session, str(prefix))
+
+    save(tmp_path / "declared" / "model.ckpt", B3)
+    save(tmp_path / "values" / "model.ckpt", B3[:1])
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for part in (tmp_path / "values").glob("model.ckpt.*"):
+        (mixed / part.name).write_bytes(part.read_bytes())
+    (mixed / "model.ckpt.meta").write_bytes((tmp_path / "declared" / "model.ckpt.meta")
+                                            .read_bytes())
+    spec = ModelSpec(name="mixed", path=str(mixed / "model.ckpt"), input="features:0",
+                     output="score:0")
+    scorer = load_scorer(spec, 4)
+    assert scorer.fused_bias_adds == 0  # loaded as saved
+    np.testing.assert_allclose(scorer.predict(X), (X @ W + B3[0]).sum(axis=1), rtol=1e-5,
+                               atol=1e-5)
+    scorer.close()
