@@ -42,6 +42,12 @@ def _var(value: np.ndarray, name: str) -> tf.Tensor:
     return tf.compat.v1.get_variable(name, initializer=value)
 
 
+def _add_after_a_no_op(a: tf.Tensor, b: tf.Tensor) -> tf.Tensor:
+    a, b = tf.convert_to_tensor(a), tf.convert_to_tensor(b)  # reads made outside
+    with tf.control_dependencies([tf.no_op(name="before")]):
+        return a + b
+
+
 B3 = np.array([0.5, -1.0, 2.0], np.float32)
 CASES: dict[str, tuple[Callable[[tf.Tensor], tf.Tensor], bool]] = {
     "variable bias": (lambda x: tf.matmul(x, _var(W, "w")) + _var(B3, "b"), True),
@@ -58,6 +64,9 @@ CASES: dict[str, tuple[Callable[[tf.Tensor], tf.Tensor], bool]] = {
     "bias of unknown shape": (
         lambda x: tf.matmul(x, _var(W, "w")) + tf.compat.v1.placeholder_with_default(B3, None),
         False),
+    # Correct either way, but grappler would not fuse it: kept as saved.
+    "add with a control input": (
+        lambda x: _add_after_a_no_op(tf.matmul(x, _var(W, "w")), _var(B3, "b")), False),
     "sum of two products": (lambda x: tf.matmul(x, _var(W, "w")) + tf.matmul(x, _var(W, "v")),
                             False),
 }
@@ -67,6 +76,8 @@ CASES: dict[str, tuple[Callable[[tf.Tensor], tf.Tensor], bool]] = {
 def test_rewrite_keeps_the_result(case: str) -> None:
     body, expect = CASES[case]
     graph_def = _graph(body)
+    if "control" in case:
+        assert any("^before" in node.input for node in graph_def.node if node.op == "AddV2")
     before = _run(graph_def)
     rewritten = fuse_bias_adds(graph_def).nodes
     assert bool(rewritten) == expect
