@@ -53,13 +53,10 @@ class Fusion:
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
-def _node_name(tensor: str) -> str:
-    return tensor.split(":", 1)[0]
-
-
-def _attr(node: Any, name: str) -> Any:
-    # Reading a missing key of a protobuf map would insert an empty value into the node.
-    return node.attr.get(name)
+def _node_of(nodes: dict[str, Any], tensor: str) -> Any:
+    """The node whose first output ``tensor`` names, if any (not a control input)."""
+    name, _, index = tensor.partition(":")
+    return nodes.get(name) if index in ("", "0") and not name.startswith("^") else None
 
 
 def _dims(shape: Any) -> list[int] | None:
@@ -70,15 +67,14 @@ def _dims(shape: Any) -> list[int] | None:
 
 def _static_shape(nodes: dict[str, Any], tensor: str, depth: int = 0) -> list[int] | None:
     """The shape of ``tensor`` as fixed by the variable or constant it reads, if any."""
-    if depth > 8 or tensor.startswith("^") or tensor.split(":", 1)[1:] not in ([], ["0"]):
-        return None
-    node = nodes.get(_node_name(tensor))
+    node = _node_of(nodes, tensor) if depth <= 8 else None
     if node is None:
         return None
-    if node.op in _VARIABLES and _attr(node, "shape") is not None:
-        return _dims(node.attr["shape"].shape)
-    if node.op == "Const" and _attr(node, "value") is not None:
-        return _dims(node.attr["value"].tensor.tensor_shape)
+    # attr.get, not attr[...]: reading a missing key of a protobuf map inserts it.
+    if node.op in _VARIABLES and (shape := node.attr.get("shape")) is not None:
+        return _dims(shape.shape)
+    if node.op == "Const" and (value := node.attr.get("value")) is not None:
+        return _dims(value.tensor.tensor_shape)
     if node.op in _PASS_THROUGH and node.input:
         return _static_shape(nodes, node.input[0], depth + 1)
     return None
@@ -87,15 +83,13 @@ def _static_shape(nodes: dict[str, Any], tensor: str, depth: int = 0) -> list[in
 def _matmul_columns(nodes: dict[str, Any], tensor: str) -> tuple[int, str, list[int]] | None:
     """Columns of a 2-D ``MatMul`` output, from its right-hand operand's static shape
     (returned with that operand's name and shape)."""
-    if tensor.split(":", 1)[1:] not in ([], ["0"]):
-        return None
-    node = nodes.get(_node_name(tensor))
+    node = _node_of(nodes, tensor)
     if node is None or node.op != "MatMul" or len(node.input) < 2:
         return None
     rhs = _static_shape(nodes, node.input[1])
     if rhs is None or len(rhs) != 2 or min(rhs) <= 0:
         return None
-    transpose_b = _attr(node, "transpose_b")
+    transpose_b = node.attr.get("transpose_b")
     columns = rhs[0] if transpose_b is not None and transpose_b.b else rhs[1]
     return columns, node.input[1], rhs
 
@@ -106,7 +100,7 @@ def fuse_bias_adds(graph_def: Any) -> Fusion:
     nodes = {node.name: node for node in graph_def.node}
     fusion = Fusion()
     for node in graph_def.node:
-        dtype = _attr(node, "T")
+        dtype = node.attr.get("T")
         if node.op not in _ADDS or dtype is None or dtype.type not in _FLOAT_TYPES:
             continue
         data = list(node.input)
