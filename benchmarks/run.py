@@ -57,12 +57,12 @@ def measure_ceiling(w: Workload, prefixes: list[Path], batch_sizes: list[int],
     from loaders.cache import load_scorer
     from loaders.manifest import ModelSpec
 
-    def load(fuse: bool) -> list[Any]:
+    def load(fuse: bool | None) -> list[Any]:
         return [load_scorer(ModelSpec(name=f"m{i}", path=str(p), input="features:0",
                                       output="score:0"), w.features, fuse=fuse)
                 for i, p in enumerate(prefixes)]
 
-    forms = {"saved": load(False), "fused": load(True)}
+    forms = {"saved": load(False), "fused": load(None)}
     fused_sizes = [fused_batch] if fused_batch else batch_sizes
     rng = np.random.default_rng(1)
     inputs = {bs: rng.standard_normal((bs, w.features), dtype=np.float32)

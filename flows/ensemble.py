@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from flows.params import ScoreParams
 from flows.report import RunProgress, RunReport, report_run
 from loaders.cache import MODEL_CACHE
+from loaders.cpu import cpu_path
 from loaders.errors import ScoringError
 from loaders.manifest import Manifest
 from tasks.ids import RepeatedIds
@@ -248,9 +249,14 @@ def _score(params: ScoreParams, manifest: Manifest, plan: Plan, logger: Any, sta
         list(manifest.models), n_features=unmapped(len(manifest.features))
     )
     members = [f.result() for f in loads]
+    path = cpu_path()
+    fusion = ("TensorFlow fuses MatMul + bias itself" if path.fuses_matmul_add
+              else "MatMul + bias adds are rewritten to BiasAdd at load")
+    logger.info(f"CPU path: {path.label}; {fusion}")
     for m in members:
         logger.info(f"member {m.name}: {m.format} {m.location} (digest {m.digest[:12]}, "
-                    f"loaded in {m.load_seconds:.2f} s)")
+                    f"loaded in {m.load_seconds:.2f} s, {m.fused_bias_adds} bias add(s) "
+                    "rewritten)")
 
     scoring_start = time.perf_counter()
     scored, merged, failed = _run_partitions(plan, manifest, params, logger)
@@ -311,6 +317,9 @@ def _score(params: ScoreParams, manifest: Manifest, plan: Plan, logger: Any, sta
         },
         "model_loads": _model_loads(scored),
         "versions": _versions(),
+        # The flow process's CPU path; each member's rewrites are in "members" (made by
+        # the process that loaded it, which is this one with the thread runner).
+        "cpu_path": cpu_path().model_dump(),
         "summary": summary.model_dump(exclude={"members"}),
     })
     logger.info(

@@ -17,10 +17,13 @@ from loaders.manifest import ModelSpec
 __all__ = ["MODEL_CACHE", "ModelCache", "load_scorer"]
 
 
-def load_scorer(spec: ModelSpec, n_features: int, *, fuse: bool = True) -> GraphScorer:
+def load_scorer(spec: ModelSpec, n_features: int, *, fuse: bool | None = None
+                ) -> GraphScorer:
     """Load a member into its own graph and session and check it takes ``n_features``.
 
-    ``fuse=False`` keeps a checkpoint's graph exactly as saved (see ``loaders.rewrite``).
+    ``fuse=False`` keeps a checkpoint's graph exactly as saved and ``fuse=True`` rewrites
+    its ``MatMul + bias`` adds whatever the CPU path; by default they are rewritten only
+    where TensorFlow does not fuse them itself (see ``loaders.rewrite``).
 
     Raises:
         ManifestError: the files are missing or incomplete.

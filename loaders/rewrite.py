@@ -20,11 +20,14 @@ as any two TensorFlow kernels may. Anything whose shape cannot be read from the 
 definition, and any add with control inputs (grappler does not fuse those), is left
 alone.
 
-A resource variable's declared shape is not enforced when it is restored, and the fused
-kernel does not check the bias's length: a checkpoint whose bias is shorter than its
-graph declares scored silently wrong (it read past the bias) where the add broadcast.
-So the rewrite returns the shapes it relied on, and the loader checks them against the
-restored values, loading the graph as saved when one differs (``loaders.tf1``).
+The rewrite relies on the shapes the graph declares. A checkpoint whose values
+contradict them (a bias saved as ``[1]`` under a graph declaring ``[3]``) is refused before
+anything runs (``loaders.restore``), so a fused kernel never sees a bias of the wrong length.
+
+TensorFlow's oneDNN path (the default on AVX-512 and AMX CPUs, or with
+``TF_ENABLE_ONEDNN_OPTS=1``) fuses ``MatMul + AddV2`` by itself, and there the rewrite
+only cost time (0.96 of the unrewritten graphs' rate on an AVX-512 Xeon), so the loader
+applies it only where a probe shows TensorFlow does not fuse (``loaders.cpu``).
 """
 
 from __future__ import annotations
@@ -46,11 +49,9 @@ _FLOAT_TYPES = frozenset({1, 2, 19, 14})
 
 @dataclass
 class Fusion:
-    """What ``fuse_bias_adds`` rewrote, and the declared shapes that made it exact."""
+    """The adds ``fuse_bias_adds`` rewrote."""
 
     nodes: list[str] = field(default_factory=list)
-    # tensor name -> the shape its declaration promised (weights and biases read)
-    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 def _node_of(nodes: dict[str, Any], tensor: str) -> Any:
@@ -80,9 +81,8 @@ def _static_shape(nodes: dict[str, Any], tensor: str, depth: int = 0) -> list[in
     return None
 
 
-def _matmul_columns(nodes: dict[str, Any], tensor: str) -> tuple[int, str, list[int]] | None:
-    """Columns of a 2-D ``MatMul`` output, from its right-hand operand's static shape
-    (returned with that operand's name and shape)."""
+def _matmul_columns(nodes: dict[str, Any], tensor: str) -> int | None:
+    """Columns of a 2-D ``MatMul`` output, from its right-hand operand's static shape."""
     node = _node_of(nodes, tensor)
     if node is None or node.op != "MatMul" or len(node.input) < 2:
         return None
@@ -90,8 +90,7 @@ def _matmul_columns(nodes: dict[str, Any], tensor: str) -> tuple[int, str, list[
     if rhs is None or len(rhs) != 2 or min(rhs) <= 0:
         return None
     transpose_b = node.attr.get("transpose_b")
-    columns = rhs[0] if transpose_b is not None and transpose_b.b else rhs[1]
-    return columns, node.input[1], rhs
+    return rhs[0] if transpose_b is not None and transpose_b.b else rhs[1]
 
 
 def fuse_bias_adds(graph_def: Any) -> Fusion:
@@ -107,17 +106,14 @@ def fuse_bias_adds(graph_def: Any) -> Fusion:
         if len(data) != 2 or any(i.startswith("^") for i in data):
             continue
         for product, bias in (data, data[::-1]):
-            found = _matmul_columns(nodes, product)
-            if found is not None and _static_shape(nodes, bias) == [found[0]]:
+            columns = _matmul_columns(nodes, product)
+            if columns is not None and _static_shape(nodes, bias) == [columns]:
                 break
         else:
             continue
-        columns, weight, weight_shape = found
         node.op = "BiasAdd"
         del node.input[:]
         node.input.extend([product, bias])
         node.attr["data_format"].s = b"NHWC"
         fusion.nodes.append(node.name)
-        fusion.shapes[bias] = (columns,)
-        fusion.shapes[weight] = tuple(weight_shape)
     return fusion

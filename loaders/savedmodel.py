@@ -11,6 +11,7 @@ from loaders.base import GraphScorer, new_session
 from loaders.errors import ModelLoadError
 from loaders.guard import check_meta_graph
 from loaders.manifest import ModelSpec
+from loaders.restore import check_restored_shapes
 
 __all__ = ["load_saved_model"]
 
@@ -75,6 +76,11 @@ def load_saved_model(spec: ModelSpec, folder: str, digest: str) -> GraphScorer:
             f"model {spec.name!r}: cannot load SavedModel {folder} with tags "
             f"{list(spec.tags)}: {detail}"
         ) from err
+    try:
+        check_restored_shapes(spec.name, folder, graph, session)
+    except ModelLoadError:
+        session.close()
+        raise
     signatures = dict(meta.signature_def)
     if spec.signature not in signatures:
         session.close()

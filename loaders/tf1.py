@@ -3,107 +3,86 @@
 from __future__ import annotations
 
 import time
-
-import numpy as np
+from typing import Any
 
 from loaders._tf import tf
 from loaders.base import GraphScorer, new_session, tensor_name
+from loaders.cpu import cpu_path
 from loaders.errors import ModelLoadError
 from loaders.guard import check_meta_graph
 from loaders.manifest import ModelSpec
+from loaders.restore import restore_variables, variable_nodes
 from loaders.rewrite import Fusion, fuse_bias_adds
+from loaders.subgraph import node_name, prune
 
-__all__ = ["load_checkpoint", "placeholders"]
-
-
-def placeholders(graph: tf.Graph) -> list[str]:
-    """Placeholder tensor names, offered in errors when a configured name is wrong."""
-    return [op.outputs[0].name for op in graph.get_operations() if op.type == "Placeholder"]
+__all__ = ["load_checkpoint"]
 
 
 def _get_tensor(graph: tf.Graph, spec: ModelSpec, role: str, name: str) -> tf.Tensor:
     try:
         return graph.get_tensor_by_name(tensor_name(name))
     except (KeyError, ValueError) as err:
-        hint = f"placeholders in this graph: {placeholders(graph)[:10]}" if role == "input" else (
-            "check the name with `saved_model_cli` or by listing graph.get_operations()"
-        )
+        if role == "input":  # the node exists (checked before pruning): not upstream
+            raise ModelLoadError(
+                f"model {spec.name!r}: output {tensor_name(spec.output or '')!r} does not "
+                f"depend on input {tensor_name(name)!r} in the graph of {spec.path}; point "
+                "'input' at the placeholder the features are fed to"
+            ) from err
         raise ModelLoadError(
             f"model {spec.name!r}: {role} tensor {tensor_name(name)!r} is not in the graph "
-            f"of {spec.path}; {hint}"
+            f"of {spec.path} ({err}); name an output of the node, such as 'score:0'"
         ) from err
 
 
-def _shapes_hold(graph: tf.Graph, session: tf.compat.v1.Session,
-                 shapes: dict[str, tuple[int, ...]]) -> bool:
-    """Whether the restored weights and biases have the shapes their graph declares."""
-    names = list(shapes)
-    try:
-        values = session.run([graph.get_tensor_by_name(tensor_name(n)) for n in names])
-    except tf.errors.OpError:
-        return False  # e.g. a variable the checkpoint did not restore
-    return all(np.shape(v) == shapes[n] for n, v in zip(names, values, strict=True))
-
-
-def load_checkpoint(spec: ModelSpec, prefix: str, digest: str, *, fuse: bool = True
+def load_checkpoint(spec: ModelSpec, prefix: str, digest: str, *, fuse: bool | None = None
                     ) -> GraphScorer:
-    """Import the meta graph into a fresh graph and restore the variables into its session.
+    """Import the subgraph that computes the output into a fresh graph, and restore its
+    variables into that graph's session with the loader's own ops.
 
-    Both the import and the restore must run inside ``graph.as_default()``: TF 2.x refuses
-    meta graph import under eager execution, and a restore outside finds no variables.
-    With ``fuse`` (the default), ``MatMul + bias`` adds become ``BiasAdd`` first, which
-    TensorFlow then fuses with the product (``loaders.rewrite``); the benchmark turns it
+    Only the nodes the output needs are imported (``loaders.subgraph``), after the op
+    checks; the checkpoint's own saver never runs (``loaders.restore``). ``fuse`` rewrites
+    ``MatMul + bias`` adds to ``BiasAdd`` (``loaders.rewrite``); by default it is done only
+    where TensorFlow does not fuse them itself (``loaders.cpu``), and the benchmark turns it
     off to measure the graphs as saved.
 
     Raises:
-        ModelLoadError: unreadable or incomplete checkpoint, or unknown tensor names.
+        ModelLoadError: unreadable or contradictory checkpoint, or unknown tensor names.
     """
     assert spec.input is not None and spec.output is not None
     start = time.perf_counter()
-    # Imported here, not at the top: a top-level tensorflow import could run before
-    # loaders._tf has set TensorFlow's environment (log level, BFC allocator).
-    from tensorflow.core.protobuf import meta_graph_pb2
-
-    meta = meta_graph_pb2.MetaGraphDef()
-    try:
-        with open(f"{prefix}.meta", "rb") as fh:
-            meta.ParseFromString(fh.read())
-    except Exception as err:
-        raise ModelLoadError(
-            f"model {spec.name!r}: cannot read meta graph {prefix}.meta ({err}); the file "
-            "may be truncated or not a MetaGraphDef"
-        ) from err
+    meta = _read_meta(spec, prefix)
     check_meta_graph(meta, model=spec.name, source=f"{prefix}.meta", allow=spec.allow_ops)
-    fusion = fuse_bias_adds(meta.graph_def) if fuse else Fusion()
+    _require_node(meta.graph_def, spec, "input", spec.input)
+    _require_node(meta.graph_def, spec, "output", spec.output)
+    graph_def = prune(meta.graph_def, tensor_name(spec.output))
+    if fuse is None:
+        fuse = not cpu_path().fuses_matmul_add
+    fusion = fuse_bias_adds(graph_def) if fuse else Fusion()
+    variables = variable_nodes(graph_def)
     graph = tf.Graph()
     with graph.as_default():
         try:
-            saver = tf.compat.v1.train.import_meta_graph(meta, clear_devices=True)
+            tf.compat.v1.import_graph_def(graph_def, name="")
         except Exception as err:  # protobuf and TF raise a zoo of types here
             raise ModelLoadError(
                 f"model {spec.name!r}: cannot import meta graph {prefix}.meta: "
-                f"{str(err).splitlines()[0] if str(err) else type(err).__name__}; "
-                "the file may be truncated or from an incompatible TensorFlow"
+                f"{_first_line(err)}; the file may be truncated or from an incompatible "
+                "TensorFlow"
             ) from err
         input_tensor = _get_tensor(graph, spec, "input", spec.input)
         output_tensor = _get_tensor(graph, spec, "output", spec.output)
     session = new_session(graph)
     try:
-        if saver is not None:
-            with graph.as_default():
-                saver.restore(session, prefix)
+        restore_variables(spec.name, prefix, graph, session, variables)
+    except ModelLoadError:
+        session.close()
+        raise
     except (tf.errors.OpError, ValueError) as err:
         session.close()
-        detail = getattr(err, "message", str(err)).splitlines()[0]
         raise ModelLoadError(
-            f"model {spec.name!r}: cannot restore checkpoint {prefix}: {detail}. Check that "
-            "the .index and every .data-* shard were copied completely"
+            f"model {spec.name!r}: cannot restore checkpoint {prefix}: {_first_line(err)}. "
+            "Check that the .index and every .data-* shard were copied completely"
         ) from err
-    if fusion.nodes and not _shapes_hold(graph, session, fusion.shapes):
-        # The checkpoint's values contradict the shapes its graph declares, which the
-        # rewrite relied on (see loaders.rewrite): load the graph exactly as saved.
-        session.close()
-        return load_checkpoint(spec, prefix, digest, fuse=False)
     graph.finalize()
     return GraphScorer(
         name=spec.name,
@@ -115,4 +94,49 @@ def load_checkpoint(spec: ModelSpec, prefix: str, digest: str, *, fuse: bool = T
         output_tensor=output_tensor,
         load_seconds=time.perf_counter() - start,
         fused_bias_adds=len(fusion.nodes),
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    """TensorFlow's own first line of an error (``OpError.message`` drops the
+    "Graph execution error" wrapper TensorFlow puts around it)."""
+    text = getattr(err, "message", None) or str(err)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("Graph execution error")] or lines
+    return lines[0] if lines else type(err).__name__
+
+
+def _read_meta(spec: ModelSpec, prefix: str) -> Any:
+    # Imported here, not at the top: a top-level tensorflow import could run before
+    # loaders._tf has set TensorFlow's environment (log level, BFC allocator).
+    from tensorflow.core.protobuf import meta_graph_pb2
+
+    meta = meta_graph_pb2.MetaGraphDef()
+    try:
+        with open(f"{prefix}.meta", "rb") as fh:
+            data = fh.read()
+        meta.ParseFromString(data)
+    except Exception as err:
+        raise ModelLoadError(
+            f"model {spec.name!r}: cannot read meta graph {prefix}.meta ({err}); the file "
+            "may be truncated or not a MetaGraphDef"
+        ) from err
+    if not data or not meta.graph_def.node:
+        raise ModelLoadError(
+            f"model {spec.name!r}: meta graph {prefix}.meta is empty (no graph in it); "
+            "re-save the checkpoint with Saver.save(..., write_meta_graph=True)"
+        )
+    return meta
+
+
+def _require_node(graph_def: Any, spec: ModelSpec, role: str, name: str) -> None:
+    nodes = {node.name: node for node in graph_def.node}
+    if node_name(name) in nodes:
+        return
+    found = sorted(f"{n.name}:0" for n in graph_def.node if n.op == "Placeholder")
+    hint = f"placeholders in this graph: {found[:10]}" if role == "input" else (
+        "check the name with `saved_model_cli` or by listing graph.get_operations()")
+    raise ModelLoadError(
+        f"model {spec.name!r}: {role} tensor {tensor_name(name)!r} is not in the graph "
+        f"of {spec.path}; {hint}"
     )

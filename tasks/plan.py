@@ -27,6 +27,9 @@ class MemberInfo(BaseModel):
     location: str
     digest: str
     load_seconds: float = 0.0
+    # MatMul + bias adds rewritten to BiasAdd at load (loaders.rewrite): 0 where
+    # TensorFlow fuses them itself (oneDNN's path) and for SavedModels.
+    fused_bias_adds: int = 0
 
 
 class Plan(BaseModel):

@@ -62,7 +62,8 @@ def _load_member(spec: ModelSpec, n_features: int) -> MemberInfo:
     """Load one member into this process's cache (its own graph and session)."""
     scorer = MODEL_CACHE.get(spec, n_features)
     return MemberInfo(name=spec.name, format=resolve_model(spec).format, location=scorer.source,
-                      digest=scorer.digest, load_seconds=scorer.load_seconds)
+                      digest=scorer.digest, load_seconds=scorer.load_seconds,
+                      fused_bias_adds=scorer.fused_bias_adds)
 
 
 load_member = _retrying(_load_member, "load-member", "load {spec.name}")

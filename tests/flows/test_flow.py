@@ -137,6 +137,11 @@ def test_ids_repeated_across_partitions_are_reported_not_merged(
     assert record["repeated_ids"] == {
         "count": 2, "examples": {"5": ["day=01/p.parquet", "day=02/p.parquet"],
                                  "9": ["day=01/p.parquet", "day=02/p.parquet"]}}
+    # The run record states which CPU path ran and what the loader rewrote for it.
+    path = record["cpu_path"]
+    assert path["cpu"] and set(path["flags"]) >= {"avx2", "avx512f", "avx512_bf16", "amx_tile"}
+    assert path["onednn"] == path["fuses_matmul_add"]
+    assert record["members"][0]["fused_bias_adds"] == (0 if path["fuses_matmul_add"] else 3)
     for day, n in (("01", 4), ("02", 5)):
         assert pq.read_metadata(tmp_path / "out" / "ensemble" / f"day={day}" /
                                 "p.parquet").num_rows == n

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,9 +13,12 @@ import pytest
 from flows.demo import mlp_reference
 from loaders._tf import tf
 from loaders.cache import load_scorer
+from loaders.cpu import cpu_path
+from loaders.errors import ModelLoadError
 from loaders.manifest import ModelSpec
 from loaders.rewrite import fuse_bias_adds
 from tests.conftest import N_FEATURES
+from tests.helpers import mlp_weights, save_tf1_builder_saved_model
 
 X = np.random.default_rng(8).standard_normal((64, 4)).astype(np.float32)
 W = np.random.default_rng(9).standard_normal((4, 3)).astype(np.float32)
@@ -103,35 +108,67 @@ def test_checkpoints_load_fused_and_score_as_saved(checkpoints: list[Path]) -> N
         saved.close()
 
 
-def test_checkpoint_contradicting_its_graph_loads_as_saved(tmp_path: Path) -> None:
-    """A resource variable's declared shape is not enforced at restore: a bias saved as
-    [1] under a graph declaring [3] broadcasts in the add, while the fused kernel read
-    past it and scored wrong, silently. The loader sees the restored shape differ from
-    the declared one and keeps the graph as saved."""
+def test_rewrite_only_where_tensorflow_does_not_fuse(checkpoints: list[Path]) -> None:
+    """On oneDNN's path TensorFlow fuses MatMul + AddV2 itself: the loader leaves the
+    graph as saved there, and rewrites it elsewhere."""
+    spec = ModelSpec(name="m", path=str(checkpoints[0]), input="features:0", output="score:0")
+    scorer = load_scorer(spec, N_FEATURES)
+    path = cpu_path()
+    assert path.onednn == path.fuses_matmul_add
+    assert scorer.fused_bias_adds == (0 if path.fuses_matmul_add else 3)
+    expected = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+    if expected in ("0", "1"):
+        assert path.onednn == (expected == "1")
+    scorer.close()
 
-    def save(prefix: Path, bias: np.ndarray) -> None:
-        graph = tf.Graph()
-        with graph.as_default():
-            x = tf.compat.v1.placeholder(tf.float32, [None, 4], name="features")
-            hidden = tf.matmul(x, _var(W, "w")) + _var(bias, "b")
-            tf.identity(tf.matmul(hidden, tf.ones([3, 1])), name="score")
-            saver = tf.compat.v1.train.Saver()
-            with tf.compat.v1.Session(graph=graph) as session:
-                session.run(tf.compat.v1.global_variables_initializer())
-                saver.save(session, str(prefix))
 
-    save(tmp_path / "declared" / "model.ckpt", B3)
-    save(tmp_path / "values" / "model.ckpt", B3[:1])
+def _save_linear(prefix: Path, weight: np.ndarray, bias: np.ndarray) -> None:
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 4], name="features")
+        hidden = tf.matmul(x, _var(weight, "w")) + _var(bias, "b")
+        tf.identity(tf.matmul(hidden, tf.ones([weight.shape[1], 1])), name="score")
+        saver = tf.compat.v1.train.Saver()
+        with tf.compat.v1.Session(graph=graph) as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            saver.save(session, str(prefix))
+
+
+def _mix(tmp_path: Path, meta_from: Path, values_from: Path) -> Path:
     mixed = tmp_path / "mixed"
     mixed.mkdir()
-    for part in (tmp_path / "values").glob("model.ckpt.*"):
+    for part in values_from.parent.glob("model.ckpt.*"):
         (mixed / part.name).write_bytes(part.read_bytes())
-    (mixed / "model.ckpt.meta").write_bytes((tmp_path / "declared" / "model.ckpt.meta")
-                                            .read_bytes())
-    spec = ModelSpec(name="mixed", path=str(mixed / "model.ckpt"), input="features:0",
-                     output="score:0")
-    scorer = load_scorer(spec, 4)
-    assert scorer.fused_bias_adds == 0  # loaded as saved
-    np.testing.assert_allclose(scorer.predict(X), (X @ W + B3[0]).sum(axis=1), rtol=1e-5,
-                               atol=1e-5)
-    scorer.close()
+    (mixed / "model.ckpt.meta").write_bytes(Path(f"{meta_from}.meta").read_bytes())
+    return mixed / "model.ckpt"
+
+
+@pytest.mark.parametrize("fuse", [None, True, False])
+def test_checkpoint_contradicting_its_graph_is_refused(tmp_path: Path, fuse: bool | None
+                                                       ) -> None:
+    """A resource variable's declared shape is not enforced at restore, and kernels differ
+    on a bias of the wrong length: a plain add broadcast it, oneDNN's fused kernel failed,
+    and the other fused kernel read past it. The loader refuses such a checkpoint before
+    anything runs, the same way whatever the graph and the CPU path."""
+    _save_linear(tmp_path / "declared" / "model.ckpt", W, B3)
+    _save_linear(tmp_path / "values" / "model.ckpt", W, B3[:1])
+    prefix = _mix(tmp_path, tmp_path / "declared" / "model.ckpt",
+                  tmp_path / "values" / "model.ckpt")
+    spec = ModelSpec(name="mixed", path=str(prefix), input="features:0", output="score:0")
+    with pytest.raises(ModelLoadError, match=r"model 'mixed': variable 'b' has shape \[1\] "
+                       r"in checkpoint .*, but its graph declares \[3\]"):
+        load_scorer(spec, 4, fuse=fuse)
+
+
+def test_saved_model_contradicting_its_graph_is_refused(tmp_path: Path) -> None:
+    """The same check after TensorFlow's own SavedModel restore."""
+    narrow = mlp_weights(1, 4, hidden=(3,))
+    wide = mlp_weights(2, 4, hidden=(5,))
+    save_tf1_builder_saved_model(tmp_path / "declared", narrow)
+    save_tf1_builder_saved_model(tmp_path / "values", wide)
+    shutil.rmtree(tmp_path / "declared" / "variables")
+    shutil.copytree(tmp_path / "values" / "variables", tmp_path / "declared" / "variables")
+    spec = ModelSpec(name="sm", path=str(tmp_path / "declared"))
+    with pytest.raises(ModelLoadError, match=r"model 'sm'.*variable 'outer/inner/\w+' .*"
+                       r"\[4, 5\].*declares \[4, 3\]|model 'sm'.*\[5\].*\[3\]"):
+        load_scorer(spec, 4)
