@@ -1,124 +1,113 @@
-"""Inspect a graph's ops before anything runs, and refuse the ones that reach outside.
+"""Check every op a model will run against an allow-list of pure compute ops.
 
-A checkpoint or SavedModel is code: its graph can read and write files (``ReadFile``,
-``WriteFile``), list them, run Python (``PyFunc``) or write summaries. Scoring needs
-none of that, so those ops are refused unless the manifest allows them by name
-(``allow_ops``). The one exception is the saver's own subgraph, which restores the
-variables: its ``RestoreV2``/``SaveV2`` family is expected and allowed there only.
+A checkpoint or SavedModel is code: its graph can read and write files (``WriteFile``,
+``SaveV2``, ``PrintV2`` to a ``file://`` stream), list them, run Python (``PyFunc``) or
+reach the network, and such ops can hide behind names, saver scopes, restore ops, nested
+functions or a ``.pbtxt`` serialization. A deny-list of bad ops is always one op short, so
+the check runs the other way round: the loader prunes the graph to what computes the
+output (``loaders.subgraph``), and every op in that subgraph and in every function it
+calls, however deeply, must be on :data:`ALLOWED_OPS`: arithmetic, neural-network
+kernels, shape and indexing ops, functional control flow, and reading variables that
+the loader itself restores. Anything else is refused by name before anything runs, unless
+the manifest's ``allow_ops`` lists it for that member; nothing else widens the list.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 from loaders.errors import ModelLoadError
+from loaders.subgraph import called_functions
 
-__all__ = ["DENIED_OPS", "check_meta_graph", "denied"]
+__all__ = ["ALLOWED_OPS", "check_ops"]
 
-DENIED_OPS = frozenset({
-    # files
-    "ReadFile", "WriteFile", "MatchingFiles", "ImmutableConst", "InitializeTableFromTextFile",
-    "InitializeTableFromTextFileV2", "LoadAndRemapMatrix", "GenerateVocabRemapping",
-    "DatasetToTFRecord", "ExperimentalDatasetToTFRecord", "SaveDataset", "SaveDatasetV2",
-    "LoadDataset", "SnapshotDataset", "SnapshotDatasetV2", "TFRecordDataset",
-    "TFRecordDatasetV2", "TextLineDataset", "FixedLengthRecordDataset",
-    "FixedLengthRecordDatasetV2", "CSVDataset", "CSVDatasetV2", "SqlDataset",
-    "ExperimentalCSVDataset", "ExperimentalSqlDataset", "DebugIdentity", "DebugIdentityV2",
-    "DebugIdentityV3", "DebugNanCount", "DebugNumericSummary", "DebugNumericSummaryV2",
-    # checkpoint I/O outside the saver's own subgraph
-    "Save", "SaveV2", "SaveSlices", "Restore", "RestoreV2", "RestoreSlice",
-    "MergeV2Checkpoints", "ShardedFilename", "ShardedFilespec",
-    # arbitrary code
-    "PyFunc", "PyFuncStateless", "EagerPyFunc",
-    # network
-    "Rpc", "TryRpc", "RpcCall", "RpcClient", "RpcServer", "RpcServerStart",
-    "RpcServerRegister", "RpcCheckStatus", "RpcGetValue", "CollectiveReduce",
-    "CollectiveGather", "CollectiveBcastSend", "CollectiveBcastRecv",
+ALLOWED_OPS = frozenset({
+    # graph plumbing: feeds, constants, identity, no-ops, functional calls and control flow
+    # (the bodies they call are checked like the top level)
+    "Placeholder", "PlaceholderWithDefault", "Const", "Identity", "IdentityN", "NoOp",
+    "StopGradient", "PreventGradient", "Snapshot", "EnsureShape", "CheckNumerics",
+    "PartitionedCall", "StatefulPartitionedCall", "If", "StatelessIf", "While",
+    "StatelessWhile", "Case", "StatelessCase", "Switch", "Merge", "Enter", "Exit",
+    "NextIteration", "LoopCond", "ControlTrigger",
+    # variables, restored by the loader's own ops (loaders.restore)
+    "VariableV2", "Variable", "VarHandleOp", "ReadVariableOp", "VarIsInitializedOp",
+    # elementwise arithmetic and comparisons
+    "Abs", "Add", "AddV2", "AddN", "Sub", "Mul", "MulNoNan", "Div", "DivNoNan", "RealDiv",
+    "FloorDiv", "FloorMod", "TruncateDiv", "TruncateMod", "Mod", "Neg", "Reciprocal", "Inv",
+    "Square", "SquaredDifference", "Sqrt", "Rsqrt", "Pow", "Exp", "Expm1", "Log", "Log1p",
+    "Sign", "Floor", "Ceil", "Round", "Rint", "Maximum", "Minimum", "ClipByValue", "Sin",
+    "Cos", "Tan", "Asin", "Acos", "Atan", "Atan2", "Sinh", "Cosh", "Tanh", "Asinh", "Acosh",
+    "Atanh", "Erf", "Erfc", "Erfinv", "Lgamma", "Digamma", "Xlogy", "Xdivy", "Xlog1py",
+    "Sigmoid", "IsNan", "IsInf", "IsFinite", "Less", "LessEqual", "Greater",
+    "GreaterEqual", "Equal", "NotEqual", "ApproximateEqual", "LogicalAnd", "LogicalOr",
+    "LogicalNot", "Select", "SelectV2", "Cast", "Bitcast", "ZerosLike", "OnesLike",
+    # linear algebra
+    "MatMul", "BatchMatMul", "BatchMatMulV2", "BatchMatMulV3", "Einsum", "Tensordot",
+    "BiasAdd", "BiasAddV1", "Cross", "MatrixDiag", "MatrixDiagV2", "MatrixDiagV3",
+    "MatrixDiagPart", "MatrixDiagPartV2", "MatrixDiagPartV3", "MatrixBandPart",
+    # activations and normalization
+    "Relu", "Relu6", "Elu", "Selu", "LeakyRelu", "Softplus", "Softsign", "Softmax",
+    "LogSoftmax", "FusedBatchNorm", "FusedBatchNormV2", "FusedBatchNormV3",
+    "LRN", "L2Loss",
+    # convolutions and pooling (tabular models sometimes embed them)
+    "Conv1D", "Conv2D", "Conv3D", "DepthwiseConv2dNative", "MaxPool", "MaxPoolV2",
+    "MaxPool3D", "AvgPool", "AvgPool3D",
+    # reductions and scans
+    "Sum", "Mean", "Prod", "Max", "Min", "All", "Any", "ArgMax", "ArgMin", "Cumsum",
+    "Cumprod", "TopKV2", "EuclideanNorm",
+    # shapes, slicing, indexing, reshaping
+    "Shape", "ShapeN", "Size", "Rank", "Reshape", "Squeeze", "ExpandDims", "Transpose",
+    "ConjugateTranspose", "Pack", "Unpack", "Concat", "ConcatV2", "ConcatOffset", "Split",
+    "SplitV", "Slice", "StridedSlice", "Tile", "Pad", "PadV2", "MirrorPad", "Fill", "Range",
+    "Gather", "GatherV2", "GatherNd", "ResourceGather", "ScatterNd", "OneHot", "Where",
+    "Reverse", "ReverseV2", "BroadcastTo", "BroadcastArgs", "BroadcastGradientArgs",
+    "LinSpace", "InvertPermutation", "Unique", "SparseToDense", "DynamicStitch",
+    "ParallelDynamicStitch", "DynamicPartition", "Bucketize", "SegmentSum", "SegmentMean",
+    "UnsortedSegmentSum", "UnsortedSegmentMax", "UnsortedSegmentMin", "SparseSegmentSum",
+    "SparseSegmentMean", "SparseSegmentSqrtN",
+    # oneDNN/fused forms a graph saved after TensorFlow's own rewrites may already hold
+    "_FusedMatMul", "_FusedConv2D", "_FusedBatchNormEx",
 })
-# Families matched by name: readers, summary writers, audio/image/text file writers.
-_DENIED_PATTERN = re.compile(r"(Reader|Writer|Summary|FileSystem|WholeFile)")
-# Graphs built with several tf.compat.v1.train.Saver objects keep each one's subgraph under
-# save/, save_1/, ...; only the last is in saver_def. Their checkpoint ops are tolerated.
-_SAVER_SCOPE = re.compile(r"^save(_\d+)?/")
-_SAVER_OPS = frozenset({
-    "Save", "SaveV2", "SaveSlices", "Restore", "RestoreV2", "RestoreSlice",
-    "MergeV2Checkpoints", "ShardedFilename", "ShardedFilespec",
-})
 
 
-def denied(op: str) -> bool:
-    return op in DENIED_OPS or bool(_DENIED_PATTERN.search(op))
-
-
-def _called_functions(node: Any) -> Iterator[str]:
-    for value in node.attr.values():
-        if value.HasField("func"):
-            yield value.func.name
-        for f in value.list.func:
-            yield f.name
-
-
-def _saver_scope(meta: Any) -> tuple[set[str], set[str]]:
-    """Node names and function names belonging to the saver's save/restore subgraph."""
-    nodes = {n.name: n for n in meta.graph_def.node}
-    roots = [
-        name.split(":")[0]
-        for name in (meta.saver_def.restore_op_name, meta.saver_def.save_tensor_name)
-        if name
-    ]
-    in_scope: set[str] = set()
-    stack = [r for r in roots if r in nodes]
-    while stack:
-        name = stack.pop()
-        if name in in_scope:
-            continue
-        in_scope.add(name)
-        for inp in nodes[name].input:
-            src = inp.lstrip("^").split(":")[0]
-            if src in nodes:
-                stack.append(src)
-    library = {f.signature.name: f for f in meta.graph_def.library.function}
-    funcs: set[str] = set()
-    fstack = [f for n in in_scope for f in _called_functions(nodes[n])]
-    while fstack:
-        fname = fstack.pop()
-        if fname in funcs or fname not in library:
-            continue
-        funcs.add(fname)
-        for node in library[fname].node_def:
-            fstack.extend(_called_functions(node))
-    return in_scope, funcs
-
-
-def _all_nodes(meta: Any) -> Iterable[tuple[str | None, Any]]:
-    for node in meta.graph_def.node:
+def _nodes(graph_def: Any) -> Iterator[tuple[str | None, Any]]:
+    """Every node of ``graph_def`` and of its function library, with its function."""
+    for node in graph_def.node:
         yield None, node
-    for fn in meta.graph_def.library.function:
+    for fn in graph_def.library.function:
         for node in fn.node_def:
             yield fn.signature.name, node
 
 
-def check_meta_graph(meta: Any, *, model: str, source: str, allow: Iterable[str] = ()) -> None:
-    """Refuse a MetaGraphDef carrying file, code or network ops outside the saver.
+def check_ops(graph_def: Any, *, model: str, source: str, allow: Iterable[str] = ()) -> None:
+    """Refuse ``graph_def`` (a pruned subgraph, with the functions it calls) if any op in
+    it is neither on the allow-list nor in ``allow``.
 
     Raises:
         ModelLoadError: naming the op type and the node (and function) that carries it.
     """
-    allowed = set(allow)
-    saver_nodes, saver_funcs = _saver_scope(meta)
-    for func, node in _all_nodes(meta):
-        op = node.op
-        if not denied(op) or op in allowed:
-            continue
-        in_saver = (func in saver_funcs) if func is not None else (
-            node.name in saver_nodes or bool(_SAVER_SCOPE.match(node.name)))
-        if in_saver and op in _SAVER_OPS:
-            continue
-        where = f"node {node.name!r}" + (f" in function {func!r}" if func else "")
+    allowed = ALLOWED_OPS | set(allow)
+    library = {f.signature.name for f in graph_def.library.function}
+    refused: dict[str, str] = {}  # op type -> where its first node is
+    for func, node in _nodes(graph_def):
+        if node.op not in allowed and node.op not in library and node.op not in refused:
+            refused[node.op] = f"node {node.name!r}" + (f" in function {func!r}" if func
+                                                        else "")
+    if refused:
+        ops = sorted(refused)
+        listing = "; ".join(f"{op} ({refused[op]})" for op in ops)
         raise ModelLoadError(
-            f"model {model!r}: refusing {source}: its graph has a {op} op ({where}), which "
-            f"can touch files, the network or run code. If you trust this model, add "
-            f"'allow_ops: [{op}]' to its entry in the manifest"
+            f"model {model!r}: refusing {source}: its graph runs {len(ops)} op type(s) that "
+            f"are not pure compute ops and may touch files, the network, or run code: "
+            f"{listing}. If you trust this model, add 'allow_ops: [{', '.join(ops)}]' to "
+            "its entry in the manifest"
         )
+    for func, node in _nodes(graph_def):
+        for name in called_functions(node, library):
+            if name not in library:
+                raise ModelLoadError(
+                    f"model {model!r}: refusing {source}: node {node.name!r}"
+                    + (f" in function {func!r}" if func else "")
+                    + f" calls function {name!r}, which is not in the graph's library"
+                )

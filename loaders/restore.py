@@ -13,8 +13,10 @@ plain add, failed in oneDNN's fused kernel, and read past the bias in the non-on
 fused kernel (a silently wrong score). A checkpoint that contradicts its graph is
 therefore refused, the same way on every CPU, before anything is scored.
 
-SavedModels are restored by TensorFlow's loader; :func:`check_restored_shapes` applies
-the same shape check to their variables afterwards.
+SavedModels are restored the same way from their ``variables/`` bundle. Where a
+graph's variables are named otherwise in the checkpoint (TF2 object paths, renamed
+``Saver`` keys), the mapping is read from the graph's restore ops without running them
+(:func:`saver_keys`).
 """
 
 from __future__ import annotations
@@ -26,8 +28,14 @@ import numpy as np
 
 from loaders._tf import tf
 from loaders.errors import ModelLoadError
+from loaders.subgraph import called_functions
 
-__all__ = ["VARIABLE_OPS", "check_restored_shapes", "restore_variables", "variable_nodes"]
+__all__ = [
+    "VARIABLE_OPS",
+    "restore_variables",
+    "saver_keys",
+    "variable_nodes",
+]
 
 # Ops that declare a variable: reference variables (TF1 default) and resource variables.
 REF_VARIABLE_OPS = frozenset({"VariableV2", "Variable"})
@@ -45,11 +53,73 @@ def _declared(node: Any) -> tuple[tf.TensorShape, tf.DType]:
             tf.dtypes.as_dtype(node.attr["dtype"].type))
 
 
-def _key(node: Any) -> str:
-    """The checkpoint key a ``Saver`` writes for the variable: its name (a resource
+def _key(node: Any, keys: dict[str, str]) -> str:
+    """The checkpoint key for the variable: as the graph's own restore op names it
+    (:func:`saver_keys`), else what a ``Saver`` writes by default, its name (a resource
     variable's ``shared_name``, which ``get_variable`` makes equal to it)."""
+    if node.name in keys:
+        return keys[node.name]
     shared = node.attr["shared_name"].s.decode() if "shared_name" in node.attr else ""
     return shared if node.op == "VarHandleOp" and shared else node.name
+
+
+def _restore_source(ref: str, nodes: dict[str, Any]) -> tuple[Any, int] | None:
+    """The ``RestoreV2`` node and output index that ``ref`` reads, through identities."""
+    for _ in range(8):
+        parts = ref.lstrip("^").split(":")
+        node = nodes.get(parts[0])
+        if node is None:
+            return None
+        if node.op in ("RestoreV2", "Restore", "RestoreSlice"):
+            return node, int(parts[-1]) if len(parts) > 1 else 0
+        if node.op != "Identity" or not node.input:
+            return None
+        ref = node.input[0]
+    return None
+
+
+def _assigned_keys(nodes: dict[str, Any], target_of: Any, keys: dict[str, str]) -> None:
+    for node in nodes.values():
+        if node.op not in ("Assign", "AssignVariableOp") or len(node.input) < 2:
+            continue
+        source = _restore_source(node.input[1], nodes)
+        target = target_of(node.input[0])
+        if source is None or target is None:
+            continue
+        restore, index = source
+        names = nodes.get(restore.input[1].split(":")[0]) if len(restore.input) > 1 else None
+        if names is None or names.op != "Const":
+            continue
+        values = names.attr["value"].tensor.string_val
+        if index < len(values):
+            keys[target] = values[index].decode("utf-8", "replace")
+
+
+def saver_keys(graph_def: Any) -> dict[str, str]:
+    """Variable node name -> checkpoint key, as the graph's own restore ops would assign
+    them, read from their definitions and never run.
+
+    A ``Saver`` built with renamed keys, and every TF2 SavedModel (whose keys are object
+    paths such as ``ws/0/0/.ATTRIBUTES/VARIABLE_VALUE``), name their variables in the
+    checkpoint otherwise than the graph does; the restore subgraph (top-level ``RestoreV2``
+    + ``Assign``, or a restore function called with the variables' handles) is where the
+    mapping is written down.
+    """
+    nodes = {node.name: node for node in graph_def.node}
+    library = {f.signature.name: f for f in graph_def.library.function}
+    keys: dict[str, str] = {}
+    _assigned_keys(nodes, lambda ref: ref.lstrip("^").split(":")[0], keys)
+    for node in graph_def.node:
+        for fname in called_functions(node, library):
+            fn = library.get(fname)
+            if fn is None or not any(n.op == "RestoreV2" for n in fn.node_def):
+                continue
+            outer = [i for i in node.input if not i.startswith("^")]
+            args = {arg.name: outer[k].split(":")[0]
+                    for k, arg in enumerate(fn.signature.input_arg) if k < len(outer)}
+            _assigned_keys({n.name: n for n in fn.node_def},
+                           lambda ref, args=args: args.get(ref.split(":")[0]), keys)
+    return keys
 
 
 def _shape_text(shape: Any) -> str:
@@ -67,7 +137,8 @@ def _read_checkpoint(model: str, prefix: str) -> Any:
         ) from err
 
 
-def _checked_values(model: str, prefix: str, nodes: Iterable[Any]) -> dict[str, np.ndarray]:
+def _checked_values(model: str, prefix: str, nodes: Iterable[Any], keys: dict[str, str]
+                    ) -> dict[str, np.ndarray]:
     """Each variable's value from the bundle, after checking it fits its declaration.
 
     Raises:
@@ -79,7 +150,7 @@ def _checked_values(model: str, prefix: str, nodes: Iterable[Any]) -> dict[str, 
     dtypes = reader.get_variable_to_dtype_map()
     values: dict[str, np.ndarray] = {}
     for node in nodes:
-        key = _key(node)
+        key = _key(node, keys)
         if key not in shapes:
             raise ModelLoadError(
                 f"model {model!r}: variable {node.name!r} is not in checkpoint {prefix} "
@@ -106,14 +177,17 @@ def _checked_values(model: str, prefix: str, nodes: Iterable[Any]) -> dict[str, 
 
 
 def restore_variables(model: str, prefix: str, graph: tf.Graph, session: tf.compat.v1.Session,
-                      nodes: list[Any]) -> None:
+                      nodes: list[Any], keys: dict[str, str]) -> None:
     """Assign each variable of ``nodes`` (already imported into ``graph``) its checked
-    value from the checkpoint at ``prefix``, with assign ops built here.
+    value from the checkpoint at ``prefix``, with assign ops built here; ``keys`` maps
+    variables to checkpoint keys where the names differ (:func:`saver_keys`).
 
     Raises:
         ModelLoadError: unreadable checkpoint, or a value that does not fit its variable.
     """
-    values = _checked_values(model, prefix, nodes)
+    if not nodes:
+        return
+    values = _checked_values(model, prefix, nodes, keys)
     feeds: dict[Any, np.ndarray] = {}
     assigns = []
     with graph.as_default(), tf.name_scope("ensemble_scoring_restore"):
@@ -127,33 +201,3 @@ def restore_variables(model: str, prefix: str, graph: tf.Graph, session: tf.comp
             feeds[value] = values[node.name]
     if assigns:
         session.run(assigns, feeds)
-
-
-def check_restored_shapes(model: str, source: str, graph: tf.Graph,
-                          session: tf.compat.v1.Session) -> None:
-    """After TensorFlow's own restore (SavedModels): refuse any variable whose value has
-    another shape than the graph declares. Variables the restore left uninitialised are
-    skipped (scoring would fail on them with TensorFlow's own message).
-
-    Raises:
-        ModelLoadError: naming the variable and both shapes.
-    """
-    nodes = [op for op in graph.get_operations() if op.type in VARIABLE_OPS]
-    if not nodes:
-        return
-    with graph.as_default(), tf.name_scope("ensemble_scoring_check"):
-        probes = [tf.shape(op.outputs[0]) if op.type in REF_VARIABLE_OPS
-                  else tf.raw_ops.VariableShape(input=op.outputs[0]) for op in nodes]
-    for op, probe in zip(nodes, probes, strict=True):
-        try:
-            actual = tf.TensorShape(session.run(probe).tolist())
-        except tf.errors.OpError:
-            continue
-        declared = tf.TensorShape(op.get_attr("shape"))
-        if not declared.is_compatible_with(actual):
-            raise ModelLoadError(
-                f"model {model!r}: variable {op.name!r} was restored with shape "
-                f"{_shape_text(actual)} from {source}, but its graph declares "
-                f"{_shape_text(declared)}; the graph and the variables come from different "
-                "models. Export them together"
-            )

@@ -9,9 +9,9 @@ from loaders._tf import tf
 from loaders.base import GraphScorer, new_session, tensor_name
 from loaders.cpu import cpu_path
 from loaders.errors import ModelLoadError
-from loaders.guard import check_meta_graph
+from loaders.guard import check_ops
 from loaders.manifest import ModelSpec
-from loaders.restore import restore_variables, variable_nodes
+from loaders.restore import restore_variables, saver_keys, variable_nodes
 from loaders.rewrite import Fusion, fuse_bias_adds
 from loaders.subgraph import node_name, prune
 
@@ -51,10 +51,10 @@ def load_checkpoint(spec: ModelSpec, prefix: str, digest: str, *, fuse: bool | N
     assert spec.input is not None and spec.output is not None
     start = time.perf_counter()
     meta = _read_meta(spec, prefix)
-    check_meta_graph(meta, model=spec.name, source=f"{prefix}.meta", allow=spec.allow_ops)
     _require_node(meta.graph_def, spec, "input", spec.input)
     _require_node(meta.graph_def, spec, "output", spec.output)
     graph_def = prune(meta.graph_def, tensor_name(spec.output))
+    check_ops(graph_def, model=spec.name, source=f"{prefix}.meta", allow=spec.allow_ops)
     if fuse is None:
         fuse = not cpu_path().fuses_matmul_add
     fusion = fuse_bias_adds(graph_def) if fuse else Fusion()
@@ -73,7 +73,8 @@ def load_checkpoint(spec: ModelSpec, prefix: str, digest: str, *, fuse: bool | N
         output_tensor = _get_tensor(graph, spec, "output", spec.output)
     session = new_session(graph)
     try:
-        restore_variables(spec.name, prefix, graph, session, variables)
+        restore_variables(spec.name, prefix, graph, session, variables,
+                          saver_keys(meta.graph_def))
     except ModelLoadError:
         session.close()
         raise
