@@ -202,8 +202,9 @@ def _run(args: argparse.Namespace, server: Any, started: float,
         elif args.input is None or args.output is None:
             return _fail("--models needs --input and --output (see --help)", EXIT_USAGE)
         from tasks.fs import is_s3
-        from tasks.storage import output_lock
+        from tasks.storage import check_output_apart, output_lock
 
+        check_output_apart(args.input, args.output)
         # Taken before models load so a second run on the folder fails in a second; the
         # flow takes it again (re-entrant) and holds it to the end.
         out = args.output if is_s3(args.output) else Path(args.output).expanduser().resolve()

@@ -15,7 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from loaders._tf import tf
-from loaders.errors import ModelLoadError
+from loaders.errors import ModelLoadError, first_error_line
 
 __all__ = ["GraphScorer", "Scorer", "new_session", "tensor_name"]
 
@@ -113,7 +113,7 @@ class GraphScorer:
         except tf.errors.OpError as err:
             raise ModelLoadError(
                 f"model {self.name!r} ({self.source}) fails on a 2-row probe batch: "
-                f"{err.message.splitlines()[0]}. Check 'input'/'output' and that the graph "
+                f"{first_error_line(err)}. Check 'input'/'output' and that the graph "
                 "needs no other feeds"
             ) from err
 

@@ -13,6 +13,7 @@ __all__ = [
     "ModelLoadError",
     "OutputError",
     "ScoringError",
+    "first_error_line",
 ]
 
 
@@ -34,3 +35,27 @@ class DataError(ScoringError, ValueError):
 
 class OutputError(ScoringError, RuntimeError):
     """The output location cannot be written."""
+
+
+# Lines TensorFlow puts around a kernel's error in graph mode: the wrapper, where the
+# node was defined (Python frames), the node's name, and the failing node in brackets.
+_WRAPPER_LINES = ("Graph execution error", "Detected at node", "File \"", "Node: ", "[[",
+                  "Detected unsupported operations")
+
+
+def first_error_line(err: BaseException) -> str:
+    """The first line of an error's own text, for messages that quote the cause.
+
+    TensorFlow wraps a kernel's error as "Graph execution error:" followed by the cause
+    several lines down; ``OpError.message`` holds the text, and the wrapper line is
+    skipped so the user sees the cause (for example "Must provide as many biases as the
+    channel size: [1] vs. 64") without --debug.
+    """
+    text = getattr(err, "message", None) or str(err)
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    nodes = [i for i, line in enumerate(lines) if line.startswith("Node: ")]
+    if nodes and nodes[0] + 1 < len(lines):  # the cause follows the failing node's name
+        lines = lines[nodes[0] + 1:]
+    causes = [line for line in lines if not line.startswith(_WRAPPER_LINES)] or lines
+    first = causes[0] if causes else type(err).__name__
+    return first.rstrip(":") or type(err).__name__

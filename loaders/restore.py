@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from loaders._tf import tf
-from loaders.errors import ModelLoadError
+from loaders.errors import ModelLoadError, first_error_line
 from loaders.subgraph import called_functions
 
 __all__ = [
@@ -130,10 +130,9 @@ def _read_checkpoint(model: str, prefix: str) -> Any:
     try:
         return tf.train.load_checkpoint(prefix)
     except Exception as err:  # NotFoundError, DataLossError, ValueError...
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelLoadError(
-            f"model {model!r}: cannot read checkpoint {prefix}: {first}. Check that the "
-            ".index and every .data-* shard were copied completely"
+            f"model {model!r}: cannot read checkpoint {prefix}: {first_error_line(err)}. Check "
+            "that the .index and every .data-* shard were copied completely"
         ) from err
 
 
@@ -172,7 +171,14 @@ def _checked_values(model: str, prefix: str, nodes: Iterable[Any], keys: dict[st
                 f"{prefix}, but its graph declares {dtype.name}; the .meta and the "
                 ".index/.data files come from different models"
             )
-        values[node.name] = reader.get_tensor(key)
+        try:
+            values[node.name] = reader.get_tensor(key)
+        except Exception as err:  # IndexError, DataLossError... on a damaged shard
+            raise ModelLoadError(
+                f"model {model!r}: cannot read checkpoint {prefix}: variable {key!r}: "
+                f"{first_error_line(err)}. Check that the .index and every .data-* shard were "
+                "copied completely"
+            ) from err
     return values
 
 

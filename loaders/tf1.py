@@ -8,7 +8,7 @@ from typing import Any
 from loaders._tf import tf
 from loaders.base import GraphScorer, new_session, tensor_name
 from loaders.cpu import cpu_path
-from loaders.errors import ModelLoadError
+from loaders.errors import ModelLoadError, first_error_line
 from loaders.guard import check_ops
 from loaders.manifest import ModelSpec
 from loaders.restore import restore_variables, saver_keys, variable_nodes
@@ -66,7 +66,7 @@ def load_checkpoint(spec: ModelSpec, prefix: str, digest: str, *, fuse: bool | N
         except Exception as err:  # protobuf and TF raise a zoo of types here
             raise ModelLoadError(
                 f"model {spec.name!r}: cannot import meta graph {prefix}.meta: "
-                f"{_first_line(err)}; the file may be truncated or from an incompatible "
+                f"{first_error_line(err)}; the file may be truncated or from an incompatible "
                 "TensorFlow"
             ) from err
         input_tensor = _get_tensor(graph, spec, "input", spec.input)
@@ -81,7 +81,7 @@ def load_checkpoint(spec: ModelSpec, prefix: str, digest: str, *, fuse: bool | N
     except (tf.errors.OpError, ValueError) as err:
         session.close()
         raise ModelLoadError(
-            f"model {spec.name!r}: cannot restore checkpoint {prefix}: {_first_line(err)}. "
+            f"model {spec.name!r}: cannot restore checkpoint {prefix}: {first_error_line(err)}. "
             "Check that the .index and every .data-* shard were copied completely"
         ) from err
     graph.finalize()
@@ -96,15 +96,6 @@ def load_checkpoint(spec: ModelSpec, prefix: str, digest: str, *, fuse: bool | N
         load_seconds=time.perf_counter() - start,
         fused_bias_adds=len(fusion.nodes),
     )
-
-
-def _first_line(err: BaseException) -> str:
-    """TensorFlow's own first line of an error (``OpError.message`` drops the
-    "Graph execution error" wrapper TensorFlow puts around it)."""
-    text = getattr(err, "message", None) or str(err)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    lines = [line for line in lines if not line.startswith("Graph execution error")] or lines
-    return lines[0] if lines else type(err).__name__
 
 
 def _read_meta(spec: ModelSpec, prefix: str) -> Any:

@@ -16,7 +16,7 @@ from loaders.inspect import digest_files, resolve_model
 from loaders.manifest import Manifest
 from tasks.fs import S3Path
 from tasks.partitions import Partition, check_partition, discover_partitions
-from tasks.storage import check_writable, output_location
+from tasks.storage import check_output_apart, check_writable, output_location
 
 __all__ = ["MemberInfo", "Plan", "make_plan", "resolve_members"]
 
@@ -62,8 +62,9 @@ def make_plan(manifest: Manifest, input_path: str, output_dir: str) -> Plan:
 
     Raises:
         DataError: no input, or a partition lacks a column or has a non-numeric feature.
-        OutputError: the output folder is not writable.
+        OutputError: the output folder is not writable, or is (or holds) the input.
     """
+    check_output_apart(input_path, output_dir)
     loc = output_location(output_dir)
     out = loc if isinstance(loc, S3Path) else Path(output_dir).expanduser().resolve()
     check_writable(out)

@@ -22,7 +22,6 @@ import json
 import os
 import socket
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -54,6 +53,7 @@ from tasks.storage import (
     QUARANTINE_DIR,
     OutputLocation,
     output_location,
+    previous_name,
     replace,
     safe_join,
     staged,
@@ -240,7 +240,7 @@ def score_partition(
     if isinstance(target, S3Path) and not reuse:
         target.unlink(missing_ok=True)  # nothing in it is still valid: no need to copy it
     elif target.exists():
-        previous = target.with_name(f".{target.name}.prev-{uuid.uuid4().hex[:8]}.tmp")
+        previous = previous_name(target)
         replace(target, previous)
     try:
         return _score(partition, manifest, target, qtarget, names, digests, weights,

@@ -19,6 +19,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -39,10 +40,13 @@ __all__ = [
     "QUARANTINE_DIR",
     "OutputLocation",
     "OutputLocked",
+    "check_output_apart",
     "check_writable",
+    "is_staging_name",
     "member_path",
     "output_location",
     "output_lock",
+    "previous_name",
     "remove_stale_staging",
     "replace",
     "safe_join",
@@ -104,8 +108,36 @@ def member_path(output_dir: Path, member: str, relpath: str) -> Path:
     return safe_join(output_dir / MEMBERS_DIR / member, relpath)
 
 
-def _staging_name(final: _Loc) -> _Loc:
-    return final.with_name(f".{final.name}.{uuid.uuid4().hex[:12]}{_STAGING_SUFFIX}")
+# Names of the hidden files this tool writes beside a file it is about to publish (a
+# staging copy) or to replace (the previous version, kept while its scores are reused).
+# The marker makes them the tool's own: the clean-up after a killed run deletes only
+# names of exactly this form, and only in the folders the tool writes, never a user's
+# other hidden or .tmp files.
+_STAGING_MARKER = "ensemble-scoring"
+_STAGING_PATTERN = re.compile(
+    rf"^\..+\.{_STAGING_MARKER}-(staging|previous)-[0-9a-f]{{32}}\.tmp$")
+
+
+def _staging_name(final: _Loc, kind: str = "staging") -> _Loc:
+    return final.with_name(f".{final.name}.{_STAGING_MARKER}-{kind}-{uuid.uuid4().hex}.tmp")
+
+
+@overload
+def previous_name(final: Path) -> Path: ...
+@overload
+def previous_name(final: S3Path) -> S3Path: ...
+@overload
+def previous_name(final: OutputLocation) -> OutputLocation: ...
+def previous_name(final: OutputLocation) -> OutputLocation:
+    """Where a committed file is moved while it is replaced (see ``tasks.scoring``)."""
+    if isinstance(final, S3Path):
+        return _staging_name(final, "previous")
+    return _staging_name(final, "previous")
+
+
+def is_staging_name(name: str) -> bool:
+    """Whether ``name`` is a staging or previous-version file this tool wrote."""
+    return bool(_STAGING_PATTERN.match(name))
 
 
 @overload
@@ -267,8 +299,14 @@ def output_lock(output_dir: Path | str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _local_output_lock(output_dir: Path) -> Iterator[None]:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(output_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(output_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise OutputError(
+            f"output folder {output_dir} is not writable ({err.strerror or err}); choose "
+            "another --output or fix its permissions"
+        ) from err
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -290,24 +328,57 @@ def _local_output_lock(output_dir: Path) -> Iterator[None]:
 
 
 def remove_stale_staging(output_dir: Path | str) -> int:
-    """Delete staging files left by a killed run; call only while holding the lock."""
+    """Delete staging files left by a killed run; call only while holding the lock.
+
+    Only names this tool writes (``is_staging_name``), and only where it writes them:
+    the output folder itself and, recursively, its ``ensemble/`` and ``quarantine/``.
+    """
     loc = output_location(output_dir)
     removed = 0
     if isinstance(loc, S3Path):
         fs = s3_filesystem()
-        selector = pafs.FileSelector(loc.key, recursive=True, allow_not_found=True)
-        for info in fs.get_file_info(selector):
-            if (info.type == pafs.FileType.File and info.base_name.startswith(".")
-                    and info.base_name.endswith(_STAGING_SUFFIX)):
+        infos = fs.get_file_info(pafs.FileSelector(loc.key, allow_not_found=True))
+        for sub in (ENSEMBLE_DIR, QUARANTINE_DIR):
+            infos += fs.get_file_info(pafs.FileSelector(
+                (loc / sub).key, recursive=True, allow_not_found=True))
+        for info in infos:
+            if info.type == pafs.FileType.File and is_staging_name(info.base_name):
                 with contextlib.suppress(OSError):
                     fs.delete_file(info.path)
                     removed += 1
         return removed
-    for path in loc.rglob(f".*{_STAGING_SUFFIX}"):
-        with contextlib.suppress(OSError):
-            path.unlink()
-            removed += 1
+    candidates = [p for p in loc.glob(".*.tmp")] + [
+        p for sub in (ENSEMBLE_DIR, QUARANTINE_DIR) for p in (loc / sub).rglob(".*.tmp")]
+    for path in candidates:
+        if path.is_file() and not path.is_symlink() and is_staging_name(path.name):
+            with contextlib.suppress(OSError):
+                path.unlink()
+                removed += 1
     return removed
+
+
+def check_output_apart(input_path: str, output_dir: str) -> None:
+    """Refuse an output folder that is the input, or holds it: the run would write among
+    the user's data (and clean up there). An output inside the input is fine: its files
+    are left out of the input.
+
+    Raises:
+        OutputError: naming both, before any lock or file is created.
+    """
+    def parts(location: str) -> tuple[str, ...]:
+        uri = s3_uri(location)
+        if uri is not None:
+            return ("s3:", *[p for p in uri[len("s3://"):].split("/") if p])
+        return Path(location).expanduser().resolve().parts
+
+    inp, out = parts(input_path), parts(output_dir)
+    if inp[:len(out)] == out:
+        where = "is the input" if inp == out else "holds the input"
+        raise OutputError(
+            f"--output {output_dir} {where} ({input_path}); the ensemble table, run record "
+            "and lock would be written among your data. Choose an output folder outside the "
+            "input, for example a sibling folder"
+        )
 
 
 # S3 lock: S3 has no atomic create-if-absent that pyarrow 26 can issue (no If-None-Match

@@ -3,13 +3,17 @@ against. Every model here is a real TensorFlow artefact written to disk."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import yaml
 
 from loaders._tf import tf
@@ -142,3 +146,46 @@ def assert_matches_reference(table: pa.Table, ref: dict[Any, tuple[float, ...]],
     got = np.stack([table.column(c).to_numpy() for c in columns], axis=1)
     want = np.array([ref[i] for i in ids])
     assert np.abs(got - want).max() <= 1e-5
+
+
+# Hidden and temporary names a user (or another tool) may keep in or under an output
+# folder, including names shaped like this tool's staging files of earlier releases.
+USER_FILE_NAMES = (
+    ".report.tmp", ".x.tmp", ".part-0000.parquet.0123456789ab.tmp",
+    ".part-0000.parquet.prev-1234abcd.tmp", ".write-probe-1234abcd", ".lock-mine",
+    "_notes.txt", ".hidden",
+)
+
+
+def plant_user_files(out: Path) -> dict[Path, str]:
+    """Files the tool did not create, at the top of ``out``, in the folders it writes
+    (``ensemble/``, ``quarantine/``) and in a user folder; returns path -> content."""
+    planted = {}
+    for folder in (out, out / "ensemble", out / "quarantine", out / "docs"):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in USER_FILE_NAMES:
+            (folder / name).write_text(f"user data {name}")
+            planted[folder / name] = f"user data {name}"
+    return planted
+
+
+@contextlib.contextmanager
+def read_only_folder(path: Path) -> Iterator[Path]:
+    """A folder on a read-only file system (EROFS, as a read-only mount gives): a tmpfs
+    mounted read-only where this process may mount (root), else a folder without write
+    permission."""
+    path.mkdir(parents=True, exist_ok=True)
+    mounted = os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(path)],
+        capture_output=True).returncode == 0
+    if not mounted:
+        if os.geteuid() == 0:
+            pytest.skip("cannot mount a read-only file system, and root ignores permissions")
+        path.chmod(0o555)
+    try:
+        yield path
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(path)], check=True)
+        else:
+            path.chmod(0o755)

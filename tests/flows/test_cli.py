@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.score import main
-from tests.helpers import prefect_free_env, write_manifest, write_table
+from tests.helpers import prefect_free_env, read_only_folder, write_manifest, write_table
 
 
 @pytest.fixture(autouse=True)
@@ -81,6 +81,71 @@ def test_duplicate_model_names(setup, capsys) -> None:  # type: ignore[no-untype
     code, err = _run(setup, capsys, models=models)
     assert code == 2
     assert "duplicate model names: ['m0']" in err
+
+
+def _main(setup: dict[str, object], capsys: pytest.CaptureFixture[str], inp: Path, out: Path
+          ) -> tuple[int, str]:
+    tmp = setup["tmp"]
+    assert isinstance(tmp, Path)
+    manifest = write_manifest(tmp / "manifest.yaml", {
+        "id_column": "id", "features": setup["features"], "models": setup["models"]})
+    code = main(["--models", str(manifest), "--input", str(inp), "--output", str(out)])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where", ["the input", "its parent"])
+def test_output_that_is_or_holds_the_input(setup, capsys, where: str) -> None:  # type: ignore[no-untyped-def]
+    tmp = setup["tmp"]
+    before = sorted(p.relative_to(tmp) for p in tmp.rglob("*"))
+    out = tmp / "in" if where == "the input" else tmp
+    code, err = _main(setup, capsys, tmp / "in", out)
+    assert code == 2
+    assert f"--output {out} {'is' if where == 'the input' else 'holds'} the input" in err
+    assert "Traceback" not in err
+    # No lock, staging or probe file was created anywhere (the manifest is the test's).
+    after = sorted(p.relative_to(tmp) for p in tmp.rglob("*"))
+    assert [p for p in after if p not in before] == [Path("manifest.yaml")]
+
+
+def test_read_only_output(setup, capsys) -> None:  # type: ignore[no-untyped-def]
+    tmp = setup["tmp"]
+    with read_only_folder(tmp / "ro") as ro:
+        code, err = _main(setup, capsys, tmp / "in", ro / "out")
+    assert code == 2
+    assert f"output folder {ro / 'out'} is not writable (Read-only file system)" in err
+    assert "Traceback" not in err and "Errno" not in err
+
+
+def test_empty_meta_file(setup, capsys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    models = [dict(m) for m in setup["models"]]
+    prefix = Path(str(models[0]["path"]))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for part in prefix.parent.glob(f"{prefix.name}.*"):
+        (broken / part.name).write_bytes(b"" if part.suffix == ".meta" else part.read_bytes())
+    models[0]["path"] = str(broken / prefix.name)
+    code, err = _run(setup, capsys, models=models)
+    assert code == 2
+    assert f"model 'm0': meta graph {broken / prefix.name}.meta is empty" in err
+
+
+def test_truncated_checkpoint_names_tensorflows_cause(setup, capsys, tmp_path: Path  # type: ignore[no-untyped-def]
+                                                      ) -> None:
+    models = [dict(m) for m in setup["models"]]
+    prefix = Path(str(models[1]["path"]))
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for part in prefix.parent.glob(f"{prefix.name}.*"):
+        data = part.read_bytes()
+        (broken / part.name).write_bytes(data[:len(data) // 2] if ".data-" in part.name
+                                         else data)
+    models[1]["path"] = str(broken / prefix.name)
+    code, err = _run(setup, capsys, models=models)
+    assert code == 2
+    assert f"model 'm1': cannot read checkpoint {broken / prefix.name}: " in err
+    assert "Graph execution error:." not in err
+    line = err.split("cannot read checkpoint", 1)[1].split(": ", 1)[1]
+    assert len(line.split(". Check")[0]) > 10  # TensorFlow's own first line, not empty
 
 
 def test_help_documents_every_option() -> None:

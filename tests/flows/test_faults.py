@@ -18,7 +18,7 @@ from flows.ensemble import score_ensemble
 from flows.params import ScoreParams
 from loaders.manifest import load_manifest
 from tasks.storage import OutputLocked, output_lock
-from tests.helpers import assert_matches_reference, read_dataset
+from tests.helpers import assert_matches_reference, plant_user_files, read_dataset
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -147,6 +147,7 @@ def test_kill_9_at_several_points_then_rerun(tmp_path: Path) -> None:
     ref = _reference(manifest, manifest.parent / "data")
     out = tmp_path / "out"
     env = _env()
+    user_files = plant_user_files(out)
 
     def staging_present() -> bool:
         return any((out / "ensemble").rglob(".*.tmp")) if (out / "ensemble").exists() else False
@@ -174,7 +175,9 @@ def test_kill_9_at_several_points_then_rerun(tmp_path: Path) -> None:
     assert proc.returncode == 0, stderr[-3000:]
     assert "Reused:" in stdout
     _assert_table_matches(out, ref)
-    assert not list(out.rglob(".*.tmp"))
+    assert sorted(p for p in out.rglob(".*.tmp") if p not in user_files) == []
+    for path, text in user_files.items():  # the user's own files survived it all
+        assert path.read_text() == text, path
 
 
 @pytest.mark.slow
