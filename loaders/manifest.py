@@ -6,6 +6,7 @@ boundaries; the loaded graph and session never do (see :mod:`loaders.cache`).
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -45,7 +46,8 @@ class ModelSpec(BaseModel):
     output: str | None = Field(None, description="TF1: output tensor name. SavedModel: output key.")
     signature: str = Field("serving_default", description="SavedModel signature to call.")
     tags: tuple[str, ...] = Field(("serve",), description="SavedModel meta graph tags.")
-    weight: float = Field(1.0, gt=0, description="Weight for --ensemble weighted.")
+    weight: float = Field(1.0, gt=0, allow_inf_nan=False,
+                          description="Weight for --ensemble weighted: finite and positive.")
     allow_ops: tuple[str, ...] = Field(
         (), description="Op types to allow although they can touch files, the network or run "
         "code (e.g. ReadFile). Only for models you trust."
@@ -89,6 +91,20 @@ class Manifest(BaseModel):
     def member_names(self) -> list[str]:
         return [m.name for m in self.models]
 
+    @property
+    def weights(self) -> tuple[float, ...]:
+        """The members' weights scaled to sum to 1, without overflow or underflow to 0.
+
+        Dividing by the largest weight first keeps every step finite: two weights of
+        1e308 would sum to infinity (every weighted score 0), and the smallest subnormal
+        (5e-324) alone would sum to a denominator that rounds its own share away.
+        """
+        raw = [m.weight for m in self.models]
+        top = max(raw)
+        scaled = [w / top for w in raw]
+        total = math.fsum(scaled)
+        return tuple(w / total for w in scaled)
+
 
 def parse_manifest(
     data: Any, base_dir: Path | None = None, *, source: str = "manifest"
@@ -106,9 +122,14 @@ def parse_manifest(
     try:
         manifest = Manifest.model_validate(data)
     except ValidationError as err:
+        errors = err.errors()
+        # A failed member also fails the list's own length check: report the member only.
+        locs = [tuple(e["loc"]) for e in errors]
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
-            for e in err.errors()
+            for e in errors
+            if not any(len(o) > len(e["loc"]) and o[:len(e["loc"])] == tuple(e["loc"])
+                       for o in locs)
         )
         raise ManifestError(f"{source} is invalid: {problems}") from err
     if base_dir is None:

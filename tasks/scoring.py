@@ -205,7 +205,7 @@ def score_partition(
     qtarget = safe_join(out / QUARANTINE_DIR, partition.relpath)
     names = manifest.member_names
     digests = {s.name: digest_files(resolve_model(s).files) for s in manifest.models}
-    weights = np.array([m.weight for m in manifest.models], dtype=np.float64)
+    weights = np.array(manifest.weights, dtype=np.float64)  # normalized, finite
     provenance = {
         "partition": partition.relpath,
         "fingerprint": partition.fingerprint,

@@ -12,8 +12,8 @@ import pytest
 
 import tasks.merge
 from flows.demo import build_mlp_checkpoint, mlp_reference
-from loaders.errors import DataError, ModelLoadError
-from loaders.manifest import Manifest, ModelSpec
+from loaders.errors import DataError, ManifestError, ModelLoadError
+from loaders.manifest import Manifest, ModelSpec, parse_manifest
 from tasks.merge import RowStream, batches_by_row_group, combine, read_ahead
 from tasks.partitions import discover_partitions
 from tasks.scoring import committed_metadata, score_partition
@@ -287,3 +287,32 @@ def test_statistics_add_up(tmp_path: Path, checkpoints: list[Path],
     assert np.isclose(merged.score_sum, table.column("ensemble_score").to_numpy().sum(),
                       rtol=1e-6)
     assert 900 <= len(merged.sample_score) <= 1000
+
+
+@pytest.mark.parametrize("weights", [(1e308, 1e308, 1.0), (5e-324, 1.0, 1.0),
+                                     (5e-324, 5e-324, 5e-324)])
+def test_extreme_legal_weights_give_a_finite_weighted_mean(
+        tmp_path: Path, checkpoints: list[Path], features: list[str],
+        weights: tuple[float, ...]) -> None:
+    x = _data(tmp_path, features, n=200)
+    manifest = Manifest(
+        id_column="id", features=tuple(features),
+        models=tuple(ModelSpec(name=f"m{i}", path=str(p), input="features", output="score",
+                               weight=w) for i, (p, w) in enumerate(zip(checkpoints, weights,
+                                                                        strict=True))))
+    part = discover_partitions(str(tmp_path / "in"))[0]
+    result = score_partition(part, manifest, str(tmp_path / "out"), method="weighted")
+    ens = pq.read_table(result.merged.path).column("ensemble_score").to_numpy()
+    refs = np.stack([mlp_reference(p, x) for p in checkpoints], axis=1)
+    top = max(weights)
+    share = np.array([w / top for w in weights])
+    assert np.isfinite(ens).all()
+    assert np.abs(ens - refs @ (share / share.sum())).max() <= 1e-5
+
+
+@pytest.mark.parametrize("weight", [float("inf"), float("nan"), 0.0, -1.0])
+def test_non_finite_or_non_positive_weight_is_refused(weight: float) -> None:
+    with pytest.raises(ManifestError, match=r"models\.0\.weight: Input should be (a finite "
+                                            r"number|greater than 0)$"):
+        parse_manifest({"id_column": "id", "features": ["a"],
+                        "models": [{"name": "m", "path": "x", "weight": weight}]})
