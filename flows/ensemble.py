@@ -227,7 +227,8 @@ def _run(params: ScoreParams) -> RunSummary:
     started = time.perf_counter()
     started_at = time.time()
     manifest = params.load_manifest()
-    plan = make_plan(manifest, params.input, params.output)
+    plan = make_plan(manifest, params.input, params.output,
+                     verify_inputs=params.verify_inputs)
     with output_lock(plan.output_dir):
         removed = remove_stale_staging(plan.output_dir)
         if removed:

@@ -70,6 +70,11 @@ class ScoreParams(BaseModel):
     # runs) while halving the time to the first scored batch.
     retries: int = Field(3, ge=0, le=10, description="Retries for transient I/O errors.")
     force: bool = Field(False, description="Re-score everything, ignoring committed outputs.")
+    verify_inputs: bool = Field(
+        False, title="Verify inputs by content",
+        description="Hash every local input file whole (SHA-256) to decide what is "
+        "unchanged since the last run, instead of size, mtime and the Parquet footer. "
+        "Reads all the input once more.")
     runner: Runner = Field(
         "threads", title="Task runner",
         description="threads: Prefect's thread pool in the flow's process (default). "

@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --runner processes: worker processes (default: cores)")
     p.add_argument("--force", action="store_true",
                    help="re-score everything, ignoring committed member outputs")
+    p.add_argument("--verify-inputs", action="store_true",
+                   help="decide what is unchanged since the last run by hashing every local "
+                   "input file whole, not by size, mtime and Parquet footer (reads the "
+                   "input once more)")
     p.add_argument("--demo-dir", metavar="DIR", default=".demo",
                    help="where the demo is built when no --models is given (default: .demo)")
     p.add_argument("--quiet", action="store_true", help="only warnings and the final summary")
@@ -213,7 +217,8 @@ def _run(args: argparse.Namespace, server: Any, started: float,
             models=args.models, manifest=None, input=args.input, output=args.output,
             ensemble=args.ensemble,
             bad_rows=args.bad_rows, concurrency=args.concurrency, batch_size=args.batch_size,
-            retries=args.retries, force=args.force, runner=args.runner,
+            retries=args.retries, force=args.force, verify_inputs=args.verify_inputs,
+            runner=args.runner,
             address=args.address, workers=args.workers,
         )
         preflight(params)
@@ -303,7 +308,7 @@ def preflight(params: Any) -> None:
 
     manifest = params.load_manifest()
     resolve_members(manifest)
-    make_plan(manifest, params.input, params.output)
+    make_plan(manifest, params.input, params.output, verify_inputs=params.verify_inputs)
     for spec in manifest.models:
         MODEL_CACHE.get(spec, len(manifest.features))
 

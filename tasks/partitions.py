@@ -8,7 +8,9 @@ size and last-modified time, the fingerprint a re-run compares.
 
 from __future__ import annotations
 
+import functools
 import glob
+import hashlib
 import os
 import re
 from pathlib import Path, PurePosixPath
@@ -47,11 +49,18 @@ class Partition(BaseModel):
     # AWS, so an object replaced by one of the same size within that second would look
     # unchanged without its ETag (which changes with the content).
     etag: str = ""
+    # Local files, filled in by check_partition: a hash of the Parquet footer, which
+    # holds every row group's and column chunk's sizes, offsets and statistics, so a file
+    # rewritten with other content of the same size keeps its mtime (rsync -t, cp -p)
+    # still changes its fingerprint. Costs one small read of the file's end.
+    footer: str = ""
+    # With --verify-inputs: SHA-256 of the whole file, for certainty at the cost of a read.
+    content: str = ""
 
     @property
     def fingerprint(self) -> str:
-        base = f"{self.size}:{self.mtime_ns}"
-        return f"{base}:{self.etag}" if self.etag else base
+        return ":".join(str(p) for p in (self.size, self.mtime_ns, self.etag, self.footer,
+                                         self.content) if p != "")
 
 
 def _is_data_file(path: Path) -> bool:
@@ -197,14 +206,42 @@ def _numeric(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
 
 
-def _read_footer(partition: Partition) -> tuple[pa.Schema, str]:
-    """The partition's schema, and on S3 its ETag (from the same open: no extra request)."""
+def _footer_digest(path: str) -> str:
+    """SHA-256 of a local Parquet file's footer (its metadata and the 8 bytes after it)."""
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+        if size < 12:
+            raise OSError(f"only {size} bytes")
+        fh.seek(size - 8)
+        tail = fh.read(8)
+        length = int.from_bytes(tail[:4], "little")
+        if tail[4:] != b"PAR1" or length > size - 12:
+            raise pa.ArrowInvalid("no Parquet footer at the end of the file")
+        fh.seek(size - 8 - length)
+        return hashlib.sha256(fh.read(length) + tail).hexdigest()[:32]
+
+
+@functools.lru_cache(maxsize=65_536)
+def _content_digest(path: str, size: int, mtime_ns: int) -> str:
+    """Memoised on (path, size, mtime): the CLI's preflight and the flow plan the same
+    run in one process, and the whole input is read once, not twice."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_footer(partition: Partition) -> tuple[pa.Schema, dict[str, str]]:
+    """The partition's schema, and what its fingerprint adds to size and mtime: the S3
+    ETag (from the same open: no extra request), or a local file's footer hash."""
     try:
         if s3_uri(partition.path) is None:
-            return pq.read_schema(partition.path), ""
+            return pq.read_schema(partition.path), {"footer": _footer_digest(partition.path)}
         with s3_filesystem().open_input_file(S3Path.from_uri(partition.path).key) as f:
             etag = (f.metadata().get("ETag") or b"").decode(errors="replace").strip('"')
-            return pq.read_schema(f), etag
+            return pq.read_schema(f), {"etag": etag} if etag else {}
     except (pa.ArrowException, OSError) as err:
         raise DataError(
             f"partition {partition.relpath} is not a readable Parquet file ({err}); "
@@ -212,15 +249,23 @@ def _read_footer(partition: Partition) -> tuple[pa.Schema, str]:
         ) from err
 
 
-def check_partition(partition: Partition, manifest: Manifest) -> Partition:
-    """``check_schema``, returning the partition with its S3 ETag in the fingerprint.
+def check_partition(partition: Partition, manifest: Manifest, *, verify: bool = False
+                    ) -> Partition:
+    """``check_schema``, returning the partition with its content-aware fingerprint (S3
+    ETag, or local footer hash; with ``verify``, the whole local file's SHA-256).
 
     Raises:
         DataError: as ``check_schema``.
     """
-    schema, etag = _read_footer(partition)
+    schema, extra = _read_footer(partition)
     _check_columns(partition, schema, manifest)
-    return partition.model_copy(update={"etag": etag}) if etag else partition
+    if verify and s3_uri(partition.path) is None:
+        try:
+            extra["content"] = _content_digest(partition.path, partition.size,
+                                               partition.mtime_ns)
+        except OSError as err:
+            raise DataError(f"partition {partition.relpath} cannot be read ({err})") from err
+    return partition.model_copy(update=extra) if extra else partition
 
 
 def check_schema(partition: Partition, manifest: Manifest) -> pa.Schema:

@@ -57,8 +57,10 @@ def resolve_members(manifest: Manifest) -> list[MemberInfo]:
     return infos
 
 
-def make_plan(manifest: Manifest, input_path: str, output_dir: str) -> Plan:
-    """List and check the partitions and the output folder.
+def make_plan(manifest: Manifest, input_path: str, output_dir: str, *,
+              verify_inputs: bool = False) -> Plan:
+    """List and check the partitions and the output folder; with ``verify_inputs``, hash
+    every local partition whole for its fingerprint (see ``tasks.partitions``).
 
     Raises:
         DataError: no input, or a partition lacks a column or has a non-numeric feature.
@@ -73,7 +75,7 @@ def make_plan(manifest: Manifest, input_path: str, output_dir: str) -> Plan:
     good = []
     for part in partitions:
         try:
-            good.append(check_partition(part, manifest))
+            good.append(check_partition(part, manifest, verify=verify_inputs))
         except DataError as err:
             if "not a readable Parquet file" not in str(err):
                 raise

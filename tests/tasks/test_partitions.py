@@ -1,14 +1,16 @@
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from loaders.errors import DataError
 from loaders.manifest import Manifest, ModelSpec
-from tasks.partitions import check_schema, discover_partitions
+from tasks.partitions import check_partition, check_schema, discover_partitions
 from tests.helpers import write_table
 
 
@@ -71,3 +73,32 @@ def test_corrupt_footer(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="not a readable Parquet file"):
         check_schema(part, _manifest())
     assert isinstance(pa.ArrowException, type)
+
+
+def _same_size_rewrite(path: Path, values: np.ndarray) -> None:
+    """Rewrite ``path`` with other values and the same size, then restore its mtime, as
+    ``rsync -t`` or ``cp -p`` of a re-export would leave it."""
+    st = path.stat()
+    table = pa.table({"id": np.arange(len(values), dtype=np.int64), "f": values})
+    pq.write_table(table, path, compression="none", use_dictionary=False)
+    assert path.stat().st_size == st.st_size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_footer_fingerprint_tells_same_size_same_mtime_rewrites_apart(tmp_path: Path
+                                                                     ) -> None:
+    path = tmp_path / "in" / "p.parquet"
+    path.parent.mkdir()
+    manifest = Manifest(id_column="id", features=("f",),
+                        models=(ModelSpec(name="m", path="x"),))
+    first = np.arange(100, dtype=np.float32)
+    pq.write_table(pa.table({"id": np.arange(100, dtype=np.int64), "f": first}), path,
+                   compression="none", use_dictionary=False)
+    before = check_partition(discover_partitions(str(path))[0], manifest)
+    _same_size_rewrite(path, first[::-1] * 2)
+    after = check_partition(discover_partitions(str(path))[0], manifest)
+    assert (after.size, after.mtime_ns) == (before.size, before.mtime_ns)
+    assert after.footer != before.footer and after.fingerprint != before.fingerprint
+    # --verify-inputs adds the whole file's hash.
+    verified = check_partition(discover_partitions(str(path))[0], manifest, verify=True)
+    assert len(verified.content) == 64 and verified.content in verified.fingerprint

@@ -15,7 +15,7 @@ from flows.demo import build_mlp_checkpoint, mlp_reference
 from loaders.errors import DataError, ManifestError, ModelLoadError
 from loaders.manifest import Manifest, ModelSpec, parse_manifest
 from tasks.merge import RowStream, batches_by_row_group, combine, read_ahead
-from tasks.partitions import discover_partitions
+from tasks.partitions import check_partition, discover_partitions
 from tasks.scoring import committed_metadata, score_partition
 from tasks.storage import staged
 from tests.conftest import N_FEATURES
@@ -316,3 +316,36 @@ def test_non_finite_or_non_positive_weight_is_refused(weight: float) -> None:
                                             r"number|greater than 0)$"):
         parse_manifest({"id_column": "id", "features": ["a"],
                         "models": [{"name": "m", "path": "x", "weight": weight}]})
+
+
+def test_same_size_same_mtime_replacement_is_rescored(
+        tmp_path: Path, checkpoints: list[Path], features: list[str]) -> None:
+    """A partition re-exported with other values, the same size and its old mtime (as
+    rsync -t or cp -p leave it): the footer hash in the fingerprint tells it apart, and
+    every member is rescored on the new data (none reused)."""
+    manifest = _manifest(checkpoints, features)
+    path = tmp_path / "in" / "p.parquet"
+
+    def write(x: np.ndarray) -> None:
+        cols: dict[str, object] = {f: x[:, j] for j, f in enumerate(features)}
+        cols["id"] = np.arange(len(x), dtype=np.int64)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table(cols), path, compression="none", use_dictionary=False)
+
+    rng = np.random.default_rng(7)
+    old, new = (rng.standard_normal((500, N_FEATURES)).astype(np.float32) for _ in range(2))
+    write(old)
+    st = path.stat()
+    first = score_partition(check_partition(discover_partitions(str(path))[0], manifest),
+                            manifest, str(tmp_path / "out"))
+    write(new)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    again = score_partition(check_partition(discover_partitions(str(path))[0], manifest),
+                            manifest, str(tmp_path / "out"))
+    assert again.scored.rows == 500 and not any(m.skipped for m in again.scored.members)
+    table = pq.read_table(again.merged.path)
+    for k, prefix in enumerate(checkpoints):
+        assert np.abs(table.column(f"score_m{k}").to_numpy()
+                      - mlp_reference(prefix, new)).max() <= 1e-5
+    assert first.merged.path == again.merged.path
