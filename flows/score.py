@@ -9,14 +9,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
-
-from flows import prefetch  # stdlib only: keeps --help instant
 
 __all__ = ["build_parser", "main"]
 
@@ -143,46 +140,29 @@ def _configure(args: argparse.Namespace) -> None:
 
 
 def _start_prefect_early() -> Any:
-    """Start a private Prefect server now, in parallel with TensorFlow's import, unless the
-    user points at a server (PREFECT_API_URL) or turned ephemeral mode off."""
+    """Start the run's own Prefect server now, in parallel with TensorFlow's import (see
+    ``flows.server``), unless the user points at a server (PREFECT_API_URL) or turned
+    ephemeral mode off."""
     if os.environ.get("PREFECT_API_URL") or os.environ.get(
             "PREFECT_SERVER_EPHEMERAL_ENABLED", "true").lower() in ("0", "false"):
         return None
-    from flows.server import EarlyServer
+    from flows.server import LocalServer
 
-    server = EarlyServer()
+    server = LocalServer()
     server.start()
     return server
 
 
 def run(args: argparse.Namespace) -> int:
-    """Validate everything, then run the flow; returns the exit code."""
-    started = time.perf_counter()
-    prefetch.start("cli")
-    server = _start_prefect_early()
-    try:
-        with contextlib.ExitStack() as stack:
-            return _run(args, server, started, stack)
-    finally:
-        if server is not None:
-            _drain_prefect()
-            server.stop()
+    """Validate everything, then run the flow; returns the exit code.
 
-
-def _drain_prefect(timeout: float = 10.0) -> None:
-    """Send Prefect's queued logs and events while the private server still answers.
-
-    Prefect drains them when the interpreter exits, after the server has stopped; with
-    logs still queued (an interrupted run leaves some), its client then retried a dead
-    server for over a minute before the process could end.
+    The run's own server, if any, is stopped at exit, after Prefect has sent the logs
+    and events still queued (see ``flows.server``).
     """
-    if "prefect.logging.handlers" not in sys.modules:
-        return  # nothing was queued: the run never got to Prefect
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-
-    for service in (APILogWorker, EventsWorker):
-        service.drain_all(timeout=timeout)
+    started = time.perf_counter()
+    server = _start_prefect_early()
+    with contextlib.ExitStack() as stack:
+        return _run(args, server, started, stack)
 
 
 def _run(args: argparse.Namespace, server: Any, started: float,
@@ -256,7 +236,6 @@ def _run(args: argparse.Namespace, server: Any, started: float,
             except RuntimeError as err:
                 return _fail(f"{err}\nSet PREFECT_API_URL to use a running server.",
                              EXIT_FAILED)
-        _end_start_up_gc()
         state = score_ensemble(params, return_state=True)
     if not state.is_completed():
         exc = state.result(raise_on_failure=False)
@@ -265,7 +244,6 @@ def _run(args: argparse.Namespace, server: Any, started: float,
         return _fail(str(exc) if isinstance(exc, ScoringError) else f"run failed: {exc!r}",
                      EXIT_FAILED)
     print_summary(state.result(), time.perf_counter() - started)
-    prefetch.record("cli")  # what this run imported, for the next one to read ahead
     return EXIT_OK
 
 
@@ -282,22 +260,6 @@ def _import_run_machinery() -> None:
     for module in ("prefect.flow_engine", "prefect.task_engine", "prefect.artifacts",
                    "fastapi.encoders"):
         importlib.import_module(module)
-
-
-def _end_start_up_gc() -> None:
-    """Turn the cyclic garbage collector back on, after start-up turned it off.
-
-    Importing TensorFlow and Prefect allocates about 400,000 long-lived objects, and with
-    the collector on, each of its passes re-scans all of them: 1.2 s of the CLI's ~6 s
-    start-up here. They are frozen out of later passes, which also keeps the passes
-    during scoring short. Cyclic garbage made meanwhile (~5,000 objects from the imports,
-    plus what building the demo or loading the models leaves) is frozen too and stays
-    until the process exits.
-    No-op when the collector is on (``main`` called from Python rather than ``-m``).
-    """
-    if not gc.isenabled():
-        gc.freeze()
-        gc.enable()
 
 
 def preflight(params: Any) -> None:
@@ -318,7 +280,6 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["serve"]:
         from deployments.serve import main as serve_main
 
-        _end_start_up_gc()  # a long-running process: collect as usual
         return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     _configure(args)
@@ -329,5 +290,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    gc.disable()  # until the imports are done: see _end_start_up_gc
     sys.exit(main())

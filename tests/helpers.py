@@ -110,6 +110,21 @@ def save_keras_export(path: Path, weights: list[tuple[np.ndarray, np.ndarray]]) 
     return path
 
 
+def prefect_servers(home: Path) -> list[int]:
+    """Pids of live ``prefect server start`` processes whose PREFECT_HOME is ``home``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError):
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+            if b"server" not in args or b"start" not in args:
+                continue
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            if f"PREFECT_HOME={home}".encode() in environ and state not in ("Z", "X"):
+                found.append(int(entry.name))
+    return found
+
+
 def prefect_free_env(home: Path, **extra: str) -> dict[str, str]:
     """This process's environment for a child that runs Prefect on its own: no setting
     of the caller's profile or of the test session's server leaks in, and its database

@@ -16,7 +16,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.score import main
-from tests.helpers import prefect_free_env, read_only_folder, write_manifest, write_table
+from tests.helpers import (
+    prefect_free_env,
+    prefect_servers,
+    read_only_folder,
+    write_manifest,
+    write_table,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -167,9 +173,7 @@ def test_demo_runs_in_ephemeral_mode(tmp_path: Path) -> None:
     assert "Members:        3 (seed0, seed1, seed2)" in proc.stdout
     assert "ensemble_score" in proc.stdout
     assert len(list((tmp_path / ".demo" / "output" / "ensemble").glob("*.parquet"))) == 4
-    # Both processes recorded what they imported, for the next run to read ahead.
-    lists = sorted(p.name.split("-")[1] for p in (tmp_path / "cache").rglob("imports-*.txt"))
-    assert lists == ["cli", "server"]
+    assert not prefect_servers(tmp_path / "prefect-home")  # its server stopped with it
 
 
 @pytest.mark.slow
@@ -214,23 +218,13 @@ def test_ctrl_c_stops_the_run_and_its_server(setup: dict[str, object]) -> None:
     assert 1 <= len(committed) < 40
     for path in committed:
         assert pq.read_metadata(path).num_rows == 50_000
-    time.sleep(2)  # the server's own shutdown
-    assert not _servers_of(proc.pid)
+    deadline = time.monotonic() + 15  # the server's own shutdown
+    while prefect_servers(tmp / "prefect-home") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not prefect_servers(tmp / "prefect-home")
 
 
 def _default_sigint() -> None:
     """In the child: SIGINT as in a terminal's foreground job. A test run started in the
     background (``nohup``, ``&``) inherits it ignored, and so would the CLI."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def _servers_of(cli_pid: int) -> list[int]:
-    """Private server processes started by the CLI process ``cli_pid`` still alive."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        with contextlib.suppress(OSError):
-            args = (entry / "cmdline").read_bytes().split(b"\0")[:-1]
-            # python -m flows.server PORT CLI_PID (see EarlyServer.start)
-            if b"flows.server" in args and args[-1] == str(cli_pid).encode():
-                found.append(int(entry.name))
-    return found
