@@ -332,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeat < 1:
         p.error("--repeat must be at least 1")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    # The product's runtime set-up (TensorFlow's allocator, Arrow's pool) for the ceiling
+    # too, so both measure TensorFlow under the same settings.
+    from tasks.runtime import set_up
+
+    set_up()
 
     w = Workload(members=args.members, partitions=args.partitions, rows=args.rows_per_partition,
                  features=args.features, hidden=tuple(int(h) for h in args.hidden.split(",")))

@@ -30,6 +30,7 @@ from tasks.ids import RepeatedIds
 from tasks.merge import PartitionMerged
 from tasks.partitions import Partition
 from tasks.plan import MemberInfo, Plan, make_plan
+from tasks.runtime import set_up
 from tasks.scoring import PartitionResult, PartitionScored
 from tasks.steps import check_ids, load_member, score_partition_task
 from tasks.storage import (
@@ -188,6 +189,7 @@ def score_ensemble(params: ScoreParams) -> RunSummary:
     Partitions that fail are listed at the end; those that succeeded stay committed and a
     re-run skips them.
     """
+    set_up()
     if params.runner != "threads":
         # The runner is a run-time choice (a form field in the UI), but a flow's task runner
         # is fixed when it starts: the partitions run in a subflow on the chosen runner.

@@ -170,7 +170,9 @@ def _run(args: argparse.Namespace, server: Any, started: float,
     from pydantic import ValidationError
 
     from loaders.errors import ScoringError
+    from tasks.runtime import set_up
 
+    set_up(debug=args.debug)  # TensorFlow imports here, while the server starts
     try:
         from flows.params import ScoreParams
 

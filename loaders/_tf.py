@@ -1,49 +1,59 @@
-"""Import TensorFlow once, quietly.
+"""TensorFlow, imported on first use.
 
-TensorFlow's C++ runtime reads ``TF_CPP_MIN_LOG_LEVEL`` at import time, so the level has
-to be set before the first import; the CLI sets it to 0 under ``--debug``. A few lines
-(the CUDA probe) are written by absl before any level applies, so unless debugging, the
-import runs with file descriptor 2 pointed at /dev/null.
+Importing this package changes nothing process-wide: TensorFlow itself is imported the
+first time an attribute of ``tf`` is used. The environment it reads at import (log level,
+allocator) is set beforehand by the process's one explicit runtime set-up,
+``tasks.runtime.set_up``, which the CLI, the flow and the tasks call; code that uses
+``tf`` without it (a notebook, a test) gets TensorFlow's own defaults.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
+import threading
+from types import ModuleType
+from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# TensorFlow's own pooling (BFC) CPU allocator instead of plain malloc. With malloc each
-# Session.run wrote its activations (16 MB a layer for a 16k-row batch of a 256-wide
-# MLP) into freshly mapped pages whenever glibc had handed the last ones back: ~300k
-# page faults per 4 partitions of the benchmark workload, 6-16 % of the CPU in the
-# kernel. With BFC the memory is kept and reused: kernel share 4 %, and the flow was
-# faster in each of 3 interleaved pairs (perf, see BENCHMARKS.md). An explicit
-# TF_CPU_ALLOCATOR_USE_BFC=false wins.
-os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
-_QUIET = os.environ["TF_CPP_MIN_LOG_LEVEL"] not in ("0", "1")
+__all__ = ["import_tensorflow", "tf"]
+
+_lock = threading.Lock()
+_module: ModuleType | None = None
 
 
-def _import_quietly():  # type: ignore[no-untyped-def]
-    if not _QUIET:
-        import tensorflow
+def import_tensorflow(*, quiet: bool | None = None) -> ModuleType:
+    """Import TensorFlow once; with ``quiet`` (the default when TF_CPP_MIN_LOG_LEVEL is
+    2 or more), file descriptor 2 points at /dev/null meanwhile: a few lines (the CUDA
+    probe) are written by absl before any log level applies."""
+    global _module
+    with _lock:
+        if _module is not None:
+            return _module
+        if quiet is None:
+            quiet = os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") not in ("0", "1")
+        if not quiet:
+            _module = importlib.import_module("tensorflow")
+            return _module
+        saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, 2)
+            _module = importlib.import_module("tensorflow")
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.close(devnull)
+        _module.get_logger().setLevel(logging.ERROR)
+        logging.getLogger("absl").setLevel(logging.ERROR)
+        return _module
 
-        return tensorflow
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        import tensorflow
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-    return tensorflow
+
+class _LazyTensorFlow:
+    """Stands for the ``tensorflow`` module; imports it on first attribute access."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(import_tensorflow(), name)
 
 
-tf = _import_quietly()
-
-if _QUIET:
-    tf.get_logger().setLevel(logging.ERROR)
-    logging.getLogger("absl").setLevel(logging.ERROR)
-
-__all__ = ["tf"]
+tf: Any = _LazyTensorFlow()

@@ -59,15 +59,6 @@ from tasks.storage import (
     staged,
 )
 
-# With Arrow's default allocator (mimalloc in the wheels) decoding faults in many more
-# fresh pages than with glibc's, and a fresh page is slow on VMs like this one. Measured
-# with the system pool: a 16-partition run took 0.77 M page faults instead of 1.14 M and
-# 9 s of kernel time instead of 14 s; a process's first batch took 0.06 s of CPU per
-# reading thread instead of 0.3 s; 4-partition runs were 3 % faster (4 interleaved pairs).
-# A pool chosen with ARROW_DEFAULT_MEMORY_POOL is left alone.
-if "ARROW_DEFAULT_MEMORY_POOL" not in os.environ:
-    pa.set_memory_pool(pa.system_memory_pool())
-
 __all__ = [
     "METADATA_KEY",
     "MemberStats",

@@ -6,6 +6,7 @@ lost connections); a bad schema or a broken checkpoint fails at once.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, ParamSpec, TypeVar
 
@@ -20,7 +21,8 @@ from loaders.inspect import resolve_model
 from loaders.manifest import ModelSpec
 from tasks.ids import find_repeated_ids
 from tasks.plan import MemberInfo
-from tasks.scoring import score_partition
+from tasks.runtime import set_up
+from tasks.scoring import PartitionResult, score_partition
 
 __all__ = ["check_ids", "is_transient", "load_member", "score_partition_task"]
 
@@ -60,12 +62,20 @@ def _retrying(fn: Callable[P, R], name: str, run_name: str) -> Task[P, R]:
 
 def _load_member(spec: ModelSpec, n_features: int) -> MemberInfo:
     """Load one member into this process's cache (its own graph and session)."""
+    set_up()  # idempotent; a worker process's first task does it
     scorer = MODEL_CACHE.get(spec, n_features)
     return MemberInfo(name=spec.name, format=resolve_model(spec).format, location=scorer.source,
                       digest=scorer.digest, load_seconds=scorer.load_seconds,
                       fused_bias_adds=scorer.fused_bias_adds)
 
 
+@functools.wraps(score_partition)
+def _score_partition(*args: Any, **kwargs: Any) -> PartitionResult:
+    set_up()  # idempotent; a worker process's first task does it
+    return score_partition(*args, **kwargs)
+
+
 load_member = _retrying(_load_member, "load-member", "load {spec.name}")
-score_partition_task = _retrying(score_partition, "score-partition", "score {partition.relpath}")
+score_partition_task = _retrying(_score_partition, "score-partition",
+                                 "score {partition.relpath}")
 check_ids = _retrying(find_repeated_ids, "check-ids", "ids across partitions")
