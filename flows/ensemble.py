@@ -18,18 +18,25 @@ from prefect import flow, get_run_logger, runtime
 from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
-from pydantic import BaseModel
 
 from flows.params import ScoreParams
-from flows.report import RunProgress, RunReport, report_run
+from flows.records import (
+    RUN_RECORD,
+    PartitionRecord,
+    RepeatedIdsRecord,
+    RunRecord,
+    RunSummary,
+    RunTiming,
+)
+from flows.report import RunProgress, report_run
 from loaders.cache import MODEL_CACHE
 from loaders.cpu import cpu_path
-from loaders.errors import ScoringError
+from loaders.errors import PartitionsFailed, ScoringError
 from loaders.manifest import Manifest
 from tasks.ids import RepeatedIds
 from tasks.merge import PartitionMerged
 from tasks.partitions import Partition
-from tasks.plan import MemberInfo, Plan, make_plan
+from tasks.plan import Plan, make_plan
 from tasks.runtime import set_up
 from tasks.scoring import PartitionResult, PartitionScored
 from tasks.steps import check_ids, load_member, score_partition_task
@@ -41,35 +48,7 @@ from tasks.storage import (
     write_json_atomic,
 )
 
-__all__ = ["PartitionsFailed", "RunSummary", "score_ensemble"]
-
-RUN_RECORD = "_run.json"
-
-
-class PartitionsFailed(ScoringError, RuntimeError):
-    """Some partitions failed; the others are committed and a re-run finishes the rest."""
-
-
-class RunSummary(BaseModel):
-    output_dir: str
-    ensemble_dir: str
-    partitions: int
-    rows: int
-    bad_rows: int
-    members: list[MemberInfo]
-    skipped_member_partitions: int
-    seconds: float
-    scoring_seconds: float
-    failed: dict[str, str]
-    repeated_ids: str = ""  # ids found in more than one partition, described
-    ensemble_mean: float
-    ensemble_std_mean: float
-    report: RunReport | None = None  # the run report, as published in the artifacts
-
-    @property
-    def rows_per_second(self) -> float:
-        return self.rows / self.scoring_seconds if self.scoring_seconds > 0 else 0.0
-
+__all__ = ["score_ensemble"]
 
 def _error_text(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, ScoringError) else f"{type(exc).__name__}: {exc}"
@@ -295,36 +274,34 @@ def _score(params: ScoreParams, manifest: Manifest, plan: Plan, logger: Any, sta
         ensemble_std_mean=sum(m.std_sum for m in merged.values()) / rows if rows else 0.0,
     )
     summary.report = report_run(summary, scored, merged, plan.partitions, logger)
-    write_json_atomic(str(output_location(plan.output_dir) / RUN_RECORD), {
-        "flow_run_id": str(runtime.flow_run.id),
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "params": params.model_dump(mode="json"),
-        "members": [m.model_dump() for m in members],
-        "partitions": {
-            p.relpath: {
-                "fingerprint": p.fingerprint,
-                "rows": merged[p.relpath].rows if p.relpath in merged else None,
-                "bad_rows": scored[p.relpath].bad_rows if p.relpath in scored else None,
-                "status": "failed" if p.relpath in failed else "committed",
-            }
+    record = RunRecord(
+        flow_run_id=str(runtime.flow_run.id),
+        finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        params=params.model_dump(mode="json"),
+        members=members,
+        partitions={
+            p.relpath: PartitionRecord(
+                fingerprint=p.fingerprint,
+                rows=merged[p.relpath].rows if p.relpath in merged else None,
+                bad_rows=scored[p.relpath].bad_rows if p.relpath in scored else None,
+                status="failed" if p.relpath in failed else "committed")
             for p in plan.partitions
         },
-        "failed": failed,
-        "repeated_ids": None if repeated is None else {"count": repeated.count,
-                                                       "examples": repeated.examples},
-        "timing": {
-            "flow_started_at": started_at,
-            "first_batch_at": min((s.first_batch_at for s in scored.values()
-                                   if s.first_batch_at is not None), default=None),
-            "committed_at": time.time(),
-        },
-        "model_loads": _model_loads(scored),
-        "versions": _versions(),
-        # The flow process's CPU path; each member's rewrites are in "members" (made by
-        # the process that loaded it, which is this one with the thread runner).
-        "cpu_path": cpu_path().model_dump(),
-        "summary": summary.model_dump(exclude={"members"}),
-    })
+        failed=failed,
+        repeated_ids=None if repeated is None else RepeatedIdsRecord(
+            count=repeated.count, examples=repeated.examples),
+        timing=RunTiming(
+            flow_started_at=started_at,
+            first_batch_at=min((s.first_batch_at for s in scored.values()
+                                if s.first_batch_at is not None), default=None),
+            committed_at=time.time()),
+        model_loads=_model_loads(scored),
+        versions=_versions(),
+        cpu_path=cpu_path(),
+        summary=summary.model_dump(exclude={"members"}),
+    )
+    write_json_atomic(str(output_location(plan.output_dir) / RUN_RECORD),
+                      record.model_dump(mode="json"))
     logger.info(
         f"Done: {rows:,} rows in {len(merged)} partition(s) in {summary.seconds:.1f} s "
         f"({summary.rows_per_second:,.0f} rows/s while scoring); table at {summary.ensemble_dir}"

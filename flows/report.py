@@ -14,26 +14,22 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any
 from uuid import UUID
 
 import numpy as np
-from pydantic import BaseModel
 
+from flows.records import Histogram, HistogramBin, MemberFigures, RunReport, RunSummary
 from tasks.fs import parquet_file
 from tasks.merge import HISTOGRAM_BINS, PartitionMerged
 from tasks.partitions import Partition
-from tasks.plan import MemberInfo
 from tasks.scoring import PartitionScored
 from tasks.storage import QUARANTINE_DIR, output_location
 
 __all__ = [
     "ARTIFACT_KEYS",
     "DUPLICATE_CORRELATION",
-    "Histogram",
-    "MemberFigures",
     "RunProgress",
-    "RunReport",
     "build_report",
     "correlation_from_sums",
     "figures_table",
@@ -62,84 +58,6 @@ ARTIFACT_KEYS = {
     "summary": "ensemble-summary",
     "progress": "ensemble-progress",
 }
-
-
-class MemberFigures(BaseModel):
-    """One member over the whole run."""
-
-    name: str
-    rows: int  # rows of the ensemble table this member scored (this run or reused)
-    mean: float | None
-    std: float | None  # population std of its scores over those rows
-    seconds: float  # time in Session.run this run
-    scored_rows: int  # rows scored this run (0 when every partition was reused)
-    rows_per_second: float | None
-    reused_partitions: int
-    digest: str
-    load_seconds: float
-
-
-class HistogramBin(BaseModel):
-    low: float
-    high: float
-    rows: float  # estimated rows of the whole table (samples weighted by partition size)
-
-
-class Histogram(BaseModel):
-    column: str
-    bins: list[HistogramBin]
-    sampled_rows: int
-
-
-class RunReport(BaseModel):
-    """Everything the artifacts and the CLI summary show; small and JSON-serialisable."""
-
-    status: str
-    output_dir: str
-    ensemble_dir: str
-    quarantine_dir: str
-    partitions: int
-    rows: int
-    quarantined_rows: int
-    failed_partitions: dict[str, str]
-    failed_rows: int  # rows in failed partitions whose footer could be read
-    failed_unreadable: int  # failed partitions whose row count is unknown
-    members: list[MemberFigures]
-    reused_member_outputs: int
-    seconds: float
-    scoring_seconds: float
-    rows_per_second: float
-    ensemble_mean: float | None
-    ensemble_std: float | None  # spread of ensemble_score across rows
-    ensemble_min: float | None
-    ensemble_max: float | None
-    disagreement_mean: float | None  # mean of ensemble_std (member disagreement per row)
-    correlation: list[list[float | None]]
-    warnings: list[str]
-    score_histogram: Histogram
-    std_histogram: Histogram
-
-    @property
-    def member_names(self) -> list[str]:
-        return [m.name for m in self.members]
-
-
-class _SummaryFields(Protocol):
-    """The parts of the flow's RunSummary the report reads (kept structural: no cycle)."""
-
-    output_dir: str
-    ensemble_dir: str
-    rows: int
-    bad_rows: int
-    members: list[MemberInfo]
-    skipped_member_partitions: int
-    seconds: float
-    scoring_seconds: float
-    failed: dict[str, str]
-    repeated_ids: str  # ids in more than one partition, described; empty if none
-
-    @property
-    def rows_per_second(self) -> float: ...
 
 
 def _none_if_nan(x: float) -> float | None:
@@ -201,7 +119,7 @@ def _footer_rows(path: str) -> int | None:
 
 
 def build_report(
-    summary: _SummaryFields,
+    summary: RunSummary,
     scored: Mapping[str, PartitionScored],
     merged: Mapping[str, PartitionMerged],
     partitions: Sequence[Partition] = (),
@@ -542,7 +460,7 @@ def publish_report(report: RunReport, logger: Any) -> None:
 
 
 def report_run(
-    summary: _SummaryFields,
+    summary: RunSummary,
     scored: Mapping[str, PartitionScored],
     merged: Mapping[str, PartitionMerged],
     partitions: Sequence[Partition],

@@ -280,7 +280,7 @@ def preflight(params: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["serve"]:
-        from deployments.serve import main as serve_main
+        from flows.serve import main as serve_main
 
         return serve_main(argv[1:])
     args = build_parser().parse_args(argv)

@@ -1,4 +1,4 @@
-"""The project's exception hierarchy.
+"""The project's exception hierarchy, used by every layer (loaders, tasks, flows).
 
 One base class so callers (the CLI, the flow) can tell our own, explained failures from
 bugs; each leaf also inherits the builtin it specialises so ``except ValueError`` keeps
@@ -12,6 +12,8 @@ __all__ = [
     "ManifestError",
     "ModelLoadError",
     "OutputError",
+    "OutputLocked",
+    "PartitionsFailed",
     "ScoringError",
     "first_error_line",
 ]
@@ -35,6 +37,14 @@ class DataError(ScoringError, ValueError):
 
 class OutputError(ScoringError, RuntimeError):
     """The output location cannot be written."""
+
+
+class OutputLocked(ScoringError, RuntimeError):
+    """Another run holds the output folder."""
+
+
+class PartitionsFailed(ScoringError, RuntimeError):
+    """Some partitions failed; the others are committed and a re-run finishes the rest."""
 
 
 # Lines TensorFlow puts around a kernel's error in graph mode: the wrapper, where the

@@ -31,7 +31,7 @@ from typing import Any, TypeVar, overload
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from loaders.errors import OutputError, ScoringError
+from loaders.errors import OutputError, OutputLocked
 from tasks.fs import S3Path, s3_filesystem, s3_uri
 
 __all__ = [
@@ -39,7 +39,6 @@ __all__ = [
     "MEMBERS_DIR",
     "QUARANTINE_DIR",
     "OutputLocation",
-    "OutputLocked",
     "check_output_apart",
     "check_writable",
     "is_staging_name",
@@ -248,10 +247,6 @@ def check_writable(output_dir: Path | S3Path) -> None:
 
 LOCK_FILE = ".lock"
 _STAGING_SUFFIX = ".tmp"
-
-
-class OutputLocked(ScoringError, RuntimeError):
-    """Another run holds the output folder."""
 
 
 _held: dict[str, int] = {}

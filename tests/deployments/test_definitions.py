@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from deployments.serve import REPO_ROOT, build_deployments, load_definitions, main
 from flows.params import ScoreParams
+from flows.serve import REPO_ROOT, build_deployments, load_definitions, main
 
 
 def test_prefect_yaml_declares_nightly_and_adhoc_on_a_process_pool() -> None:

@@ -16,8 +16,9 @@ import pytest
 from flows.demo import build_demo, mlp_reference
 from flows.ensemble import score_ensemble
 from flows.params import ScoreParams
+from loaders.errors import OutputLocked
 from loaders.manifest import load_manifest
-from tasks.storage import OutputLocked, output_lock
+from tasks.storage import output_lock
 from tests.helpers import assert_matches_reference, plant_user_files, read_dataset
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.demo import mlp_reference
-from flows.ensemble import PartitionsFailed, score_ensemble
+from flows.ensemble import score_ensemble
 from flows.params import ScoreParams
+from loaders.errors import PartitionsFailed
 from tests.conftest import N_FEATURES
 from tests.helpers import (
     mlp_weights,

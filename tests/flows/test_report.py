@@ -11,12 +11,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from flows.ensemble import PartitionsFailed, RunSummary, score_ensemble
+from flows.ensemble import score_ensemble
 from flows.params import ScoreParams
+from flows.records import Histogram, HistogramBin, RunSummary
 from flows.report import (
     ARTIFACT_KEYS,
-    Histogram,
-    HistogramBin,
     build_report,
     correlation_from_sums,
     histogram_markdown,
@@ -24,6 +23,7 @@ from flows.report import (
     render_summary_text,
 )
 from flows.score import print_summary
+from loaders.errors import PartitionsFailed
 from tasks.merge import PartitionMerged
 from tasks.plan import MemberInfo
 from tests.helpers import read_dataset, write_manifest, write_table

@@ -28,12 +28,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from flows.demo import build_demo, build_mlp_checkpoint, mlp_reference
-from loaders.errors import DataError, OutputError
+from loaders.errors import DataError, OutputError, OutputLocked
 from loaders.manifest import Manifest, ModelSpec, load_manifest
 from tasks.fs import S3Path, s3_filesystem
 from tasks.partitions import check_partition, discover_partitions
 from tasks.scoring import committed_metadata, score_partition
-from tasks.storage import OutputLocked, check_writable, output_lock
+from tasks.storage import check_writable, output_lock
 from tests.conftest import N_FEATURES
 from tests.helpers import assert_matches_reference
 
@@ -128,8 +128,9 @@ def _assert_table_matches(fs: pafs.FileSystem, ensemble: str,
 
 @pytest.mark.usefixtures("prefect_harness")
 def test_flow_scores_s3_input_into_s3_output_and_resumes(tmp_path: Path, bucket: str) -> None:
-    from flows.ensemble import RunSummary, score_ensemble
+    from flows.ensemble import score_ensemble
     from flows.params import ScoreParams
+    from flows.records import RunSummary
 
     fs = s3_filesystem()
     manifest = build_demo(tmp_path / "demo", partitions=3, rows=3000, n_features=8)

@@ -1,4 +1,5 @@
-"""``python -m flows.score serve``: the deployments of ``prefect.yaml``, served from this process.
+"""``python -m flows.score serve``: the deployments of ``deployments/prefect.yaml``, served
+from this process.
 
 For one host without a work pool or worker: :func:`prefect.serve` registers the
 deployments (schedule included) and runs their flow runs as subprocesses of this one.

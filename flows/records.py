@@ -1,0 +1,152 @@
+"""What a run leaves behind, as typed models: the summary the flow returns, the report
+its artifacts and the CLI show, and the run record written to ``OUTPUT/_run.json``.
+
+Small and JSON-serialisable, so they cross task and process boundaries and the record
+can be read back by the next run, a benchmark or a user's own tooling.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from loaders.cpu import CpuPath
+from tasks.plan import MemberInfo
+
+__all__ = [
+    "RUN_RECORD",
+    "Histogram",
+    "HistogramBin",
+    "MemberFigures",
+    "PartitionRecord",
+    "RepeatedIdsRecord",
+    "RunRecord",
+    "RunReport",
+    "RunSummary",
+    "RunTiming",
+]
+
+RUN_RECORD = "_run.json"
+
+
+class MemberFigures(BaseModel):
+    """One member over the whole run."""
+
+    name: str
+    rows: int  # rows of the ensemble table this member scored (this run or reused)
+    mean: float | None
+    std: float | None  # population std of its scores over those rows
+    seconds: float  # time in Session.run this run
+    scored_rows: int  # rows scored this run (0 when every partition was reused)
+    rows_per_second: float | None
+    reused_partitions: int
+    digest: str
+    load_seconds: float
+
+
+class HistogramBin(BaseModel):
+    low: float
+    high: float
+    rows: float  # estimated rows of the whole table (samples weighted by partition size)
+
+
+class Histogram(BaseModel):
+    column: str
+    bins: list[HistogramBin]
+    sampled_rows: int
+
+
+class RunReport(BaseModel):
+    """Everything the artifacts and the CLI summary show; small and JSON-serialisable."""
+
+    status: str
+    output_dir: str
+    ensemble_dir: str
+    quarantine_dir: str
+    partitions: int
+    rows: int
+    quarantined_rows: int
+    failed_partitions: dict[str, str]
+    failed_rows: int  # rows in failed partitions whose footer could be read
+    failed_unreadable: int  # failed partitions whose row count is unknown
+    members: list[MemberFigures]
+    reused_member_outputs: int
+    seconds: float
+    scoring_seconds: float
+    rows_per_second: float
+    ensemble_mean: float | None
+    ensemble_std: float | None  # spread of ensemble_score across rows
+    ensemble_min: float | None
+    ensemble_max: float | None
+    disagreement_mean: float | None  # mean of ensemble_std (member disagreement per row)
+    correlation: list[list[float | None]]
+    warnings: list[str]
+    score_histogram: Histogram
+    std_histogram: Histogram
+
+    @property
+    def member_names(self) -> list[str]:
+        return [m.name for m in self.members]
+
+
+class RunSummary(BaseModel):
+    """What the flow returns: the run's figures, and its report when it could be built."""
+
+    output_dir: str
+    ensemble_dir: str
+    partitions: int
+    rows: int
+    bad_rows: int
+    members: list[MemberInfo]
+    skipped_member_partitions: int
+    seconds: float
+    scoring_seconds: float
+    failed: dict[str, str]
+    repeated_ids: str = ""  # ids found in more than one partition, described
+    ensemble_mean: float
+    ensemble_std_mean: float
+    report: RunReport | None = None  # the run report, as published in the artifacts
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / self.scoring_seconds if self.scoring_seconds > 0 else 0.0
+
+
+class PartitionRecord(BaseModel):
+    fingerprint: str
+    rows: int | None  # None when it failed
+    bad_rows: int | None
+    status: str  # "committed" or "failed"
+
+
+class RepeatedIdsRecord(BaseModel):
+    count: int
+    examples: dict[str, list[str]]  # id -> partitions it appears in
+
+
+class RunTiming(BaseModel):
+    """Wall-clock times (Unix seconds): the benchmark derives the flow's phase from them."""
+
+    flow_started_at: float
+    first_batch_at: float | None
+    committed_at: float
+
+
+class RunRecord(BaseModel):
+    """``OUTPUT/_run.json``: the run's parameters, members, partitions and figures."""
+
+    flow_run_id: str
+    finished_at: str  # ISO 8601, UTC
+    params: dict[str, Any]
+    members: list[MemberInfo]
+    partitions: dict[str, PartitionRecord]
+    failed: dict[str, str]
+    repeated_ids: RepeatedIdsRecord | None  # None: not checked
+    timing: RunTiming
+    model_loads: dict[str, dict[str, int]]  # process -> checkpoint digest -> loads
+    versions: dict[str, str]
+    # The flow process's CPU path; each member's rewrites are in "members" (made by the
+    # process that loaded it, which is this one with the thread runner).
+    cpu_path: CpuPath
+    summary: dict[str, Any] = Field(description="RunSummary without its members")
