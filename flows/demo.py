@@ -22,6 +22,8 @@ __all__ = [
     "build_mlp_checkpoint",
     "feature_names",
     "mlp_reference",
+    "mlp_weights",
+    "numpy_mlp",
     "write_partitions",
 ]
 
@@ -34,6 +36,34 @@ def feature_names(n: int) -> list[str]:
     return [f"f{i:02d}" for i in range(n)]
 
 
+Layers = list[tuple[np.ndarray, np.ndarray]]
+
+
+def mlp_weights(seed: int, n_features: int = 32, hidden: Sequence[int] = (256, 256)
+                ) -> Layers:
+    """(kernel, bias) per layer of a ReLU MLP with one sigmoid output, drawn from ``seed``
+    (He-scaled hidden layers, a small head): different seeds, different models."""
+    rng = np.random.default_rng(seed)
+    layers, width = [], n_features
+    for units in hidden:
+        layers.append(((rng.standard_normal((width, units)) * np.sqrt(2.0 / width)
+                        ).astype(np.float32),
+                       (rng.standard_normal(units) * 0.1).astype(np.float32)))
+        width = units
+    layers.append(((rng.standard_normal((width, 1)) / np.sqrt(width)).astype(np.float32),
+                   np.zeros(1, np.float32)))
+    return layers
+
+
+def numpy_mlp(layers: Layers, features: np.ndarray) -> np.ndarray:
+    """The MLP in numpy, in float64: the ground truth every scorer is checked against."""
+    h = features.astype(np.float64)
+    for w, b in layers[:-1]:
+        h = np.maximum(h @ w + b, 0.0)
+    w, b = layers[-1]
+    return (1.0 / (1.0 + np.exp(-(h @ w + b)))).reshape(-1)
+
+
 def build_mlp_checkpoint(
     prefix: Path,
     *,
@@ -42,46 +72,28 @@ def build_mlp_checkpoint(
     hidden: Sequence[int] = (256, 256),
     with_training_ops: bool = False,
 ) -> Path:
-    """Write a TF1 Saver checkpoint of a ReLU MLP with a sigmoid output.
+    """Write a TF1 Saver checkpoint of ``mlp_weights(seed, n_features, hidden)``.
 
-    The graph takes ``features:0`` (None, n_features) float32 and yields ``score:0`` (None, 1).
-    Weights come from ``seed``, so different seeds give different models with identical
-    variable names. ``with_training_ops`` keeps a loss and an Adam optimizer in the graph,
-    as checkpoints saved during training do.
+    The graph takes ``features:0`` (None, n_features) float32 and yields ``score:0`` (None, 1);
+    every layer is ``tf.matmul(h, w) + b``, as TF1 code writes it. Different seeds give
+    different models with identical variable names (``mlp/dense_0/kernel`` ...).
+    ``with_training_ops`` keeps a loss and an Adam optimizer in the graph, as checkpoints
+    saved during training do.
     """
     from loaders._tf import tf
 
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
+    layers = mlp_weights(seed, n_features, hidden)
     graph = tf.Graph()
     with graph.as_default():
-        x = tf.compat.v1.placeholder(tf.float32, [None, n_features], name=INPUT_NAME)
-        h = x
-        width = n_features
+        h = tf.compat.v1.placeholder(tf.float32, [None, n_features], name=INPUT_NAME)
         with tf.compat.v1.variable_scope("mlp"):
-            for i, units in enumerate(hidden):
-                with tf.compat.v1.variable_scope(f"dense_{i}"):
-                    scale = np.sqrt(2.0 / width)
-                    w = tf.compat.v1.get_variable(
-                        "kernel",
-                        initializer=(rng.standard_normal((width, units)) * scale).astype(
-                            np.float32
-                        ),
-                    )
-                    b = tf.compat.v1.get_variable(
-                        "bias", initializer=(rng.standard_normal(units) * 0.1).astype(np.float32)
-                    )
-                    h = tf.nn.relu(tf.matmul(h, w) + b)
-                width = units
-            with tf.compat.v1.variable_scope("head"):
-                w = tf.compat.v1.get_variable(
-                    "kernel",
-                    initializer=(rng.standard_normal((width, 1)) / np.sqrt(width)).astype(
-                        np.float32
-                    ),
-                )
-                b = tf.compat.v1.get_variable("bias", initializer=np.zeros(1, np.float32))
-                logits = tf.matmul(h, w) + b
+            for i, (w, b) in enumerate(layers):
+                with tf.compat.v1.variable_scope(f"dense_{i}" if i < len(hidden) else "head"):
+                    logits = (tf.matmul(h, tf.compat.v1.get_variable("kernel", initializer=w))
+                              + tf.compat.v1.get_variable("bias", initializer=b))
+                if i < len(hidden):
+                    h = tf.nn.relu(logits)
         tf.sigmoid(logits, name=OUTPUT_NAME)
         if with_training_ops:
             labels = tf.compat.v1.placeholder(tf.float32, [None, 1], name="labels")
@@ -97,21 +109,15 @@ def build_mlp_checkpoint(
 
 
 def mlp_reference(prefix: Path | str, features: np.ndarray) -> np.ndarray:
-    """Score with numpy from the checkpoint's own variables: the ground truth in tests."""
+    """``numpy_mlp`` on the weights read back from a checkpoint of ``build_mlp_checkpoint``."""
     from loaders._tf import tf
 
     reader = tf.train.load_checkpoint(str(prefix))
-    names = sorted(
-        n for n in reader.get_variable_to_shape_map() if n.startswith("mlp/dense_")
-        and n.rsplit("/", 1)[-1] in ("kernel", "bias") and "Adam" not in n
-    )
-    layers = sorted({n.rsplit("/", 1)[0] for n in names}, key=lambda s: int(s.rsplit("_", 1)[1]))
-    h = features.astype(np.float64)
-    for layer in layers:
-        w, b = reader.get_tensor(f"{layer}/kernel"), reader.get_tensor(f"{layer}/bias")
-        h = np.maximum(h @ w + b, 0)
-    logits = h @ reader.get_tensor("mlp/head/kernel") + reader.get_tensor("mlp/head/bias")
-    return (1.0 / (1.0 + np.exp(-logits))).reshape(-1)
+    hidden = sorted({n.split("/")[1] for n in reader.get_variable_to_shape_map()
+                     if n.startswith("mlp/dense_")}, key=lambda s: int(s.rsplit("_", 1)[1]))
+    layers = [(reader.get_tensor(f"mlp/{layer}/kernel"), reader.get_tensor(f"mlp/{layer}/bias"))
+              for layer in [*hidden, "head"]]
+    return numpy_mlp(layers, features)
 
 
 def write_partitions(

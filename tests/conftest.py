@@ -12,9 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from flows.demo import build_mlp_checkpoint, feature_names
-
-N_FEATURES = 8
-SEEDS = (11, 22, 33)
+from tests.helpers import N_FEATURES, SEEDS
 
 
 @pytest.fixture(scope="session")

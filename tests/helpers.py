@@ -1,5 +1,7 @@
-"""Builders for small real models and data, and the numpy references they are checked
-against. Every model here is a real TensorFlow artefact written to disk."""
+"""The tests' one module of fixtures: constants, builders for small real models (every one
+a real TensorFlow artefact written to disk) and data, and the numpy references they are
+checked against (the MLP itself comes from ``flows.demo``, as the demo's and the
+benchmark's do)."""
 
 from __future__ import annotations
 
@@ -16,29 +18,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from flows.demo import mlp_reference
 from loaders._tf import tf
+from loaders.manifest import load_manifest
 
-
-def mlp_weights(seed: int, n_features: int, hidden: tuple[int, ...] = (16, 8)
-                ) -> list[tuple[np.ndarray, np.ndarray]]:
-    rng = np.random.default_rng(seed)
-    layers = []
-    width = n_features
-    for units in (*hidden, 1):
-        layers.append((
-            (rng.standard_normal((width, units)) / np.sqrt(width)).astype(np.float32),
-            (rng.standard_normal(units) * 0.1).astype(np.float32),
-        ))
-        width = units
-    return layers
-
-
-def numpy_mlp(weights: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray) -> np.ndarray:
-    h = x.astype(np.float64)
-    for w, b in weights[:-1]:
-        h = np.maximum(h @ w + b, 0.0)
-    w, b = weights[-1]
-    return (1 / (1 + np.exp(-(h @ w + b)))).reshape(-1)
+# The session's small checkpoints (conftest.py builds them): 8 features, 3 seeds.
+N_FEATURES = 8
+SEEDS = (11, 22, 33)
 
 
 def save_tf2_saved_model(path: Path, weights: list[tuple[np.ndarray, np.ndarray]]) -> Path:
@@ -204,3 +190,18 @@ def read_only_folder(path: Path) -> Iterator[Path]:
             subprocess.run(["umount", str(path)], check=True)
         else:
             path.chmod(0o755)
+
+
+def reference_scores(manifest_path: Path, data: Path) -> dict[int, tuple[float, ...]]:
+    """id -> (each member's numpy score, their mean) for a demo-style manifest and data."""
+    manifest = load_manifest(manifest_path)
+    table = read_dataset(data)
+    x = np.stack([table.column(f).to_numpy() for f in manifest.features], axis=1)
+    refs = np.stack([mlp_reference(m.path, x) for m in manifest.models], axis=1)
+    ids = table.column("id").to_pylist()
+    return {i: (*r, r.mean()) for i, r in zip(ids, refs, strict=True)}
+
+
+def assert_output_matches(out: Path, ref: dict[int, tuple[float, ...]]) -> None:
+    """The ensemble table under ``out`` holds every reference id once, scores within 1e-5."""
+    assert_matches_reference(read_dataset(out / "ensemble"), ref)

@@ -9,32 +9,17 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from flows.demo import build_demo, mlp_reference
+from flows.demo import build_demo
 from flows.ensemble import score_ensemble
 from flows.params import ScoreParams
 from loaders.errors import OutputLocked
-from loaders.manifest import load_manifest
 from tasks.storage import output_lock
-from tests.helpers import assert_matches_reference, plant_user_files, read_dataset
+from tests.helpers import assert_output_matches, plant_user_files, reference_scores
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
-
-
-def _reference(manifest_path: Path, data: Path) -> dict[int, tuple[float, ...]]:
-    manifest = load_manifest(manifest_path)
-    table = read_dataset(data)
-    x = np.stack([table.column(f).to_numpy() for f in manifest.features], axis=1)
-    refs = np.stack([mlp_reference(m.path, x) for m in manifest.models], axis=1)
-    ids = table.column("id").to_pylist()
-    return {i: (*r, r.mean()) for i, r in zip(ids, refs, strict=True)}
-
-
-def _assert_table_matches(out: Path, ref: dict[int, tuple[float, ...]]) -> None:
-    assert_matches_reference(read_dataset(out / "ensemble"), ref)
 
 
 def test_transient_read_errors_are_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -62,7 +47,7 @@ def test_transient_read_errors_are_retried(tmp_path: Path, monkeypatch: pytest.M
                                          output=str(out), retries=3))
     assert summary.rows == 4000 and not summary.failed
     assert list(calls.values()) == [3]  # two failures, then the third try read it
-    _assert_table_matches(out, _reference(manifest, manifest.parent / "data"))
+    assert_output_matches(out, reference_scores(manifest, manifest.parent / "data"))
 
 
 def test_an_unreadable_table_for_the_id_check_costs_a_warning_not_the_run(
@@ -145,7 +130,7 @@ def _visible(out: Path) -> list[Path]:
 @pytest.mark.slow
 def test_kill_9_at_several_points_then_rerun(tmp_path: Path) -> None:
     manifest = build_demo(tmp_path / "demo", partitions=6, rows=150_000)
-    ref = _reference(manifest, manifest.parent / "data")
+    ref = reference_scores(manifest, manifest.parent / "data")
     out = tmp_path / "out"
     env = _env()
     user_files = plant_user_files(out)
@@ -175,7 +160,7 @@ def test_kill_9_at_several_points_then_rerun(tmp_path: Path) -> None:
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
     assert "Reused:" in stdout
-    _assert_table_matches(out, ref)
+    assert_output_matches(out, ref)
     assert sorted(p for p in out.rglob(".*.tmp") if p not in user_files) == []
     for path, text in user_files.items():  # the user's own files survived it all
         assert path.read_text() == text, path
@@ -199,4 +184,4 @@ def test_two_runs_started_at_once(tmp_path: Path) -> None:
     assert second.returncode == 2  # nothing was scored
     assert f"is in use by another run (pid {first.pid}" in err2
     assert first.returncode == 0, err1[-3000:]
-    _assert_table_matches(out, _reference(manifest, manifest.parent / "data"))
+    assert_output_matches(out, reference_scores(manifest, manifest.parent / "data"))

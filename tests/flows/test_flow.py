@@ -9,14 +9,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from flows.demo import mlp_reference
+from flows.demo import mlp_reference, mlp_weights, numpy_mlp
 from flows.ensemble import score_ensemble
 from flows.params import ScoreParams
 from loaders.errors import PartitionsFailed
-from tests.conftest import N_FEATURES
 from tests.helpers import (
-    mlp_weights,
-    numpy_mlp,
+    N_FEATURES,
     read_dataset,
     save_tf2_saved_model,
     write_manifest,

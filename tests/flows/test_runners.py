@@ -19,7 +19,7 @@ import pytest
 from flows.demo import build_demo
 from flows.ensemble import score_ensemble
 from flows.params import ScoreParams
-from tests.flows.test_faults import _assert_table_matches, _reference
+from tests.helpers import assert_output_matches, reference_scores
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
@@ -80,14 +80,14 @@ def _run_record(out: Path) -> dict[str, object]:
     return json.loads((out / "_run.json").read_text())  # type: ignore[no-any-return]
 
 
-def test_dask_cluster_scores_like_the_reference(tmp_path: Path, dask_cluster: str) -> None:
+def test_dask_cluster_scores_like_thereference_scores(tmp_path: Path, dask_cluster: str) -> None:
     manifest = build_demo(tmp_path / "demo", partitions=6, rows=20_000)
     out = tmp_path / "out"
     summary = score_ensemble(ScoreParams(
         models=str(manifest), input=str(manifest.parent / "data"), output=str(out),
         runner="dask", address=dask_cluster))
     assert summary.rows == 120_000 and not summary.failed
-    _assert_table_matches(out, _reference(manifest, manifest.parent / "data"))
+    assert_output_matches(out, reference_scores(manifest, manifest.parent / "data"))
     loads = _run_record(out)["model_loads"]
     assert isinstance(loads, dict)
     workers = {proc: n for proc, n in loads.items() if n and proc.split(":")[1] != str(
@@ -97,14 +97,14 @@ def test_dask_cluster_scores_like_the_reference(tmp_path: Path, dask_cluster: st
     assert all(count == 1 for per in workers.values() for count in per.values())
 
 
-def test_process_pool_scores_like_the_reference(tmp_path: Path) -> None:
+def test_process_pool_scores_like_thereference_scores(tmp_path: Path) -> None:
     manifest = build_demo(tmp_path / "demo", partitions=4, rows=20_000)
     out = tmp_path / "out"
     summary = score_ensemble(ScoreParams(
         models=str(manifest), input=str(manifest.parent / "data"), output=str(out),
         runner="processes", workers=2))
     assert summary.rows == 80_000 and not summary.failed
-    _assert_table_matches(out, _reference(manifest, manifest.parent / "data"))
+    assert_output_matches(out, reference_scores(manifest, manifest.parent / "data"))
     loads = _run_record(out)["model_loads"]
     assert isinstance(loads, dict)
     # The test process's own cache has served every test of the session; the workers'

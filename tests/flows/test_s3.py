@@ -34,8 +34,7 @@ from tasks.fs import S3Path, s3_filesystem
 from tasks.partitions import check_partition, discover_partitions
 from tasks.scoring import committed_metadata, score_partition
 from tasks.storage import check_writable, output_lock
-from tests.conftest import N_FEATURES
-from tests.helpers import assert_matches_reference
+from tests.helpers import N_FEATURES, assert_matches_reference
 
 REGION = "us-east-1"
 

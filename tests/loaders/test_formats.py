@@ -8,17 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.demo import build_mlp_checkpoint, mlp_reference
+from flows.demo import build_mlp_checkpoint, mlp_reference, mlp_weights, numpy_mlp
 from loaders.cache import load_scorer
 from loaders.errors import ManifestError, ModelLoadError
 from loaders.manifest import ModelSpec
-from tests.helpers import (
-    mlp_weights,
-    numpy_mlp,
-    save_keras_export,
-    save_tf1_builder_saved_model,
-    save_tf2_saved_model,
-)
+from tests.helpers import save_keras_export, save_tf1_builder_saved_model, save_tf2_saved_model
 
 F = 6
 X = np.random.default_rng(3).standard_normal((300, F)).astype(np.float32)

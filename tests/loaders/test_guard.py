@@ -15,11 +15,12 @@ import numpy as np
 import pytest
 from google.protobuf import text_format
 
+from flows.demo import mlp_weights
 from loaders._tf import tf
 from loaders.cache import load_scorer
 from loaders.errors import ModelLoadError
 from loaders.manifest import ModelSpec
-from tests.helpers import mlp_weights, save_tf2_saved_model
+from tests.helpers import save_tf2_saved_model
 
 W = np.ones((3, 1), np.float32)
 X = np.arange(6, dtype=np.float32).reshape(2, 3)

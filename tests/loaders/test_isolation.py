@@ -11,7 +11,7 @@ from flows.demo import mlp_reference
 from loaders._tf import tf
 from loaders.cache import ModelCache, load_scorer
 from loaders.manifest import ModelSpec
-from tests.conftest import N_FEATURES
+from tests.helpers import N_FEATURES
 
 
 def _spec(i: int, prefix: Path) -> ModelSpec:

@@ -10,15 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.demo import mlp_reference
+from flows.demo import mlp_reference, mlp_weights
 from loaders._tf import tf
 from loaders.cache import load_scorer
 from loaders.cpu import cpu_path
 from loaders.errors import ModelLoadError
 from loaders.manifest import ModelSpec
 from loaders.rewrite import fuse_bias_adds
-from tests.conftest import N_FEATURES
-from tests.helpers import mlp_weights, save_tf1_builder_saved_model
+from tests.helpers import N_FEATURES, save_tf1_builder_saved_model
 
 X = np.random.default_rng(8).standard_normal((64, 4)).astype(np.float32)
 W = np.random.default_rng(9).standard_normal((4, 3)).astype(np.float32)

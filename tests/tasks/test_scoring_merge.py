@@ -18,8 +18,7 @@ from tasks.merge import RowStream, batches_by_row_group, combine, read_ahead
 from tasks.partitions import check_partition, discover_partitions
 from tasks.scoring import committed_metadata, score_partition
 from tasks.storage import staged
-from tests.conftest import N_FEATURES
-from tests.helpers import write_table
+from tests.helpers import N_FEATURES, write_table
 
 
 def _manifest(checkpoints: list[Path], features: list[str]) -> Manifest:
