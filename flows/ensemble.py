@@ -12,6 +12,7 @@ import platform
 import socket
 import time
 from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 from prefect import flow, get_run_logger, runtime
@@ -36,7 +37,7 @@ from loaders.manifest import Manifest
 from tasks.ids import RepeatedIds
 from tasks.merge import PartitionMerged
 from tasks.partitions import Partition
-from tasks.plan import Plan, make_plan
+from tasks.plan import MemberInfo, Plan, make_plan
 from tasks.runtime import set_up
 from tasks.scoring import PartitionResult, PartitionScored
 from tasks.steps import check_ids, load_member, score_partition_task
@@ -217,6 +218,20 @@ def _run(params: ScoreParams) -> RunSummary:
         return _score(params, manifest, plan, logger, started, started_at)
 
 
+@dataclass
+class _Scored:
+    """What the scoring phase left: per-partition results, failures, and its duration."""
+
+    scored: dict[str, PartitionScored]
+    merged: dict[str, PartitionMerged]
+    failed: dict[str, str]
+    seconds: float
+
+    @property
+    def rows(self) -> int:
+        return sum(m.rows for m in self.merged.values())
+
+
 def _score(params: ScoreParams, manifest: Manifest, plan: Plan, logger: Any, started: float,
            started_at: float) -> RunSummary:
     """The body of the flow, run while this run holds the output folder's lock."""
@@ -226,7 +241,33 @@ def _score(params: ScoreParams, manifest: Manifest, plan: Plan, logger: Any, sta
     )
     for relpath, why in plan.unreadable.items():
         logger.error(f"partition {relpath} set aside: {why}")
+    members = _load_members(params, manifest, logger)
+    scoring_start = time.perf_counter()
+    scored, merged, failed = _run_partitions(plan, manifest, params, logger)
+    run = _Scored(scored, merged, failed | plan.unreadable,
+                  time.perf_counter() - scoring_start)
+    repeated, repeated_text = _check_repeated_ids(params, manifest, run, logger)
+    summary = _summarize(plan, members, run, repeated_text, time.perf_counter() - started)
+    summary.report = report_run(summary, run.scored, run.merged, plan.partitions, logger)
+    record = _run_record(params, plan, members, run, repeated, started_at, summary)
+    write_json_atomic(str(output_location(plan.output_dir) / RUN_RECORD),
+                      record.model_dump(mode="json"))
+    logger.info(
+        f"Done: {run.rows:,} rows in {len(run.merged)} partition(s) in {summary.seconds:.1f} s "
+        f"({summary.rows_per_second:,.0f} rows/s while scoring); table at {summary.ensemble_dir}"
+    )
+    if run.failed:
+        listing = "\n".join(f"  - {rel}: {why}" for rel, why in sorted(run.failed.items()))
+        raise PartitionsFailed(
+            f"{len(run.failed)} of {len(run.failed) + len(run.merged)} partition(s) failed; "
+            f"the other {len(run.merged)} are committed and a re-run scores only what is "
+            f"missing:\n{listing}"
+        )
+    return summary
 
+
+def _load_members(params: ScoreParams, manifest: Manifest, logger: Any) -> list[MemberInfo]:
+    """One task per member, each loading it into the process's cache; logs what ran."""
     loads = load_member.with_options(retries=params.retries).map(
         list(manifest.models), n_features=unmapped(len(manifest.features))
     )
@@ -239,42 +280,49 @@ def _score(params: ScoreParams, manifest: Manifest, plan: Plan, logger: Any, sta
         logger.info(f"member {m.name}: {m.format} {m.location} (digest {m.digest[:12]}, "
                     f"loaded in {m.load_seconds:.2f} s, {m.fused_bias_adds} bias add(s) "
                     "rewritten)")
+    return members
 
-    scoring_start = time.perf_counter()
-    scored, merged, failed = _run_partitions(plan, manifest, params, logger)
-    scoring_seconds = time.perf_counter() - scoring_start
-    failed.update(plan.unreadable)
-    repeated: RepeatedIds | None = None  # None: not checked
+
+def _check_repeated_ids(params: ScoreParams, manifest: Manifest, run: _Scored, logger: Any
+                        ) -> tuple[RepeatedIds | None, str]:
+    """Ids in more than one partition (None when the check could not run), described."""
+    repeated: RepeatedIds | None = None
     try:
         repeated = check_ids.with_options(retries=params.retries)(
-            {rel: m.path for rel, m in merged.items()}, manifest.id_column)
-        repeated_text = _describe_repeats(repeated)
+            {rel: m.path for rel, m in run.merged.items()}, manifest.id_column)
+        text = _describe_repeats(repeated)
     except Exception as exc:  # a report, not the table: the committed work stands
-        repeated_text = f"ids across partitions could not be checked: {_error_text(exc)}"
-    if repeated_text:
-        logger.warning(repeated_text)
+        text = f"ids across partitions could not be checked: {_error_text(exc)}"
+    if text:
+        logger.warning(text)
+    return repeated, text
 
-    rows = sum(m.rows for m in merged.values())
-    total_sum = sum(m.score_sum for m in merged.values())
-    summary = RunSummary(
+
+def _summarize(plan: Plan, members: list[MemberInfo], run: _Scored, repeated_text: str,
+               seconds: float) -> RunSummary:
+    rows = run.rows
+    return RunSummary(
         output_dir=plan.output_dir,
         ensemble_dir=str(output_location(plan.output_dir) / ENSEMBLE_DIR),
-        partitions=len(merged),
+        partitions=len(run.merged),
         rows=rows,
-        bad_rows=sum(s.bad_rows for s in scored.values()),
+        bad_rows=sum(s.bad_rows for s in run.scored.values()),
         members=members,
         skipped_member_partitions=sum(
-            m.skipped for s in scored.values() for m in s.members
-        ),
-        seconds=time.perf_counter() - started,
-        scoring_seconds=scoring_seconds,
-        failed=failed,
+            m.skipped for s in run.scored.values() for m in s.members),
+        seconds=seconds,
+        scoring_seconds=run.seconds,
+        failed=run.failed,
         repeated_ids=repeated_text,
-        ensemble_mean=total_sum / rows if rows else 0.0,
-        ensemble_std_mean=sum(m.std_sum for m in merged.values()) / rows if rows else 0.0,
+        ensemble_mean=sum(m.score_sum for m in run.merged.values()) / rows if rows else 0.0,
+        ensemble_std_mean=sum(m.std_sum for m in run.merged.values()) / rows if rows else 0.0,
     )
-    summary.report = report_run(summary, scored, merged, plan.partitions, logger)
-    record = RunRecord(
+
+
+def _run_record(params: ScoreParams, plan: Plan, members: list[MemberInfo], run: _Scored,
+                repeated: RepeatedIds | None, started_at: float, summary: RunSummary
+                ) -> RunRecord:
+    return RunRecord(
         flow_run_id=str(runtime.flow_run.id),
         finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         params=params.model_dump(mode="json"),
@@ -282,34 +330,21 @@ def _score(params: ScoreParams, manifest: Manifest, plan: Plan, logger: Any, sta
         partitions={
             p.relpath: PartitionRecord(
                 fingerprint=p.fingerprint,
-                rows=merged[p.relpath].rows if p.relpath in merged else None,
-                bad_rows=scored[p.relpath].bad_rows if p.relpath in scored else None,
-                status="failed" if p.relpath in failed else "committed")
+                rows=run.merged[p.relpath].rows if p.relpath in run.merged else None,
+                bad_rows=run.scored[p.relpath].bad_rows if p.relpath in run.scored else None,
+                status="failed" if p.relpath in run.failed else "committed")
             for p in plan.partitions
         },
-        failed=failed,
+        failed=run.failed,
         repeated_ids=None if repeated is None else RepeatedIdsRecord(
             count=repeated.count, examples=repeated.examples),
         timing=RunTiming(
             flow_started_at=started_at,
-            first_batch_at=min((s.first_batch_at for s in scored.values()
+            first_batch_at=min((s.first_batch_at for s in run.scored.values()
                                 if s.first_batch_at is not None), default=None),
             committed_at=time.time()),
-        model_loads=_model_loads(scored),
+        model_loads=_model_loads(run.scored),
         versions=_versions(),
         cpu_path=cpu_path(),
         summary=summary.model_dump(exclude={"members"}),
     )
-    write_json_atomic(str(output_location(plan.output_dir) / RUN_RECORD),
-                      record.model_dump(mode="json"))
-    logger.info(
-        f"Done: {rows:,} rows in {len(merged)} partition(s) in {summary.seconds:.1f} s "
-        f"({summary.rows_per_second:,.0f} rows/s while scoring); table at {summary.ensemble_dir}"
-    )
-    if failed:
-        listing = "\n".join(f"  - {rel}: {why}" for rel, why in sorted(failed.items()))
-        raise PartitionsFailed(
-            f"{len(failed)} of {len(failed) + len(merged)} partition(s) failed; the other "
-            f"{len(merged)} are committed and a re-run scores only what is missing:\n{listing}"
-        )
-    return summary

@@ -23,6 +23,7 @@ from flows.records import Histogram, HistogramBin, MemberFigures, RunReport, Run
 from tasks.fs import parquet_file
 from tasks.merge import HISTOGRAM_BINS, PartitionMerged
 from tasks.partitions import Partition
+from tasks.plan import MemberInfo
 from tasks.scoring import PartitionScored
 from tasks.storage import QUARANTINE_DIR, output_location
 
@@ -129,87 +130,23 @@ def build_report(
     """Aggregate per-partition figures into the run report.
 
     Args:
-        summary: the flow's RunSummary (or anything with its fields).
+        summary: the flow's RunSummary.
         scored: scoring results by partition relpath (this run).
         merged: merge results by partition relpath; the table's figures come from these.
         partitions: the planned partitions, to count the rows of failed ones.
         status: shown in the summary title; default "Completed" or "Failed".
     """
-    names = [m.name for m in summary.members]
-    k = len(names)
     parts = [merged[r] for r in sorted(merged)]
     rows = sum(p.rows for p in parts)
-    msum, msq, cross = np.zeros(k), np.zeros(k), np.zeros((k, k))
-    for p in parts:
-        if len(p.member_sum) != k:
-            raise ValueError(f"partition {p.relpath} has {len(p.member_sum)} member sums, "
-                             f"expected {k}")
-        msum += p.member_sum
-        msq += p.member_sumsq
-        cross += np.asarray(p.cross, dtype=np.float64)
-
-    seconds = dict.fromkeys(names, 0.0)
-    scored_rows = dict.fromkeys(names, 0)
-    reused = dict.fromkeys(names, 0)
-    for s in scored.values():
-        for m in s.members:
-            if m.name not in seconds:
-                continue
-            seconds[m.name] += m.seconds
-            scored_rows[m.name] += m.rows
-            reused[m.name] += int(m.skipped)
-
-    figures = []
-    for i, info in enumerate(summary.members):
-        mean = msum[i] / rows if rows else math.nan
-        var = max(msq[i] / rows - mean * mean, 0.0) if rows else math.nan
-        secs = seconds[info.name]
-        figures.append(MemberFigures(
-            name=info.name, rows=rows, mean=_none_if_nan(mean), std=_none_if_nan(math.sqrt(var)),
-            seconds=secs, scored_rows=scored_rows[info.name],
-            rows_per_second=scored_rows[info.name] / secs if secs > 0 else None,
-            reused_partitions=reused[info.name], digest=info.digest,
-            load_seconds=info.load_seconds,
-        ))
-
+    msum, cross, figures = _member_figures(summary, scored, parts, rows)
     corr = correlation_from_sums(rows, msum, cross)
-    warnings = []
-    for i in range(k):
-        for j in range(i + 1, k):
-            a, b = summary.members[i], summary.members[j]
-            same_digest = a.digest == b.digest
-            c = corr[i, j]
-            if same_digest or (math.isfinite(c) and c >= DUPLICATE_CORRELATION):
-                shown = f"{c:.4f}" if math.isfinite(c) else "n/a"
-                why = ("both load the same checkpoint files (same digest)" if same_digest
-                       else "their checkpoints differ but compute the same scores")
-                warnings.append(
-                    f"members {a.name!r} and {b.name!r} correlate at {shown}: {why}, so the "
-                    "ensemble has the same weights twice. Check their paths in the manifest."
-                )
-
-    failed_rows = failed_unreadable = 0
-    by_rel = {p.relpath: p for p in partitions}
-    for rel in summary.failed:
-        n = _footer_rows(by_rel[rel].path) if rel in by_rel else None
-        if n is None:
-            failed_unreadable += 1
-        else:
-            failed_rows += n
+    warnings = _duplicate_warnings(summary.members, corr)
+    failed_rows, failed_unreadable = _failed_rows(summary.failed, partitions)
     if summary.failed:
         warnings.append(f"{len(summary.failed)} partition(s) failed and are not in the table; "
                         "a re-run scores only what is missing.")
     if summary.repeated_ids:
         warnings.append(summary.repeated_ids)
-
-    ssum = sum(p.score_sum for p in parts)
-    ssq = sum(p.score_sumsq for p in parts)
-    e_mean = ssum / rows if rows else math.nan
-    e_std = math.sqrt(max(ssq / rows - e_mean * e_mean, 0.0)) if rows else math.nan
-    low = min((p.score_min for p in parts if p.rows), default=math.nan)
-    high = max((p.score_max for p in parts if p.rows), default=math.nan)
-    std_samples = [v for p in parts for v in p.sample_std]
-    std_high = max(std_samples) if std_samples else math.nan
     return RunReport(
         status=status or ("Failed" if summary.failed else "Completed"),
         output_dir=summary.output_dir,
@@ -226,19 +163,105 @@ def build_report(
         seconds=summary.seconds,
         scoring_seconds=summary.scoring_seconds,
         rows_per_second=summary.rows_per_second,
-        ensemble_mean=_none_if_nan(e_mean),
-        ensemble_std=_none_if_nan(e_std),
-        ensemble_min=_none_if_nan(low),
-        ensemble_max=_none_if_nan(high),
-        disagreement_mean=_none_if_nan(sum(p.std_sum for p in parts) / rows if rows
-                                       else math.nan),
         correlation=[[_none_if_nan(float(c)) for c in row] for row in corr],
         warnings=warnings,
-        score_histogram=_histogram("ensemble_score", ((p.rows, p.sample_score) for p in parts),
-                                   low, high),
-        std_histogram=_histogram("ensemble_std", ((p.rows, p.sample_std) for p in parts),
-                                 0.0, std_high),
+        **_ensemble_figures(parts, rows),
     )
+
+
+def _ensemble_figures(parts: Sequence[PartitionMerged], rows: int) -> dict[str, Any]:
+    """The ensemble columns' figures and histograms, from the partitions' sums and samples."""
+    ssum = sum(p.score_sum for p in parts)
+    ssq = sum(p.score_sumsq for p in parts)
+    mean = ssum / rows if rows else math.nan
+    std = math.sqrt(max(ssq / rows - mean * mean, 0.0)) if rows else math.nan
+    low = min((p.score_min for p in parts if p.rows), default=math.nan)
+    high = max((p.score_max for p in parts if p.rows), default=math.nan)
+    std_samples = [v for p in parts for v in p.sample_std]
+    std_high = max(std_samples) if std_samples else math.nan
+    return {
+        "ensemble_mean": _none_if_nan(mean),
+        "ensemble_std": _none_if_nan(std),
+        "ensemble_min": _none_if_nan(low),
+        "ensemble_max": _none_if_nan(high),
+        "disagreement_mean": _none_if_nan(sum(p.std_sum for p in parts) / rows if rows
+                                          else math.nan),
+        "score_histogram": _histogram("ensemble_score",
+                                      ((p.rows, p.sample_score) for p in parts), low, high),
+        "std_histogram": _histogram("ensemble_std", ((p.rows, p.sample_std) for p in parts),
+                                    0.0, std_high),
+    }
+
+
+def _member_figures(summary: RunSummary, scored: Mapping[str, PartitionScored],
+                    parts: Sequence[PartitionMerged], rows: int
+                    ) -> tuple[np.ndarray, np.ndarray, list[MemberFigures]]:
+    """Each member's figures, with the sums and cross-products its correlations need."""
+    names = [m.name for m in summary.members]
+    k = len(names)
+    msum, msq, cross = np.zeros(k), np.zeros(k), np.zeros((k, k))
+    for p in parts:
+        if len(p.member_sum) != k:
+            raise ValueError(f"partition {p.relpath} has {len(p.member_sum)} member sums, "
+                             f"expected {k}")
+        msum += p.member_sum
+        msq += p.member_sumsq
+        cross += np.asarray(p.cross, dtype=np.float64)
+    seconds = dict.fromkeys(names, 0.0)
+    scored_rows = dict.fromkeys(names, 0)
+    reused = dict.fromkeys(names, 0)
+    for s in scored.values():
+        for m in s.members:
+            if m.name in seconds:
+                seconds[m.name] += m.seconds
+                scored_rows[m.name] += m.rows
+                reused[m.name] += int(m.skipped)
+    figures = []
+    for i, info in enumerate(summary.members):
+        mean = msum[i] / rows if rows else math.nan
+        var = max(msq[i] / rows - mean * mean, 0.0) if rows else math.nan
+        secs = seconds[info.name]
+        figures.append(MemberFigures(
+            name=info.name, rows=rows, mean=_none_if_nan(mean), std=_none_if_nan(math.sqrt(var)),
+            seconds=secs, scored_rows=scored_rows[info.name],
+            rows_per_second=scored_rows[info.name] / secs if secs > 0 else None,
+            reused_partitions=reused[info.name], digest=info.digest,
+            load_seconds=info.load_seconds,
+        ))
+    return msum, cross, figures
+
+
+def _duplicate_warnings(members: Sequence[MemberInfo], corr: np.ndarray) -> list[str]:
+    """Pairs of members that are the same model twice (same files, or same scores)."""
+    warnings = []
+    for i, a in enumerate(members):
+        for j in range(i + 1, len(members)):
+            b = members[j]
+            same_digest = a.digest == b.digest
+            c = corr[i, j]
+            if same_digest or (math.isfinite(c) and c >= DUPLICATE_CORRELATION):
+                shown = f"{c:.4f}" if math.isfinite(c) else "n/a"
+                why = ("both load the same checkpoint files (same digest)" if same_digest
+                       else "their checkpoints differ but compute the same scores")
+                warnings.append(
+                    f"members {a.name!r} and {b.name!r} correlate at {shown}: {why}, so the "
+                    "ensemble has the same weights twice. Check their paths in the manifest."
+                )
+    return warnings
+
+
+def _failed_rows(failed: Mapping[str, str], partitions: Sequence[Partition]
+                 ) -> tuple[int, int]:
+    """Rows in failed partitions whose footer reads, and how many footers do not."""
+    rows = unreadable = 0
+    by_rel = {p.relpath: p for p in partitions}
+    for rel in failed:
+        n = _footer_rows(by_rel[rel].path) if rel in by_rel else None
+        if n is None:
+            unreadable += 1
+        else:
+            rows += n
+    return rows, unreadable
 
 
 # ---------------------------------------------------------------------------- rendering

@@ -174,36 +174,7 @@ def _run(args: argparse.Namespace, server: Any, started: float,
 
     set_up(debug=args.debug)  # TensorFlow imports here, while the server starts
     try:
-        from flows.params import ScoreParams
-
-        if args.models is None:
-            from flows.demo import build_demo
-
-            demo = Path(args.demo_dir)
-            print(f"Demo: building (once) 3 checkpoints with identical variable names and 4 "
-                  f"Parquet partitions in {demo.resolve()}", flush=True)
-            args.models = str(build_demo(demo))
-            args.input = args.input or str(demo / "data")
-            args.output = args.output or str(demo / "output")
-        elif args.input is None or args.output is None:
-            return _fail("--models needs --input and --output (see --help)", EXIT_USAGE)
-        from tasks.fs import is_s3
-        from tasks.storage import check_output_apart, output_lock
-
-        check_output_apart(args.input, args.output)
-        # Taken before models load so a second run on the folder fails in a second; the
-        # flow takes it again (re-entrant) and holds it to the end.
-        out = args.output if is_s3(args.output) else Path(args.output).expanduser().resolve()
-        stack.enter_context(output_lock(out))
-        params = ScoreParams(
-            models=args.models, manifest=None, input=args.input, output=args.output,
-            ensemble=args.ensemble,
-            bad_rows=args.bad_rows, concurrency=args.concurrency, batch_size=args.batch_size,
-            retries=args.retries, force=args.force, verify_inputs=args.verify_inputs,
-            runner=args.runner,
-            address=args.address, workers=args.workers,
-        )
-        preflight(params)
+        params = _checked_params(args, stack)
     except ValidationError as err:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
         return _fail(f"invalid arguments: {problems}", EXIT_USAGE)
@@ -211,7 +182,64 @@ def _run(args: argparse.Namespace, server: Any, started: float,
         if args.debug:
             raise
         return _fail(f"{err}\nNothing was scored.", EXIT_USAGE)
+    if params is None:
+        return _fail("--models needs --input and --output (see --help)", EXIT_USAGE)
+    state = _run_flow(params, server)
+    if isinstance(state, str):
+        return _fail(state, EXIT_FAILED)
+    if not state.is_completed():
+        exc = state.result(raise_on_failure=False)
+        if args.debug and isinstance(exc, BaseException):
+            raise exc
+        return _fail(str(exc) if isinstance(exc, ScoringError) else f"run failed: {exc!r}",
+                     EXIT_FAILED)
+    print_summary(state.result(), time.perf_counter() - started)
+    return EXIT_OK
 
+
+def _checked_params(args: argparse.Namespace, stack: contextlib.ExitStack) -> Any:
+    """The flow's parameters from the command line, after every check that needs no
+    Prefect (manifest, files, models, data, output), with the output folder locked;
+    None when --models comes without --input and --output.
+
+    Raises:
+        ValidationError: an argument out of range.
+        ScoringError: what is wrong with the manifest, models, data or output.
+    """
+    from flows.params import ScoreParams
+    from tasks.fs import is_s3
+    from tasks.storage import check_output_apart, output_lock
+
+    if args.models is None:
+        from flows.demo import build_demo
+
+        demo = Path(args.demo_dir)
+        print(f"Demo: building (once) 3 checkpoints with identical variable names and 4 "
+              f"Parquet partitions in {demo.resolve()}", flush=True)
+        args.models = str(build_demo(demo))
+        args.input = args.input or str(demo / "data")
+        args.output = args.output or str(demo / "output")
+    elif args.input is None or args.output is None:
+        return None
+    check_output_apart(args.input, args.output)
+    # Taken before models load so a second run on the folder fails in a second; the
+    # flow takes it again (re-entrant) and holds it to the end.
+    out = args.output if is_s3(args.output) else Path(args.output).expanduser().resolve()
+    stack.enter_context(output_lock(out))
+    params = ScoreParams(
+        models=args.models, manifest=None, input=args.input, output=args.output,
+        ensemble=args.ensemble, bad_rows=args.bad_rows, concurrency=args.concurrency,
+        batch_size=args.batch_size, retries=args.retries, force=args.force,
+        verify_inputs=args.verify_inputs, runner=args.runner, address=args.address,
+        workers=args.workers,
+    )
+    preflight(params)
+    return params
+
+
+def _run_flow(params: Any, server: Any) -> Any:
+    """The flow's final state, on the run's own server if it has one; a message when that
+    server could not start."""
     from prefect.settings import (
         PREFECT_API_URL,
         PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
@@ -221,14 +249,12 @@ def _run(args: argparse.Namespace, server: Any, started: float,
     from flows.ensemble import score_ensemble
 
     _import_run_machinery()
-
     if server is not None and PREFECT_API_URL.value():
         server.stop()  # a server is configured in the profile: use it, not ours
         server = None
-    # Heartbeats let a server mark a run whose process died as crashed; a private server
-    # dies with the process, so they are of no use there, and ending the run waits up to
-    # 1 s for the heartbeat thread's sleep. The settings are switched (0.25 s of CPU) before
-    # waiting for the server, which is often still starting.
+    # Heartbeats let a server mark a run whose process died as crashed; the run's own
+    # server dies with the process, so they are of no use there, and ending the run waits
+    # up to 1 s for the heartbeat thread's sleep.
     private = ({PREFECT_API_URL: server.api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
                if server is not None else {})
     with temporary_settings(updates=private):
@@ -236,17 +262,8 @@ def _run(args: argparse.Namespace, server: Any, started: float,
             try:
                 server.wait()
             except RuntimeError as err:
-                return _fail(f"{err}\nSet PREFECT_API_URL to use a running server.",
-                             EXIT_FAILED)
-        state = score_ensemble(params, return_state=True)
-    if not state.is_completed():
-        exc = state.result(raise_on_failure=False)
-        if args.debug and isinstance(exc, BaseException):
-            raise exc
-        return _fail(str(exc) if isinstance(exc, ScoringError) else f"run failed: {exc!r}",
-                     EXIT_FAILED)
-    print_summary(state.result(), time.perf_counter() - started)
-    return EXIT_OK
+                return f"{err}\nSet PREFECT_API_URL to use a running server."
+        return score_ensemble(params, return_state=True)
 
 
 def _import_run_machinery() -> None:

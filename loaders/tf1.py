@@ -59,18 +59,7 @@ def load_checkpoint(spec: ModelSpec, prefix: str, digest: str, *, fuse: bool | N
         fuse = not cpu_path().fuses_matmul_add
     fusion = fuse_bias_adds(graph_def) if fuse else Fusion()
     variables = variable_nodes(graph_def)
-    graph = tf.Graph()
-    with graph.as_default():
-        try:
-            tf.compat.v1.import_graph_def(graph_def, name="")
-        except Exception as err:  # protobuf and TF raise a zoo of types here
-            raise ModelLoadError(
-                f"model {spec.name!r}: cannot import meta graph {prefix}.meta: "
-                f"{first_error_line(err)}; the file may be truncated or from an incompatible "
-                "TensorFlow"
-            ) from err
-        input_tensor = _get_tensor(graph, spec, "input", spec.input)
-        output_tensor = _get_tensor(graph, spec, "output", spec.output)
+    graph, input_tensor, output_tensor = _import(spec, prefix, graph_def)
     session = new_session(graph)
     try:
         restore_variables(spec.name, prefix, graph, session, variables,
@@ -96,6 +85,23 @@ def load_checkpoint(spec: ModelSpec, prefix: str, digest: str, *, fuse: bool | N
         load_seconds=time.perf_counter() - start,
         fused_bias_adds=len(fusion.nodes),
     )
+
+
+def _import(spec: ModelSpec, prefix: str, graph_def: Any) -> tuple[tf.Graph, Any, Any]:
+    """A fresh graph holding ``graph_def``, with its input and output tensors."""
+    assert spec.input is not None and spec.output is not None
+    graph = tf.Graph()
+    with graph.as_default():
+        try:
+            tf.compat.v1.import_graph_def(graph_def, name="")
+        except Exception as err:  # protobuf and TF raise a zoo of types here
+            raise ModelLoadError(
+                f"model {spec.name!r}: cannot import meta graph {prefix}.meta: "
+                f"{first_error_line(err)}; the file may be truncated or from an incompatible "
+                "TensorFlow"
+            ) from err
+        return (graph, _get_tensor(graph, spec, "input", spec.input),
+                _get_tensor(graph, spec, "output", spec.output))
 
 
 def _read_meta(spec: ModelSpec, prefix: str) -> Any:
