@@ -21,18 +21,22 @@ graph's variables are named otherwise in the checkpoint (TF2 object paths, renam
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
 from loaders._tf import tf
+from loaders.base import GraphScorer, new_session
 from loaders.errors import ModelLoadError, first_error_line
+from loaders.manifest import ModelSpec
 from loaders.subgraph import called_functions
 
 __all__ = [
     "VARIABLE_OPS",
     "restore_variables",
+    "restored_scorer",
     "saver_keys",
     "variable_nodes",
 ]
@@ -207,3 +211,33 @@ def restore_variables(model: str, prefix: str, graph: tf.Graph, session: tf.comp
             feeds[value] = values[node.name]
     if assigns:
         session.run(assigns, feeds)
+
+
+def restored_scorer(spec: ModelSpec, *, source: str, digest: str, graph: tf.Graph,
+                    tensors: tuple[Any, Any], variables: list[Any], checkpoint: str,
+                    keys: dict[str, str], started: float, fused_bias_adds: int = 0
+                    ) -> GraphScorer:
+    """A session on ``graph`` with its ``variables`` restored from ``checkpoint``, the graph
+    finalized, as the scorer every format ends in; ``tensors`` is (input, output).
+
+    Raises:
+        ModelLoadError: the checkpoint cannot be read or does not fit the graph.
+    """
+    session = new_session(graph)
+    try:
+        restore_variables(spec.name, checkpoint, graph, session, variables, keys)
+    except (tf.errors.OpError, ValueError) as err:
+        session.close()
+        raise ModelLoadError(
+            f"model {spec.name!r}: cannot restore checkpoint {checkpoint}: "
+            f"{first_error_line(err)}. Check that the .index and every .data-* shard were "
+            "copied completely"
+        ) from err
+    except BaseException:
+        session.close()
+        raise
+    graph.finalize()
+    return GraphScorer(name=spec.name, digest=digest, source=source, graph=graph,
+                       session=session, input_tensor=tensors[0], output_tensor=tensors[1],
+                       load_seconds=time.perf_counter() - started,
+                       fused_bias_adds=fused_bias_adds)

@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from loaders._tf import tf
-from loaders.base import GraphScorer, new_session
+from loaders.base import GraphScorer
 from loaders.errors import ModelLoadError
 from loaders.guard import check_ops
 from loaders.manifest import ModelSpec
-from loaders.restore import restore_variables, saver_keys, variable_nodes
+from loaders.restore import restored_scorer, saver_keys, variable_nodes
 from loaders.subgraph import node_name, prune
 
 __all__ = ["load_saved_model"]
@@ -139,21 +139,7 @@ def load_saved_model(spec: ModelSpec, folder: str, digest: str) -> GraphScorer:
                 f"{spec.signature!r} ({str(err).splitlines()[0]}); is {input_name!r} an "
                 f"input of {output_name!r}?"
             ) from err
-    session = new_session(graph)
-    try:
-        restore_variables(spec.name, str(Path(folder) / "variables" / "variables"), graph,
-                          session, variables, saver_keys(meta.graph_def))
-    except BaseException:
-        session.close()
-        raise
-    graph.finalize()
-    return GraphScorer(
-        name=spec.name,
-        digest=digest,
-        source=folder,
-        graph=graph,
-        session=session,
-        input_tensor=input_tensor,
-        output_tensor=output_tensor,
-        load_seconds=time.perf_counter() - start,
-    )
+    return restored_scorer(spec, source=folder, digest=digest, graph=graph,
+                           tensors=(input_tensor, output_tensor), variables=variables,
+                           checkpoint=str(Path(folder) / "variables" / "variables"),
+                           keys=saver_keys(meta.graph_def), started=start)

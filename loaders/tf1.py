@@ -6,12 +6,12 @@ import time
 from typing import Any
 
 from loaders._tf import tf
-from loaders.base import GraphScorer, new_session, tensor_name
+from loaders.base import GraphScorer, tensor_name
 from loaders.cpu import cpu_path
 from loaders.errors import ModelLoadError, first_error_line
 from loaders.guard import check_ops
 from loaders.manifest import ModelSpec
-from loaders.restore import restore_variables, saver_keys, variable_nodes
+from loaders.restore import restored_scorer, saver_keys, variable_nodes
 from loaders.rewrite import Fusion, fuse_bias_adds
 from loaders.subgraph import node_name, prune
 
@@ -60,31 +60,10 @@ def load_checkpoint(spec: ModelSpec, prefix: str, digest: str, *, fuse: bool | N
     fusion = fuse_bias_adds(graph_def) if fuse else Fusion()
     variables = variable_nodes(graph_def)
     graph, input_tensor, output_tensor = _import(spec, prefix, graph_def)
-    session = new_session(graph)
-    try:
-        restore_variables(spec.name, prefix, graph, session, variables,
-                          saver_keys(meta.graph_def))
-    except ModelLoadError:
-        session.close()
-        raise
-    except (tf.errors.OpError, ValueError) as err:
-        session.close()
-        raise ModelLoadError(
-            f"model {spec.name!r}: cannot restore checkpoint {prefix}: {first_error_line(err)}. "
-            "Check that the .index and every .data-* shard were copied completely"
-        ) from err
-    graph.finalize()
-    return GraphScorer(
-        name=spec.name,
-        digest=digest,
-        source=prefix,
-        graph=graph,
-        session=session,
-        input_tensor=input_tensor,
-        output_tensor=output_tensor,
-        load_seconds=time.perf_counter() - start,
-        fused_bias_adds=len(fusion.nodes),
-    )
+    return restored_scorer(spec, source=prefix, digest=digest, graph=graph,
+                           tensors=(input_tensor, output_tensor), variables=variables,
+                           checkpoint=prefix, keys=saver_keys(meta.graph_def), started=start,
+                           fused_bias_adds=len(fusion.nodes))
 
 
 def _import(spec: ModelSpec, prefix: str, graph_def: Any) -> tuple[tf.Graph, Any, Any]:
