@@ -41,13 +41,7 @@ from tasks.plan import MemberInfo, Plan, make_plan
 from tasks.runtime import set_up
 from tasks.scoring import PartitionResult, PartitionScored
 from tasks.steps import check_ids, load_member, score_partition_task
-from tasks.storage import (
-    ENSEMBLE_DIR,
-    output_location,
-    output_lock,
-    remove_stale_staging,
-    write_json_atomic,
-)
+from tasks.storage import ENSEMBLE_DIR, store_for
 
 __all__ = ["score_ensemble"]
 
@@ -211,8 +205,9 @@ def _run(params: ScoreParams) -> RunSummary:
     manifest = params.load_manifest()
     plan = make_plan(manifest, params.input, params.output,
                      verify_inputs=params.verify_inputs)
-    with output_lock(plan.output_dir):
-        removed = remove_stale_staging(plan.output_dir)
+    store = store_for(plan.output_dir)
+    with store.lock():
+        removed = store.remove_stale_staging()
         if removed:
             logger.info(f"Removed {removed} staging file(s) left by an interrupted run")
         return _score(params, manifest, plan, logger, started, started_at)
@@ -250,8 +245,7 @@ def _score(params: ScoreParams, manifest: Manifest, plan: Plan, logger: Any, sta
     summary = _summarize(plan, members, run, repeated_text, time.perf_counter() - started)
     summary.report = report_run(summary, run.scored, run.merged, plan.partitions, logger)
     record = _run_record(params, plan, members, run, repeated, started_at, summary)
-    write_json_atomic(str(output_location(plan.output_dir) / RUN_RECORD),
-                      record.model_dump(mode="json"))
+    store_for(plan.output_dir).write_json(RUN_RECORD, record.model_dump(mode="json"))
     logger.info(
         f"Done: {run.rows:,} rows in {len(run.merged)} partition(s) in {summary.seconds:.1f} s "
         f"({summary.rows_per_second:,.0f} rows/s while scoring); table at {summary.ensemble_dir}"
@@ -303,7 +297,7 @@ def _summarize(plan: Plan, members: list[MemberInfo], run: _Scored, repeated_tex
     rows = run.rows
     return RunSummary(
         output_dir=plan.output_dir,
-        ensemble_dir=str(output_location(plan.output_dir) / ENSEMBLE_DIR),
+        ensemble_dir=store_for(plan.output_dir).uri(ENSEMBLE_DIR),
         partitions=len(run.merged),
         rows=rows,
         bad_rows=sum(s.bad_rows for s in run.scored.values()),

@@ -20,12 +20,11 @@ from uuid import UUID
 import numpy as np
 
 from flows.records import Histogram, HistogramBin, MemberFigures, RunReport, RunSummary
-from tasks.fs import parquet_file
 from tasks.merge import HISTOGRAM_BINS, PartitionMerged
 from tasks.partitions import Partition
 from tasks.plan import MemberInfo
 from tasks.scoring import PartitionScored
-from tasks.storage import QUARANTINE_DIR, output_location
+from tasks.storage import QUARANTINE_DIR, open_parquet, store_for
 
 __all__ = [
     "ARTIFACT_KEYS",
@@ -114,7 +113,7 @@ def _histogram(column: str, parts: Iterable[tuple[int, list[float]]], low: float
 def _footer_rows(path: str) -> int | None:
 
     try:
-        return int(parquet_file(path).metadata.num_rows)
+        return int(open_parquet(path).metadata.num_rows)
     except Exception:  # unreadable is exactly what made some of these fail
         return None
 
@@ -151,7 +150,7 @@ def build_report(
         status=status or ("Failed" if summary.failed else "Completed"),
         output_dir=summary.output_dir,
         ensemble_dir=summary.ensemble_dir,
-        quarantine_dir=str(output_location(summary.output_dir) / QUARANTINE_DIR),
+        quarantine_dir=store_for(summary.output_dir).uri(QUARANTINE_DIR),
         partitions=len(parts),
         rows=rows,
         quarantined_rows=summary.bad_rows,

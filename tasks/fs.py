@@ -1,10 +1,6 @@
-"""Where the pipeline reads and writes: a local path, or an ``s3://bucket/prefix`` URI.
-
-Local paths keep going through ``pathlib`` and ``os`` exactly as before (that path is
-benchmarked); only an ``s3://`` URI goes through pyarrow's own ``S3FileSystem``, so object
-storage needs no extra dependency. ``S3Path`` offers the few ``Path`` operations the
-storage and scoring code use (``/``, ``name``, ``parent``, ``with_name``, ``exists``,
-``unlink``), so that code reads the same for both.
+"""``s3://`` URIs and the process's S3 filesystem (pyarrow's own ``S3FileSystem``, so
+object storage needs no extra dependency). ``tasks.storage`` builds its S3 store on them;
+nothing else needs to know which backend a location is on.
 
 Credentials, region and endpoint come from the standard AWS environment variables.
 pyarrow 26 does not read ``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3`` itself (measured
@@ -18,13 +14,12 @@ import hashlib
 import os
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import PurePath, PurePosixPath
+from pathlib import PurePath
 from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-__all__ = ["S3_SCHEME", "S3Path", "is_s3", "parquet_file", "s3_filesystem", "s3_uri"]
+__all__ = ["S3_SCHEME", "S3Path", "is_s3", "s3_filesystem", "s3_uri"]
 
 S3_SCHEME = "s3://"
 
@@ -86,18 +81,6 @@ def s3_filesystem() -> pafs.S3FileSystem:
                             hashlib.sha256(creds.encode()).hexdigest())
 
 
-def parquet_file(path: str) -> pq.ParquetFile:
-    """Open a Parquet file named by a local path or an ``s3://`` URI (as in
-    ``Partition.path`` or ``PartitionMerged.path``).
-
-    Giving pyarrow the URI itself would build a new filesystem per file that ignores
-    AWS_ENDPOINT_URL; this uses the process's configured one.
-    """
-    if s3_uri(path) is not None:
-        return pq.ParquetFile(S3Path.from_uri(path).key, filesystem=s3_filesystem())
-    return pq.ParquetFile(path)
-
-
 @dataclass(frozen=True)
 class S3Path:
     """An object (or prefix) in S3: ``key`` is ``bucket/dir/name``, without the scheme."""
@@ -119,28 +102,3 @@ class S3Path:
 
     def joinpath(self, *parts: str) -> S3Path:
         return S3Path("/".join([self.key, *(p.strip("/") for p in parts)]))
-
-    @property
-    def name(self) -> str:
-        return PurePosixPath(self.key).name
-
-    @property
-    def parent(self) -> S3Path:
-        return S3Path(str(PurePosixPath(self.key).parent))
-
-    def with_name(self, name: str) -> S3Path:
-        return S3Path(str(PurePosixPath(self.key).with_name(name)))
-
-    @property
-    def fs(self) -> pafs.S3FileSystem:
-        return s3_filesystem()
-
-    def exists(self) -> bool:
-        return self.fs.get_file_info(self.key).type != pafs.FileType.NotFound
-
-    def unlink(self, missing_ok: bool = False) -> None:
-        try:
-            self.fs.delete_file(self.key)
-        except FileNotFoundError:
-            if not missing_ok:
-                raise

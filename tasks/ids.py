@@ -27,8 +27,8 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from loaders.errors import DataError
-from tasks.fs import parquet_file
 from tasks.merge import batches_by_row_group
+from tasks.storage import open_parquet
 
 __all__ = ["RepeatedIds", "find_repeated_ids"]
 
@@ -145,7 +145,7 @@ def find_repeated_ids(paths: dict[str, str], column: str, max_examples: int = 5
     files = [paths[n] for n in names]
     if len(files) < 2:
         return RepeatedIds()
-    opened = [parquet_file(f) for f in files]  # footers only; I/O errors are the caller's
+    opened = [open_parquet(f) for f in files]  # footers only; I/O errors are the caller's
     suspects = _overlapping([_range(r, column) for r in opened])
     if not suspects:
         return RepeatedIds()

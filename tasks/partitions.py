@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict
 from loaders.errors import DataError
 from loaders.manifest import Manifest
 from tasks.fs import S3_SCHEME, S3Path, s3_filesystem, s3_uri
+from tasks.storage import open_input
 
 __all__ = [
     "PARQUET_SUFFIXES",
@@ -206,20 +207,16 @@ def _numeric(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
 
 
-def _footer_digest(path: str) -> str:
-    """SHA-256 of a local Parquet file's footer (its metadata and the 8 bytes after it)."""
-    with open(path, "rb") as fh:
-        fh.seek(0, os.SEEK_END)
-        size = fh.tell()
-        if size < 12:
-            raise OSError(f"only {size} bytes")
-        fh.seek(size - 8)
-        tail = fh.read(8)
-        length = int.from_bytes(tail[:4], "little")
-        if tail[4:] != b"PAR1" or length > size - 12:
-            raise pa.ArrowInvalid("no Parquet footer at the end of the file")
-        fh.seek(size - 8 - length)
-        return hashlib.sha256(fh.read(length) + tail).hexdigest()[:32]
+def _footer_digest(f: pa.NativeFile) -> str:
+    """SHA-256 of a Parquet file's footer (its metadata and the 8 bytes after it)."""
+    size = f.size()
+    if size < 12:
+        raise pa.ArrowInvalid(f"only {size} bytes")
+    tail = f.read_at(8, size - 8)
+    length = int.from_bytes(tail[:4], "little")
+    if tail[4:] != b"PAR1" or length > size - 12:
+        raise pa.ArrowInvalid("no Parquet footer at the end of the file")
+    return hashlib.sha256(f.read_at(length, size - 8 - length) + tail).hexdigest()[:32]
 
 
 @functools.lru_cache(maxsize=65_536)
@@ -234,14 +231,15 @@ def _content_digest(path: str, size: int, mtime_ns: int) -> str:
 
 
 def _read_footer(partition: Partition) -> tuple[pa.Schema, dict[str, str]]:
-    """The partition's schema, and what its fingerprint adds to size and mtime: the S3
-    ETag (from the same open: no extra request), or a local file's footer hash."""
+    """The partition's schema, and what its fingerprint adds to size and mtime: a hash of
+    its footer and, on S3, its ETag (from the same open: no extra request)."""
     try:
-        if s3_uri(partition.path) is None:
-            return pq.read_schema(partition.path), {"footer": _footer_digest(partition.path)}
-        with s3_filesystem().open_input_file(S3Path.from_uri(partition.path).key) as f:
+        with open_input(partition.path) as f:
+            extra = {"footer": _footer_digest(f)}
             etag = (f.metadata().get("ETag") or b"").decode(errors="replace").strip('"')
-            return pq.read_schema(f), {"etag": etag} if etag else {}
+            if etag:
+                extra["etag"] = etag
+            return pq.read_schema(f), extra
     except (pa.ArrowException, OSError) as err:
         raise DataError(
             f"partition {partition.relpath} is not a readable Parquet file ({err}); "
@@ -259,7 +257,7 @@ def check_partition(partition: Partition, manifest: Manifest, *, verify: bool = 
     """
     schema, extra = _read_footer(partition)
     _check_columns(partition, schema, manifest)
-    if verify and s3_uri(partition.path) is None:
+    if verify and s3_uri(partition.path) is None:  # S3's ETag already hashes the content
         try:
             extra["content"] = _content_digest(partition.path, partition.size,
                                                partition.mtime_ns)

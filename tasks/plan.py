@@ -7,16 +7,13 @@ the others still run (it is reported, and the run ends failed).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from pydantic import BaseModel
 
 from loaders.errors import DataError
 from loaders.inspect import digest_files, resolve_model
 from loaders.manifest import Manifest
-from tasks.fs import S3Path
 from tasks.partitions import Partition, check_partition, discover_partitions
-from tasks.storage import check_output_apart, check_writable, output_location
+from tasks.storage import check_output_apart, store_for
 
 __all__ = ["MemberInfo", "Plan", "make_plan", "resolve_members"]
 
@@ -67,10 +64,9 @@ def make_plan(manifest: Manifest, input_path: str, output_dir: str, *,
         OutputError: the output folder is not writable, or is (or holds) the input.
     """
     check_output_apart(input_path, output_dir)
-    loc = output_location(output_dir)
-    out = loc if isinstance(loc, S3Path) else Path(output_dir).expanduser().resolve()
-    check_writable(out)
-    partitions = discover_partitions(input_path, exclude=out)
+    store = store_for(output_dir)
+    store.check_writable()
+    partitions = discover_partitions(input_path, exclude=store.root)
     unreadable: dict[str, str] = {}
     good = []
     for part in partitions:
@@ -80,4 +76,4 @@ def make_plan(manifest: Manifest, input_path: str, output_dir: str, *,
             if "not a readable Parquet file" not in str(err):
                 raise
             unreadable[part.relpath] = str(err)
-    return Plan(output_dir=str(out), partitions=good, unreadable=unreadable)
+    return Plan(output_dir=store.uri(), partitions=good, unreadable=unreadable)

@@ -23,7 +23,6 @@ import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -37,7 +36,6 @@ from loaders.errors import DataError, ModelLoadError
 from loaders.inspect import digest_files, resolve_model
 from loaders.manifest import BadRowPolicy, Manifest
 from tasks.features import all_finite, find_bad_rows, to_matrix
-from tasks.fs import S3Path, parquet_file, s3_filesystem
 from tasks.merge import (
     EnsembleMethod,
     EnsembleStats,
@@ -48,16 +46,7 @@ from tasks.merge import (
     read_ahead,
 )
 from tasks.partitions import Partition
-from tasks.storage import (
-    ENSEMBLE_DIR,
-    QUARANTINE_DIR,
-    OutputLocation,
-    output_location,
-    previous_name,
-    replace,
-    safe_join,
-    staged,
-)
+from tasks.storage import ENSEMBLE_DIR, QUARANTINE_DIR, Store, open_parquet, store_for
 
 __all__ = [
     "METADATA_KEY",
@@ -101,15 +90,12 @@ class PartitionResult(BaseModel):
     merged: PartitionMerged
 
 
-def committed_metadata(path: Path | S3Path) -> dict[str, Any] | None:
+def committed_metadata(store: Store, rel: str) -> dict[str, Any] | None:
     """The provenance stored in a committed ensemble file's footer, if readable."""
+    meta = store.footer_metadata(rel)
     try:
-        if isinstance(path, S3Path):
-            meta = pq.read_metadata(path.key, filesystem=s3_filesystem()).metadata or {}
-        else:
-            meta = pq.read_metadata(path).metadata or {}
-        return json.loads(meta[METADATA_KEY])  # type: ignore[no-any-return]
-    except (OSError, KeyError, ValueError, pa.ArrowException):
+        return json.loads(meta[METADATA_KEY]) if meta else None  # type: ignore[no-any-return]
+    except (KeyError, ValueError):
         return None
 
 
@@ -191,9 +177,9 @@ def score_partition(
             non-finite scores under ``fail``.
     """
     start = time.perf_counter()
-    out = output_location(output_dir)
-    target = safe_join(out / ENSEMBLE_DIR, partition.relpath)
-    qtarget = safe_join(out / QUARANTINE_DIR, partition.relpath)
+    store = store_for(output_dir)
+    target = f"{ENSEMBLE_DIR}/{partition.relpath}"
+    qtarget = f"{QUARANTINE_DIR}/{partition.relpath}"
     names = manifest.member_names
     digests = {s.name: digest_files(resolve_model(s).files) for s in manifest.models}
     weights = np.array(manifest.weights, dtype=np.float64)  # normalized, finite
@@ -207,7 +193,7 @@ def score_partition(
         "weights": weights.tolist(),
         "members": digests,
     }
-    prev = None if force else committed_metadata(target)
+    prev = None if force else committed_metadata(store, target)
     same_input = bool(prev) and all(
         prev.get(k) == provenance[k]  # type: ignore[union-attr]
         for k in ("fingerprint", "id_column", "features", "bad_rows")
@@ -215,7 +201,7 @@ def score_partition(
     reuse = [n for n in names if same_input and prev["members"].get(n) == digests[n]]  # type: ignore[index]
     if prev and len(reuse) == len(names) and prev.get("method") == method and (
             prev.get("weights") == provenance["weights"]):
-        stats = PartitionMerged.model_validate(prev["stats"] | {"path": str(target)})
+        stats = PartitionMerged.model_validate(prev["stats"] | {"path": store.uri(target)})
         members = [MemberStats(name=n, digest=digests[n], rows=0, seconds=0.0, skipped=True)
                    for n in names]
         return PartitionResult(
@@ -227,35 +213,25 @@ def score_partition(
 
     # Whatever is committed is now stale: move it out of readers' sight first, keeping it
     # (hidden) only as the source of the members' scores that are still valid.
-    previous: OutputLocation | None = None
-    if isinstance(target, S3Path) and not reuse:
-        target.unlink(missing_ok=True)  # nothing in it is still valid: no need to copy it
-    elif target.exists():
-        previous = previous_name(target)
-        replace(target, previous)
+    previous: str | None = None
+    if reuse:
+        previous = store.hide(target)
+    else:
+        store.delete(target)  # nothing in it is still valid: no need to keep it
     try:
-        return _score(partition, manifest, target, qtarget, names, digests, weights,
+        return _score(partition, manifest, store, target, qtarget, names, digests, weights,
                       provenance, reuse if previous else [], previous, method, batch_size,
                       bad_rows, start)
     finally:
         if previous is not None:
             with contextlib.suppress(OSError):
-                previous.unlink()
+                store.delete(previous)
 
 
-def _previous_rows(previous: OutputLocation, columns: list[str]) -> RowStream:
-    if isinstance(previous, S3Path):
-        # RowStream hands its argument to pq.ParquetFile, which takes an open file as well
-        # as a path; closed when the stream is dropped.
-        source = s3_filesystem().open_input_file(previous.key)
-        return RowStream(source, columns)
-    return RowStream(str(previous), columns)
-
-
-def _score(partition: Partition, manifest: Manifest, target: OutputLocation,
-           qtarget: OutputLocation, names: list[str], digests: dict[str, str],
+def _score(partition: Partition, manifest: Manifest, store: Store, target: str,
+           qtarget: str, names: list[str], digests: dict[str, str],
            weights: np.ndarray, provenance: dict[str, Any], reuse: list[str],
-           previous: OutputLocation | None,
+           previous: str | None,
            method: EnsembleMethod, batch_size: int, bad_rows: BadRowPolicy, start: float
            ) -> PartitionResult:
     n_features = len(manifest.features)
@@ -263,7 +239,7 @@ def _score(partition: Partition, manifest: Manifest, target: OutputLocation,
     reused = [k for k, n in enumerate(names) if n in reuse]
     scorers = {k: MODEL_CACHE.get(manifest.models[k], n_features) for k in todo}
     try:
-        reader = parquet_file(partition.path)
+        reader = open_parquet(partition.path)
         id_field = reader.schema_arrow.field(manifest.id_column)
         expected_rows = reader.metadata.num_rows
     except OSError:
@@ -275,8 +251,9 @@ def _score(partition: Partition, manifest: Manifest, target: OutputLocation,
         ) from err
     schema = _schema(id_field, names)
     qschema = pa.schema([id_field, pa.field("reason", pa.string())])
-    prev_rows = (_previous_rows(previous, [manifest.id_column] + [f"score_{names[k]}"
-                                                                   for k in reused])
+    # RowStream hands the open file to pq.ParquetFile; closed when the stream is dropped.
+    prev_rows = (RowStream(store.open_input(previous), [manifest.id_column]
+                           + [f"score_{names[k]}" for k in reused])
                  if reused and previous is not None else None)
     stats = EnsembleStats(len(names), expected_rows)
     seconds = dict.fromkeys(todo, 0.0)
@@ -288,15 +265,15 @@ def _score(partition: Partition, manifest: Manifest, target: OutputLocation,
                                               or pa.types.is_floating(id_field.type)) else False
 
     with contextlib.ExitStack() as stack:
-        tmp = stack.enter_context(staged(target))
-        writer = stack.enter_context(pq.ParquetWriter(tmp, schema, use_dictionary=dictionary))
+        sink = stack.enter_context(store.staged(target))
+        writer = stack.enter_context(pq.ParquetWriter(sink, schema, use_dictionary=dictionary))
         quarantine: pq.ParquetWriter | None = None
 
         def set_aside(ids: pa.Array, mask: np.ndarray, reasons: list[str]) -> None:
             nonlocal quarantine
             if quarantine is None:
-                qtmp = stack.enter_context(staged(qtarget))
-                quarantine = stack.enter_context(pq.ParquetWriter(qtmp, qschema))
+                qsink = stack.enter_context(store.staged(qtarget))
+                quarantine = stack.enter_context(pq.ParquetWriter(qsink, qschema))
             quarantine.write_batch(pa.record_batch(
                 [ids.filter(pa.array(mask)), pa.array(reasons, pa.string())], schema=qschema))
 
@@ -377,15 +354,15 @@ def _score(partition: Partition, manifest: Manifest, target: OutputLocation,
                 "committed are kept"
             ) from err
         _check_unique(partition, id_chunks)
-        merged = stats.result(partition.relpath, str(target))
+        merged = stats.result(partition.relpath, store.uri(target))
         writer.add_key_value_metadata({METADATA_KEY: json.dumps(
             provenance | {"bad_row_count": n_bad,
                           "stats": merged.model_dump(exclude={"path"})})})
         writer.close()
         if quarantine is not None:
             quarantine.close()
-        elif qtarget.exists():
-            qtarget.unlink()  # from an earlier run of this partition; no longer true
+        else:
+            store.delete(qtarget)  # from an earlier run of this partition; no longer true
     members = [
         MemberStats(name=n, digest=digests[n], rows=0 if k in reused else scored,
                     seconds=seconds.get(k, 0.0), skipped=k in reused)

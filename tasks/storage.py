@@ -1,16 +1,23 @@
-"""Atomic file commits and output-folder layout, on a local folder or on S3.
+"""The output store: a local folder or an S3 prefix, chosen once from the output URI.
 
-Every file the pipeline publishes is written under a hidden staging name in its final
-folder and renamed into place only when complete, so readers of ``DIR/ensemble/`` (which
-skip names starting with ``.`` or ``_``, as pyarrow datasets do) never see a partial file.
+Everything the pipeline writes goes through one :class:`Store` (``store_for(output)``):
+open a staged file, publish it, read a committed file's footer, test, delete, list,
+write the run record, lock the folder. Compute code never asks which backend it has; the
+two implementations differ only where the storage does:
 
-S3 has no rename, and an object upload that fails half-way can still be completed by
-pyarrow (its output stream completes the upload when closed, even from a destructor, and
-``ParquetWriter`` writes a footer when closed after an error), so an object is never
-streamed to its final key. It is streamed to the same hidden staging name, then published
-with a server-side copy (``CopyObject``: the final key holds the old object or the whole
-new one, never a part) and the staging object deleted. Every function here takes a local
-``Path`` or an ``s3://`` URI (also wrapped in ``Path()``, as the flow does).
+- **Publishing.** Every file is written under a hidden staging name in its final folder
+  and published whole, so readers of ``DIR/ensemble/`` (which skip names starting with
+  ``.`` or ``_``, as pyarrow datasets do) never see a partial file. Locally that is a
+  rename. S3 has no rename, and an upload that fails half-way can still be completed by
+  pyarrow (its output stream completes the upload when closed, even from a destructor),
+  so an object is never streamed to its final key: it is streamed to the staging key,
+  published with a server-side copy (the final key holds the old object or the whole new
+  one, never a part), and the staging object deleted.
+- **Locking.** Locally an ``flock`` on ``DIR/.lock``; on S3 a best-effort lock object.
+
+Staging and previous-version files carry a marker only this tool writes; the clean-up
+after a killed run removes only those, and only where the tool writes. Credentials,
+region and endpoint for S3 come from the standard AWS variables (``tasks.fs``).
 """
 
 from __future__ import annotations
@@ -24,114 +31,45 @@ import socket
 import threading
 import time
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any, TypeVar, overload
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from loaders.errors import OutputError, OutputLocked
 from tasks.fs import S3Path, s3_filesystem, s3_uri
 
 __all__ = [
     "ENSEMBLE_DIR",
-    "MEMBERS_DIR",
+    "LOCK_FILE",
     "QUARANTINE_DIR",
-    "OutputLocation",
+    "LocalStore",
+    "S3Store",
+    "Store",
     "check_output_apart",
     "check_writable",
     "is_staging_name",
-    "member_path",
-    "output_location",
+    "open_input",
+    "open_parquet",
     "output_lock",
-    "previous_name",
     "remove_stale_staging",
-    "replace",
-    "safe_join",
-    "staged",
+    "store_for",
     "write_json_atomic",
 ]
 
 ENSEMBLE_DIR = "ensemble"
-MEMBERS_DIR = "members"
 QUARANTINE_DIR = "quarantine"
-
-OutputLocation = Path | S3Path
-_Loc = TypeVar("_Loc", Path, S3Path)
-
-
-def output_location(location: str | os.PathLike[str] | S3Path) -> OutputLocation:
-    """``location`` as an ``S3Path`` when it names S3, else as a local ``Path`` (as given,
-    not resolved)."""
-    if isinstance(location, S3Path):
-        return location
-    uri = s3_uri(location)
-    if uri is not None:
-        return S3Path.from_uri(uri)
-    return Path(location)
-
-
-def replace(src: OutputLocation, dst: OutputLocation) -> None:
-    """``os.replace`` locally; on S3 a server-side copy then a delete of ``src`` (after
-    which ``src`` is gone: with a crash in between, both exist and ``src`` stays)."""
-    if isinstance(src, S3Path) and isinstance(dst, S3Path):
-        fs = s3_filesystem()
-        fs.copy_file(src.key, dst.key)
-        fs.delete_file(src.key)
-    elif isinstance(src, Path) and isinstance(dst, Path):
-        os.replace(src, dst)
-    else:
-        raise TypeError(f"cannot move {src} to {dst}: not on the same storage")
-
-
-@overload
-def safe_join(root: Path, relpath: str) -> Path: ...
-@overload
-def safe_join(root: S3Path, relpath: str) -> S3Path: ...
-@overload
-def safe_join(root: OutputLocation, relpath: str) -> OutputLocation: ...
-def safe_join(root: OutputLocation, relpath: str) -> OutputLocation:
-    """``root / relpath``, refusing anything that would land outside ``root``.
-
-    Raises:
-        OutputError: ``relpath`` is absolute or climbs out with ``..``.
-    """
-    rel = PurePosixPath(relpath)
-    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
-        raise OutputError(f"refusing to write {relpath!r}: it would land outside {root}")
-    return root.joinpath(*rel.parts)
-
-
-def member_path(output_dir: Path, member: str, relpath: str) -> Path:
-    return safe_join(output_dir / MEMBERS_DIR / member, relpath)
-
+LOCK_FILE = ".lock"
 
 # Names of the hidden files this tool writes beside a file it is about to publish (a
 # staging copy) or to replace (the previous version, kept while its scores are reused).
-# The marker makes them the tool's own: the clean-up after a killed run deletes only
-# names of exactly this form, and only in the folders the tool writes, never a user's
-# other hidden or .tmp files.
 _STAGING_MARKER = "ensemble-scoring"
 _STAGING_PATTERN = re.compile(
     rf"^\..+\.{_STAGING_MARKER}-(staging|previous)-[0-9a-f]{{32}}\.tmp$")
-
-
-def _staging_name(final: _Loc, kind: str = "staging") -> _Loc:
-    return final.with_name(f".{final.name}.{_STAGING_MARKER}-{kind}-{uuid.uuid4().hex}.tmp")
-
-
-@overload
-def previous_name(final: Path) -> Path: ...
-@overload
-def previous_name(final: S3Path) -> S3Path: ...
-@overload
-def previous_name(final: OutputLocation) -> OutputLocation: ...
-def previous_name(final: OutputLocation) -> OutputLocation:
-    """Where a committed file is moved while it is replaced (see ``tasks.scoring``)."""
-    if isinstance(final, S3Path):
-        return _staging_name(final, "previous")
-    return _staging_name(final, "previous")
 
 
 def is_staging_name(name: str) -> bool:
@@ -139,217 +77,407 @@ def is_staging_name(name: str) -> bool:
     return bool(_STAGING_PATTERN.match(name))
 
 
-@overload
-def staged(final: Path) -> contextlib.AbstractContextManager[Path]: ...
-@overload
-def staged(final: S3Path) -> contextlib.AbstractContextManager[pa.NativeFile]: ...
-def staged(final: Path | S3Path) -> contextlib.AbstractContextManager[Any]:
-    """Yield somewhere to write ``final``'s content; publish it if the block succeeds.
-
-    Locally a staging path beside ``final``, renamed into place; on S3 an open output
-    stream to a hidden staging object, copied into place (see the module docstring).
-    """
-    if isinstance(final, S3Path):
-        return _staged_s3(final)
-    return _staged_local(final)
+def _hidden_name(rel: str, kind: str) -> str:
+    path = PurePosixPath(rel)
+    return str(path.with_name(f".{path.name}.{_STAGING_MARKER}-{kind}-{uuid.uuid4().hex}.tmp"))
 
 
-@contextlib.contextmanager
-def _staged_s3(final: S3Path) -> Iterator[pa.NativeFile]:
-    fs = s3_filesystem()
-    tmp = _staging_name(final)
-    stream = fs.open_output_stream(tmp.key)
-    try:
-        yield stream
-        stream.close()  # completes the upload of the hidden object
-        fs.copy_file(tmp.key, final.key)  # the commit: CopyObject publishes it whole
-    except BaseException:
-        # Close now (it would otherwise complete the upload later, from a destructor,
-        # after the delete), then delete the hidden object the close may have made.
-        with contextlib.suppress(Exception):
-            stream.close()
-        with contextlib.suppress(OSError):
-            fs.delete_file(tmp.key)
-        raise
-    with contextlib.suppress(OSError):  # else the next run's remove_stale_staging does it
-        fs.delete_file(tmp.key)
-
-
-@contextlib.contextmanager
-def _staged_local(final: Path) -> Iterator[Path]:
-    """Yield a staging path beside ``final``; rename it into place if the block succeeds.
-
-    On any failure, including KeyboardInterrupt, the staging file is removed and ``final``
-    is left as it was. A ``kill -9`` can leave a hidden ``.*.tmp`` file, never a partial
-    ``final``.
-    """
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputError(
-            f"cannot create output folder {final.parent}: {err.strerror or err}; choose a "
-            "writable --output"
-        ) from err
-    tmp = _staging_name(final)
-    try:
-        yield tmp
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
-def write_json_atomic(final: Path | str, data: Any) -> None:
-    """Write ``data`` as JSON to ``final`` atomically (a local path or an S3 URI)."""
-    text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
-    loc = output_location(final)
-    if isinstance(loc, S3Path):
-        # The whole body is in memory before the upload starts: one PUT, all or nothing.
-        with s3_filesystem().open_output_stream(loc.key) as out:
-            out.write(text.encode())
-        return
-    with staged(loc) as tmp:
-        tmp.write_text(text)
-
-
-def check_writable(output_dir: Path | S3Path) -> None:
-    """Fail before scoring, not after, when the output folder cannot be written.
+def _checked_rel(rel: str) -> str:
+    """``rel`` as a clean relative POSIX path below the store's root.
 
     Raises:
-        OutputError: the folder cannot be created or written (on S3: no such bucket, no
-            permission, or the AWS_* variables point nowhere).
+        OutputError: ``rel`` is absolute, empty or climbs out with ``..``.
     """
-    if isinstance(output_dir, S3Path):
-        probe_key = (output_dir / f".write-probe-{uuid.uuid4().hex[:8]}").key
+    path = PurePosixPath(rel)
+    if path.is_absolute() or ".." in path.parts or not path.parts:
+        raise OutputError(f"refusing to write {rel!r}: it would land outside the output folder")
+    return str(path)
+
+
+class Store(ABC):
+    """One output folder: local or S3, with the same operations. Paths are relative to it."""
+
+    root: Path | S3Path  # the folder, as the user's tools name it
+
+    def __init__(self, fs: pafs.FileSystem, base: str) -> None:
+        self.fs = fs
+        self._base = base.rstrip("/")  # the root as a path of ``fs``
+
+    # ------------------------------------------------------------------ paths
+    def _path(self, rel: str = "") -> str:
+        return f"{self._base}/{_checked_rel(rel)}" if rel else self._base
+
+    @abstractmethod
+    def uri(self, rel: str = "") -> str:
+        """Where ``rel`` is, as the user names it: an absolute path or an s3:// URI."""
+
+    # ------------------------------------------------------------------ reading
+    def exists(self, rel: str) -> bool:
+        return bool(self.fs.get_file_info(self._path(rel)).type != pafs.FileType.NotFound)
+
+    def open_input(self, rel: str) -> pa.NativeFile:
+        """A random-access file, for ``pq.ParquetFile`` (the caller closes it)."""
+        return self.fs.open_input_file(self._path(rel))
+
+    def footer_metadata(self, rel: str) -> dict[bytes, bytes] | None:
+        """The key-value metadata of a committed Parquet file's footer; None if the file
+        is missing or unreadable."""
         try:
-            fs = s3_filesystem()
-            with fs.open_output_stream(probe_key) as out:
-                out.write(b"")
-            fs.delete_file(probe_key)
+            with self.open_input(rel) as f:
+                return pq.read_metadata(f).metadata or {}
+        except (OSError, pa.ArrowException):
+            return None
+
+    def _files(self, rel: str, *, recursive: bool) -> list[pafs.FileInfo]:
+        selector = pafs.FileSelector(self._path(rel), recursive=recursive,
+                                     allow_not_found=True)
+        return [i for i in self.fs.get_file_info(selector) if i.type == pafs.FileType.File]
+
+    # ------------------------------------------------------------------ writing
+    def delete(self, rel: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.fs.delete_file(self._path(rel))
+
+    @abstractmethod
+    def move(self, src: str, dst: str) -> None:
+        """Replace ``dst`` with ``src`` (which is gone afterwards)."""
+
+    def hide(self, rel: str) -> str | None:
+        """Move the committed ``rel`` out of readers' sight, under a previous-version name
+        (returned; None when there was nothing to hide)."""
+        if not self.exists(rel):
+            return None
+        hidden = _hidden_name(rel, "previous")
+        self.move(rel, hidden)
+        return hidden
+
+    @contextlib.contextmanager
+    def staged(self, rel: str) -> Iterator[pa.NativeFile]:
+        """An output stream for ``rel``'s new content, published whole if the block
+        succeeds; on any failure (KeyboardInterrupt included) the staging file is removed
+        and ``rel`` is left as it was. A ``kill -9`` can leave a staging file, never a
+        partial ``rel``."""
+        rel = _checked_rel(rel)
+        self._make_parent(rel)
+        tmp = _hidden_name(rel, "staging")
+        stream = self.fs.open_output_stream(self._path(tmp))
+        try:
+            yield stream
+            stream.close()
+            self.move(tmp, rel)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                stream.close()
+            with contextlib.suppress(OSError):
+                self.delete(tmp)
+            raise
+
+    def _make_parent(self, rel: str) -> None:
+        parent = str(PurePosixPath(rel).parent)
+        try:
+            self.fs.create_dir(self._path(parent) if parent != "." else self._base,
+                               recursive=True)
         except OSError as err:
             raise OutputError(
-                f"output {output_dir} is not writable ({err}); check the bucket and the "
-                "AWS_* environment variables (credentials, AWS_REGION, AWS_ENDPOINT_URL)"
+                f"cannot create output folder {self.uri(parent)}: {err}; choose a writable "
+                "--output"
             ) from err
-        return
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        probe = output_dir / f".write-probe-{uuid.uuid4().hex[:8]}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise OutputError(
-            f"output folder {output_dir} is not writable ({err.strerror or err}); choose "
-            "another --output or fix its permissions"
-        ) from err
 
+    def write_json(self, rel: str, data: Any) -> None:
+        """``data`` as JSON, published whole (the run record)."""
+        text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
+        with self.staged(rel) as out:
+            out.write(text.encode())
 
-LOCK_FILE = ".lock"
-_STAGING_SUFFIX = ".tmp"
+    def check_writable(self) -> None:
+        """Fail before scoring, not after, when the folder cannot be written.
 
-
-_held: dict[str, int] = {}
-_held_lock = threading.Lock()
-
-
-@contextlib.contextmanager
-def output_lock(output_dir: Path | str) -> Iterator[None]:
-    """Hold an exclusive lock on the output folder for the whole run.
-
-    Two runs writing one folder would interleave their files, so the second fails at once,
-    naming the first. ``flock`` locks die with their process, ``kill -9`` included, so a
-    crashed run never leaves the folder locked. Re-entrant within a process: the CLI takes
-    it before loading models (to fail in a second, not after start-up) and the flow takes
-    it again. (Advisory and per host: on a network file system shared by several hosts,
-    give each run its own output folder.)
-
-    On S3 the lock is a best-effort lock object (see ``_s3_output_lock``).
-
-    Raises:
-        OutputLocked: another process holds the lock.
-    """
-    loc = output_location(output_dir)
-    key = str(loc) if isinstance(loc, S3Path) else str((loc / LOCK_FILE).resolve())
-    with _held_lock:
-        reentered = key in _held
-        if reentered:
-            _held[key] += 1
-    if reentered:
+        Raises:
+            OutputError: it cannot be created or written.
+        """
+        probe = f".write-probe-{uuid.uuid4().hex[:8]}"
         try:
-            yield
-        finally:
-            with _held_lock:
-                _held[key] -= 1
-        return
-    with _s3_output_lock(loc) if isinstance(loc, S3Path) else _local_output_lock(loc):
-        with _held_lock:
-            _held[key] = 1
-        try:
-            yield
-        finally:
-            with _held_lock:
-                del _held[key]
+            self.fs.create_dir(self._base, recursive=True)
+            with self.fs.open_output_stream(self._path(probe)) as out:
+                out.write(b"")
+            self.fs.delete_file(self._path(probe))
+        except OSError as err:
+            raise OutputError(self._unwritable(err)) from err
 
+    def _unwritable(self, err: OSError) -> str:
+        return (f"output folder {self.uri()} is not writable ({err.strerror or err}); choose "
+                "another --output or fix its permissions")
 
-@contextlib.contextmanager
-def _local_output_lock(output_dir: Path) -> Iterator[None]:
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(output_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as err:
-        raise OutputError(
-            f"output folder {output_dir} is not writable ({err.strerror or err}); choose "
-            "another --output or fix its permissions"
-        ) from err
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as err:
-            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
-            raise OutputLocked(
-                f"output folder {output_dir} is in use by another run ({holder}); wait for it "
-                "to finish, or choose another --output"
-            ) from err
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, (f"pid {os.getpid()} on {socket.gethostname()}, started "
-                       f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}").encode(), 0)
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+    def remove_stale_staging(self) -> int:
+        """Delete staging files left by a killed run; call only while holding the lock.
 
-
-def remove_stale_staging(output_dir: Path | str) -> int:
-    """Delete staging files left by a killed run; call only while holding the lock.
-
-    Only names this tool writes (``is_staging_name``), and only where it writes them:
-    the output folder itself and, recursively, its ``ensemble/`` and ``quarantine/``.
-    """
-    loc = output_location(output_dir)
-    removed = 0
-    if isinstance(loc, S3Path):
-        fs = s3_filesystem()
-        infos = fs.get_file_info(pafs.FileSelector(loc.key, allow_not_found=True))
+        Only names this tool writes (``is_staging_name``), and only where it writes them:
+        the output folder itself and, recursively, its ``ensemble/`` and ``quarantine/``.
+        """
+        infos = self._files("", recursive=False)
         for sub in (ENSEMBLE_DIR, QUARANTINE_DIR):
-            infos += fs.get_file_info(pafs.FileSelector(
-                (loc / sub).key, recursive=True, allow_not_found=True))
+            infos += self._files(sub, recursive=True)
+        removed = 0
         for info in infos:
-            if info.type == pafs.FileType.File and is_staging_name(info.base_name):
+            if is_staging_name(info.base_name):
                 with contextlib.suppress(OSError):
-                    fs.delete_file(info.path)
+                    self.fs.delete_file(info.path)
                     removed += 1
         return removed
-    candidates = [p for p in loc.glob(".*.tmp")] + [
-        p for sub in (ENSEMBLE_DIR, QUARANTINE_DIR) for p in (loc / sub).rglob(".*.tmp")]
-    for path in candidates:
-        if path.is_file() and not path.is_symlink() and is_staging_name(path.name):
-            with contextlib.suppress(OSError):
-                path.unlink()
-                removed += 1
-    return removed
+
+    # ------------------------------------------------------------------ locking
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the folder for this run: a second run fails at once, naming the first.
+        Re-entrant within a process (the CLI takes it before loading models, the flow
+        again).
+
+        Raises:
+            OutputLocked: another run holds it.
+        """
+        key = self.uri()
+        with _HELD_LOCK:
+            reentered = key in _HELD
+            _HELD[key] = _HELD.get(key, 0) + 1
+        try:
+            if reentered:
+                yield
+            else:
+                with self._lock():
+                    yield
+        finally:
+            with _HELD_LOCK:
+                _HELD[key] -= 1
+                if not _HELD[key]:
+                    del _HELD[key]
+
+    @abstractmethod
+    def _lock(self) -> contextlib.AbstractContextManager[None]: ...
+
+
+# Locks this process holds, by store URI: lock() is re-entrant across Store objects.
+_HELD: dict[str, int] = {}
+_HELD_LOCK = threading.Lock()
+
+
+def _holder_text() -> bytes:
+    return (f"pid {os.getpid()} on {socket.gethostname()}, started "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}").encode()
+
+
+class LocalStore(Store):
+    """A local folder (absolute, resolved once)."""
+
+    root: Path
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).expanduser().resolve()
+        super().__init__(pafs.LocalFileSystem(), str(self.root))
+
+    def uri(self, rel: str = "") -> str:
+        return str(self.root / _checked_rel(rel)) if rel else str(self.root)
+
+    def move(self, src: str, dst: str) -> None:
+        os.replace(self._path(src), self._path(dst))
+
+    def check_writable(self) -> None:
+        """As :meth:`Store.check_writable`; also refuses an ``ensemble/`` or
+        ``quarantine/`` that is a symbolic link, which would put the tool's writes and
+        clean-up in a folder it did not create."""
+        for sub in (ENSEMBLE_DIR, QUARANTINE_DIR):
+            if (self.root / sub).is_symlink():
+                raise OutputError(
+                    f"{self.root / sub} is a symbolic link; the tool writes and cleans up "
+                    "only in folders it creates. Remove the link or choose another --output"
+                )
+        super().check_writable()
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """``flock`` on ``DIR/.lock``: released by the OS when the process dies, even by
+        ``kill -9``. Advisory and per host: on a file system shared by several hosts,
+        give each run its own output folder."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise OutputError(self._unwritable(err)) from err
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as err:
+                holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+                raise OutputLocked(
+                    f"output folder {self.root} is in use by another run ({holder}); wait "
+                    "for it to finish, or choose another --output"
+                ) from err
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, _holder_text(), 0)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+
+# S3 lock: S3 has no atomic create-if-absent that pyarrow 26 can issue (no If-None-Match
+# on its PUT), so each run writes its own lock object ``.lock-<uuid>`` and then lists the
+# others. With S3's strong read-after-write and list consistency at most one contender
+# sees no one else (whoever lists first without seeing the other wrote first, so the
+# other's list sees it); when both see each other both give way, which is safe. The holder
+# rewrites its object every _S3_LOCK_BEAT seconds; an object older than _S3_LOCK_TTL by
+# the server's clock (compared with the contender's own fresh object, so client clocks
+# do not matter) belongs to a run that died and is taken over.
+_S3_LOCK_PREFIX = f"{LOCK_FILE}-"
+_S3_LOCK_BEAT = 60.0
+_S3_LOCK_TTL = 300.0
+
+
+class S3Store(Store):
+    """An S3 prefix, through pyarrow's S3 filesystem."""
+
+    root: S3Path
+
+    def __init__(self, root: S3Path) -> None:
+        self.root = root
+        super().__init__(s3_filesystem(), root.key)
+
+    def uri(self, rel: str = "") -> str:
+        return str(self.root / _checked_rel(rel)) if rel else str(self.root)
+
+    def move(self, src: str, dst: str) -> None:
+        """A server-side copy (``CopyObject``: the destination is whole or untouched),
+        then a delete of ``src`` (with a crash in between, both exist)."""
+        self.fs.copy_file(self._path(src), self._path(dst))
+        self.fs.delete_file(self._path(src))
+
+    def _make_parent(self, rel: str) -> None:
+        pass  # S3 has no folders to create
+
+    def _unwritable(self, err: OSError) -> str:
+        return (f"output {self.uri()} is not writable ({err}); check the bucket and the "
+                "AWS_* environment variables (credentials, AWS_REGION, AWS_ENDPOINT_URL)")
+
+    def check_writable(self) -> None:
+        probe = f".write-probe-{uuid.uuid4().hex[:8]}"
+        try:
+            with self.fs.open_output_stream(self._path(probe)) as out:
+                out.write(b"")
+            self.fs.delete_file(self._path(probe))
+        except OSError as err:
+            raise OutputError(self._unwritable(err)) from err
+
+    def _put(self, rel: str, body: bytes) -> None:
+        with self.fs.open_output_stream(self._path(rel)) as out:
+            out.write(body)
+
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        mine = f"{_S3_LOCK_PREFIX}{uuid.uuid4().hex}"
+        body = _holder_text()
+        try:
+            self._put(mine, body)
+            infos = self._files("", recursive=False)
+        except OSError as err:
+            raise OutputError(
+                f"cannot write the lock object in {self.uri()} ({err}); check the bucket and "
+                "the AWS_* environment variables"
+            ) from err
+        self._give_way_to_live_holders(mine, infos)
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(_S3_LOCK_BEAT):
+                with contextlib.suppress(OSError):
+                    self._put(mine, body)
+
+        beater = threading.Thread(target=beat, name="s3-lock-heartbeat", daemon=True)
+        beater.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            beater.join()
+            self.delete(mine)
+
+    def _give_way_to_live_holders(self, mine: str, infos: list[pafs.FileInfo]) -> None:
+        """Take over lock objects of runs that stopped beating; raise if one is alive."""
+        own = next((i for i in infos if i.base_name == mine), None)
+        live = []
+        for info in infos:
+            if info.base_name == mine or not info.base_name.startswith(_S3_LOCK_PREFIX):
+                continue
+            if (own is not None and own.mtime_ns is not None and info.mtime_ns is not None
+                    and own.mtime_ns - info.mtime_ns > _S3_LOCK_TTL * 1e9):
+                with contextlib.suppress(OSError):
+                    self.fs.delete_file(info.path)  # its run stopped beating: it died
+            else:
+                live.append(info)
+        if not live:
+            return
+        self.delete(mine)
+        try:
+            with self.fs.open_input_stream(live[0].path) as f:
+                holder = f.read().decode(errors="replace").strip() or "unknown"
+        except OSError:
+            holder = "unknown"
+        raise OutputLocked(
+            f"output folder {self.uri()} is in use by another run ({holder}); wait for it to "
+            f"finish, or choose another --output (a run killed with kill -9 leaves "
+            f"{live[0].base_name}, taken over after {_S3_LOCK_TTL:.0f} s)"
+        )
+
+
+def store_for(location: str | os.PathLike[str] | S3Path) -> Store:
+    """The store of an output folder: S3 for an ``s3://`` URI (also as ``Path("s3:/..")``),
+    else local. The one place that tells the backends apart."""
+    if isinstance(location, S3Path):
+        return S3Store(location)
+    uri = s3_uri(location)
+    return S3Store(S3Path.from_uri(uri)) if uri is not None else LocalStore(location)
+
+
+def open_input(location: str) -> pa.NativeFile:
+    """A file named by a local path or an ``s3://`` URI (a partition, a committed ensemble
+    file), opened through the store of its folder: the one way files are read, so tests
+    inject read faults there (a faulty store), and S3 uses the process's configured
+    filesystem (pyarrow given the URI itself would ignore AWS_ENDPOINT_URL)."""
+    uri = s3_uri(location)
+    text = uri[len("s3://"):] if uri is not None else str(location)
+    parent, _, name = text.rstrip("/").rpartition("/")
+    store = store_for(f"s3://{parent}" if uri is not None else (parent or "/"))
+    return store.open_input(name)
+
+
+def open_parquet(location: str) -> pq.ParquetFile:
+    """``open_input`` as a Parquet file (its footer read; the data when asked)."""
+    return pq.ParquetFile(open_input(location))
+
+
+# Conveniences for callers that hold a location, not a store.
+def output_lock(location: str | os.PathLike[str] | S3Path
+                ) -> contextlib.AbstractContextManager[None]:
+    """``store_for(location).lock()``."""
+    return store_for(location).lock()
+
+
+def check_writable(location: str | os.PathLike[str] | S3Path) -> None:
+    store_for(location).check_writable()
+
+
+def remove_stale_staging(location: str | os.PathLike[str] | S3Path) -> int:
+    return store_for(location).remove_stale_staging()
+
+
+def write_json_atomic(final: str | os.PathLike[str], data: Any) -> None:
+    """Write ``data`` as JSON to ``final`` (a local path or an S3 URI), published whole."""
+    uri = s3_uri(final)
+    if uri is not None:
+        path = PurePosixPath(S3Path.from_uri(uri).key)
+        S3Store(S3Path(str(path.parent))).write_json(path.name, data)
+    else:
+        LocalStore(Path(final).expanduser().resolve().parent).write_json(Path(final).name, data)
 
 
 def check_output_apart(input_path: str, output_dir: str) -> None:
@@ -374,81 +502,3 @@ def check_output_apart(input_path: str, output_dir: str) -> None:
             "and lock would be written among your data. Choose an output folder outside the "
             "input, for example a sibling folder"
         )
-
-
-# S3 lock: S3 has no atomic create-if-absent that pyarrow 26 can issue (no If-None-Match
-# on its PUT), so each run writes its own lock object ``.lock-<uuid>`` and then lists the
-# others. With S3's strong read-after-write and list consistency at most one contender
-# sees no one else (whoever lists first without seeing the other wrote first, so the
-# other's list sees it); when both see each other both give way, which is safe. The holder
-# rewrites its object every _S3_LOCK_BEAT seconds; an object older than _S3_LOCK_TTL by
-# the server's clock (compared with the contender's own fresh object, so client clocks
-# do not matter) belongs to a run that died and is taken over.
-_S3_LOCK_PREFIX = f"{LOCK_FILE}-"
-_S3_LOCK_BEAT = 60.0
-_S3_LOCK_TTL = 300.0
-
-
-def _holder_text() -> bytes:
-    return (f"pid {os.getpid()} on {socket.gethostname()}, started "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}").encode()
-
-
-def _put(fs: pafs.S3FileSystem, key: str, body: bytes) -> None:
-    with fs.open_output_stream(key) as out:
-        out.write(body)
-
-
-@contextlib.contextmanager
-def _s3_output_lock(root: S3Path) -> Iterator[None]:
-    fs = s3_filesystem()
-    mine = root / f"{_S3_LOCK_PREFIX}{uuid.uuid4().hex}"
-    body = _holder_text()
-    try:
-        _put(fs, mine.key, body)
-        infos = fs.get_file_info(pafs.FileSelector(root.key, recursive=False))
-    except OSError as err:
-        raise OutputError(
-            f"cannot write the lock object in {root} ({err}); check the bucket and the "
-            "AWS_* environment variables"
-        ) from err
-    own = next((i for i in infos if i.path == mine.key), None)
-    others = [i for i in infos if i.type == pafs.FileType.File and i.path != mine.key
-              and i.base_name.startswith(_S3_LOCK_PREFIX)]
-    live = []
-    for info in others:
-        if (own is not None and own.mtime_ns is not None and info.mtime_ns is not None
-                and own.mtime_ns - info.mtime_ns > _S3_LOCK_TTL * 1e9):
-            with contextlib.suppress(OSError):
-                fs.delete_file(info.path)  # its run stopped beating: it died
-        else:
-            live.append(info)
-    if live:
-        with contextlib.suppress(OSError):
-            fs.delete_file(mine.key)
-        try:
-            with fs.open_input_stream(live[0].path) as f:
-                holder = f.read().decode(errors="replace").strip() or "unknown"
-        except OSError:
-            holder = "unknown"
-        raise OutputLocked(
-            f"output folder {root} is in use by another run ({holder}); wait for it to "
-            f"finish, or choose another --output (a run killed with kill -9 leaves "
-            f"{live[0].base_name}, taken over after {_S3_LOCK_TTL:.0f} s)"
-        )
-    stop = threading.Event()
-
-    def beat() -> None:
-        while not stop.wait(_S3_LOCK_BEAT):
-            with contextlib.suppress(OSError):
-                _put(fs, mine.key, body)
-
-    beater = threading.Thread(target=beat, name="s3-lock-heartbeat", daemon=True)
-    beater.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        beater.join()
-        with contextlib.suppress(OSError):
-            fs.delete_file(mine.key)

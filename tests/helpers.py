@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import yaml
 from flows.demo import mlp_reference
 from loaders._tf import tf
 from loaders.manifest import load_manifest
+from tasks.storage import LocalStore
 
 # The session's small checkpoints (conftest.py builds them): 8 features, 3 seeds.
 N_FEATURES = 8
@@ -205,3 +206,32 @@ def reference_scores(manifest_path: Path, data: Path) -> dict[int, tuple[float, 
 def assert_output_matches(out: Path, ref: dict[int, tuple[float, ...]]) -> None:
     """The ensemble table under ``out`` holds every reference id once, scores within 1e-5."""
     assert_matches_reference(read_dataset(out / "ensemble"), ref)
+
+
+class FaultyStore(LocalStore):
+    """A local store whose reads fail where ``fail(path)`` says so: faults are injected
+    through the storage seam (``tasks.storage.store_for``), as a flaky disk or network
+    mount would raise them, not by patching pyarrow."""
+
+    def __init__(self, root: str | os.PathLike[str], fail: Callable[[Path], bool]) -> None:
+        super().__init__(root)
+        self.fail = fail
+
+    def open_input(self, rel: str) -> pa.NativeFile:
+        path = self.root / rel
+        if self.fail(path):
+            raise OSError(5, "Input/output error (injected)", str(path))
+        return super().open_input(rel)
+
+
+def inject_read_faults(monkeypatch: pytest.MonkeyPatch, fail: Callable[[Path], bool]) -> None:
+    """Every local store made from now on (in this test) is a ``FaultyStore``."""
+    import tasks.storage
+
+    real = tasks.storage.store_for
+
+    def faulty(location: Any) -> tasks.storage.Store:
+        store = real(location)
+        return FaultyStore(store.root, fail) if isinstance(store, LocalStore) else store
+
+    monkeypatch.setattr(tasks.storage, "store_for", faulty)

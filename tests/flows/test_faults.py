@@ -17,36 +17,37 @@ from flows.ensemble import score_ensemble
 from flows.params import ScoreParams
 from loaders.errors import OutputLocked
 from tasks.storage import output_lock
-from tests.helpers import assert_output_matches, plant_user_files, reference_scores
+from tests.helpers import (
+    assert_output_matches,
+    inject_read_faults,
+    plant_user_files,
+    reference_scores,
+)
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
 def test_transient_read_errors_are_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                            ) -> None:
-    """A reader that raises OSError twice, then works: the task is retried and completes."""
-    import tasks.scoring
-
+    """A partition whose reads raise OSError twice once scoring starts, then work: the
+    task is retried and completes."""
     manifest = build_demo(tmp_path / "demo", partitions=2, rows=2000)
-    real = tasks.scoring.pq.ParquetFile
-    calls: dict[str, int] = {}
+    calls: dict[Path, int] = {}
+    victim = (manifest.parent / "data" / "part-0001.parquet").resolve()  # not its output
 
-    victim = manifest.parent / "data" / "part-0001.parquet"  # the input, not its output
-
-    def flaky(path: str, *args: object, **kwargs: object) -> pq.ParquetFile:
-        if Path(path) == victim:
+    def flaky(path: Path) -> bool:
+        if path == victim:
             calls[path] = calls.get(path, 0) + 1
-            if calls[path] <= 2:
-                raise OSError(5, "Input/output error (injected)", path)
-        return real(path, *args, **kwargs)
+            return calls[path] in (2, 3)  # the first read is the plan's footer check
+        return False
 
-    monkeypatch.setattr(tasks.scoring.pq, "ParquetFile", flaky)
+    inject_read_faults(monkeypatch, flaky)
     out = tmp_path / "out"
     summary = score_ensemble(ScoreParams(models=str(manifest), input=str(manifest.parent /
                                                                           "data"),
                                          output=str(out), retries=3))
     assert summary.rows == 4000 and not summary.failed
-    assert list(calls.values()) == [3]  # two failures, then the third try read it
+    assert list(calls.values()) == [4]  # planned, two failures, then the third try read it
     assert_output_matches(out, reference_scores(manifest, manifest.parent / "data"))
 
 
@@ -56,18 +57,9 @@ def test_an_unreadable_table_for_the_id_check_costs_a_warning_not_the_run(
     completes and says the check was not done."""
     import json
 
-    import tasks.scoring
-
     manifest = build_demo(tmp_path / "demo", partitions=2, rows=500)
     out = tmp_path / "out"
-    real = tasks.scoring.pq.ParquetFile
-
-    def broken_outputs(path: str, *args: object, **kwargs: object) -> pq.ParquetFile:
-        if Path(str(path)).is_relative_to(out / "ensemble"):
-            raise OSError(5, "Input/output error (injected)", path)
-        return real(path, *args, **kwargs)
-
-    monkeypatch.setattr(tasks.scoring.pq, "ParquetFile", broken_outputs)
+    inject_read_faults(monkeypatch, lambda path: path.is_relative_to(out / "ensemble"))
     summary = score_ensemble(ScoreParams(models=str(manifest), input=str(manifest.parent /
                                                                           "data"),
                                          output=str(out), retries=0))

@@ -33,7 +33,7 @@ from loaders.manifest import Manifest, ModelSpec, load_manifest
 from tasks.fs import S3Path, s3_filesystem
 from tasks.partitions import check_partition, discover_partitions
 from tasks.scoring import committed_metadata, score_partition
-from tasks.storage import check_writable, output_lock
+from tasks.storage import check_writable, output_lock, store_for
 from tests.helpers import N_FEATURES, assert_matches_reference
 
 REGION = "us-east-1"
@@ -152,7 +152,7 @@ def test_flow_scores_s3_input_into_s3_output_and_resumes(tmp_path: Path, bucket:
         record = json.loads(f.read())
     assert set(record["partitions"]) == {f"part-{i:04d}.parquet" for i in range(3)}
     # The committed file's footer is read back from S3 for resume.
-    meta = committed_metadata(S3Path(f"{bucket}/out/ensemble/part-0000.parquet"))
+    meta = committed_metadata(store_for(f"s3://{bucket}/out"), "ensemble/part-0000.parquet")
     assert meta is not None and meta["partition"] == "part-0000.parquet"
 
     # Second run: everything reused, nothing rewritten.
@@ -267,8 +267,8 @@ def test_glob_on_s3(bucket: str, features: list[str]) -> None:
 
 
 def test_fingerprint_tells_same_size_rewrites_apart(bucket: str, features: list[str]) -> None:
-    """Last-Modified has one-second resolution on AWS: the ETag catches a same-size rewrite
-    within that second."""
+    """Last-Modified has one-second resolution on AWS: the ETag (and the footer's hash)
+    catch a same-size rewrite within that second."""
     fs = s3_filesystem()
     manifest = _manifest([Path("unused")], features)
     x = np.random.default_rng(5).standard_normal((100, N_FEATURES)).astype(np.float32)
@@ -279,7 +279,7 @@ def test_fingerprint_tells_same_size_rewrites_apart(bucket: str, features: list[
 
     put()
     before = check_partition(discover_partitions(f"s3://{bucket}/in")[0], manifest)
-    assert before.etag and before.fingerprint.endswith(before.etag)
+    assert before.etag and before.footer and before.etag in before.fingerprint
     x[7, 3] += 1.0
     put()
     after = check_partition(discover_partitions(f"s3://{bucket}/in")[0], manifest)

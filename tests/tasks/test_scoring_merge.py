@@ -17,7 +17,7 @@ from loaders.manifest import Manifest, ModelSpec, parse_manifest
 from tasks.merge import RowStream, batches_by_row_group, combine, read_ahead
 from tasks.partitions import check_partition, discover_partitions
 from tasks.scoring import committed_metadata, score_partition
-from tasks.storage import staged
+from tasks.storage import store_for
 from tests.helpers import N_FEATURES, write_table
 
 
@@ -171,7 +171,7 @@ def test_replaced_checkpoint_rescores_only_that_member(
     for k in range(3):
         assert np.abs(table.column(f"score_m{k}").to_numpy() - refs[:, k]).max() <= 1e-5
     assert np.abs(table.column("ensemble_score").to_numpy() - refs.mean(1)).max() <= 1e-5
-    assert committed_metadata(Path(result.merged.path))["members"]["m1"] == (
+    assert committed_metadata(store_for(out), "ensemble/p.parquet")["members"]["m1"] == (
         result.scored.members[1].digest)
 
 
@@ -266,11 +266,15 @@ def test_duplicate_ids_are_refused(tmp_path: Path, checkpoints: list[Path],
 
 
 def test_staged_leaves_nothing_on_failure(tmp_path: Path) -> None:
-    target = tmp_path / "x" / "f.parquet"
-    with pytest.raises(RuntimeError), staged(target) as tmp:
-        tmp.write_text("half")
+    store = store_for(tmp_path)
+    with pytest.raises(RuntimeError), store.staged("x/f.parquet") as out:
+        out.write(b"half")
         raise RuntimeError("boom")
     assert list((tmp_path / "x").iterdir()) == []
+    with store.staged("x/f.parquet") as out:
+        out.write(b"whole")
+    assert [p.name for p in (tmp_path / "x").iterdir()] == ["f.parquet"]
+    assert (tmp_path / "x" / "f.parquet").read_bytes() == b"whole"
 
 
 def test_statistics_add_up(tmp_path: Path, checkpoints: list[Path],
