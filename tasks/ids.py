@@ -27,7 +27,7 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 
 from loaders.errors import DataError
-from tasks.merge import batches_by_row_group
+from tasks.reading import batches_by_row_group
 from tasks.storage import open_parquet
 
 __all__ = ["RepeatedIds", "find_repeated_ids"]

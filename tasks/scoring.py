@@ -1,64 +1,52 @@
 """Scoring one partition with every member, in one streaming pass: the pipeline's hot loop.
 
-Each record batch is decoded once and fed to every member in turn; the ensemble columns
-are computed from the scores still in memory and the partition's slice of the table is
-written batch by batch and committed atomically. Decoding the batch once per partition,
-not once per member, and merging in the same pass, not by re-reading per-member files,
-each saved a sizeable share of the CPU on the benchmark workload (see BENCHMARKS.md).
+Each record batch is decoded once (one batch ahead, on another thread) and fed to the
+per-batch core (``tasks.batch``), which scores it with every member and combines the
+scores still in memory; the partition's writer (``tasks.writer``) writes the table batch
+by batch and commits it atomically. Decoding the batch once per partition, not once per
+member, and merging in the same pass, not by re-reading per-member files, each saved a
+sizeable share of the CPU on the benchmark workload (see BENCHMARKS.md).
 
-The committed file remembers what produced it (partition fingerprint, member digests,
-method, bad-row policy) in its footer, so a re-run skips an unchanged partition without
-reading it, and when one checkpoint is replaced, scores only that member and takes the
-others' scores from the previous file.
-
-Input and output may be on S3 (``tasks.fs``): only where files are opened, hidden and
-committed differs (``tasks.storage``); the loop over batches is the same code.
+The committed file remembers what produced it in its footer, so a re-run skips an
+unchanged partition without reading it, and when one checkpoint is replaced, scores only
+that member and takes the others' scores from the previous file (``tasks.reuse``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from loaders.cache import MODEL_CACHE
-from loaders.errors import DataError, ModelLoadError
+from loaders.errors import DataError
 from loaders.inspect import digest_files, resolve_model
 from loaders.manifest import BadRowPolicy, Manifest
-from tasks.features import all_finite, find_bad_rows, to_matrix
-from tasks.merge import (
-    EnsembleMethod,
-    EnsembleStats,
-    PartitionMerged,
-    RowStream,
-    batches_by_row_group,
-    combine,
-    read_ahead,
-)
+from tasks.batch import ScoringContext, score_batch
+from tasks.features import to_matrix
+from tasks.merge import EnsembleMethod, EnsembleStats, PartitionMerged
 from tasks.partitions import Partition
+from tasks.reading import RowStream, batches_by_row_group, read_ahead
+from tasks.reuse import Reuse, plan_reuse
 from tasks.storage import ENSEMBLE_DIR, QUARANTINE_DIR, Store, open_parquet, store_for
+from tasks.writer import PartitionWriter, committed_metadata
 
 __all__ = [
-    "METADATA_KEY",
     "MemberStats",
     "PartitionResult",
     "PartitionScored",
     "committed_metadata",
     "score_partition",
 ]
-
-METADATA_KEY = b"ensemble_scoring"
-_SHOW_IDS = 5
 
 
 class MemberStats(BaseModel):
@@ -90,27 +78,197 @@ class PartitionResult(BaseModel):
     merged: PartitionMerged
 
 
-def committed_metadata(store: Store, rel: str) -> dict[str, Any] | None:
-    """The provenance stored in a committed ensemble file's footer, if readable."""
-    meta = store.footer_metadata(rel)
+@dataclass
+class _Job:
+    """One partition's scoring: where it goes and what produced it."""
+
+    partition: Partition
+    manifest: Manifest
+    store: Store
+    provenance: dict[str, Any]
+    method: EnsembleMethod
+    policy: BadRowPolicy
+    batch_size: int
+    start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def table(self) -> str:
+        return f"{ENSEMBLE_DIR}/{self.partition.relpath}"
+
+    @property
+    def quarantine(self) -> str:
+        return f"{QUARANTINE_DIR}/{self.partition.relpath}"
+
+    @property
+    def names(self) -> list[str]:
+        return self.manifest.member_names
+
+
+def score_partition(
+    partition: Partition,
+    manifest: Manifest,
+    output_dir: str,
+    *,
+    method: EnsembleMethod = "mean",
+    batch_size: int = 16_384,
+    bad_rows: BadRowPolicy = "fail",
+    force: bool = False,
+) -> PartitionResult:
+    """Write ``OUTPUT/ensemble/<relpath>`` for ``partition``, reusing what is still valid.
+
+    Raises:
+        DataError: unreadable partition, bad rows under ``fail``, duplicate ids.
+        ModelLoadError: a member cannot be loaded, returns the wrong shape, or returns
+            non-finite scores under ``fail``.
+    """
+    digests = {s.name: digest_files(resolve_model(s).files) for s in manifest.models}
+    job = _Job(partition, manifest, store_for(output_dir), {
+        "partition": partition.relpath,
+        "fingerprint": partition.fingerprint,
+        "id_column": manifest.id_column,
+        "features": list(manifest.features),
+        "bad_rows": bad_rows,
+        "method": method,
+        "weights": list(manifest.weights),  # normalized, finite
+        "members": digests,
+    }, method, bad_rows, batch_size)
+    previous = None if force else committed_metadata(job.store, job.table)
+    reuse = plan_reuse(previous, job.provenance, force=force)
+    if reuse.whole and previous is not None:
+        return _reused_whole(job, previous)
+    # Whatever is committed is now stale: out of readers' sight first, kept (hidden) only
+    # as the source of the members' scores that are still valid.
+    hidden = job.store.hide(job.table) if reuse.members else None
+    if hidden is None:
+        job.store.delete(job.table)
     try:
-        return json.loads(meta[METADATA_KEY]) if meta else None  # type: ignore[no-any-return]
-    except (KeyError, ValueError):
-        return None
+        return _score(job, reuse if hidden else Reuse(False, ()), hidden)
+    finally:
+        if hidden is not None:
+            with contextlib.suppress(OSError):
+                job.store.delete(hidden)
 
 
-def _ids_text(ids: pa.Array, mask: np.ndarray | None = None) -> str:
-    picked = (ids.filter(pa.array(mask)) if mask is not None else ids)[:_SHOW_IDS].to_pylist()
-    return f"ids {picked}{' ...' if len(picked) == _SHOW_IDS else ''}"
-
-
-def _schema(id_field: pa.Field, names: list[str]) -> pa.Schema:
-    return pa.schema(
-        [id_field]
-        + [pa.field(f"score_{n}", pa.float32()) for n in names]
-        + [pa.field("ensemble_score", pa.float32()), pa.field("ensemble_std", pa.float32()),
-           pa.field("n_members", pa.int32())]
+def _reused_whole(job: _Job, previous: dict[str, Any]) -> PartitionResult:
+    stats = PartitionMerged.model_validate(
+        previous["stats"] | {"path": job.store.uri(job.table)})
+    members = [MemberStats(name=n, digest=job.provenance["members"][n], rows=0, seconds=0.0,
+                           skipped=True) for n in job.names]
+    return PartitionResult(
+        scored=PartitionScored(relpath=job.partition.relpath, rows=0, scored_rows=0,
+                               bad_rows=int(previous.get("bad_row_count", 0)),
+                               seconds=time.perf_counter() - job.start, members=members),
+        merged=stats,
     )
+
+
+def _open(job: _Job) -> Any:
+    """The partition's reader, its id field and row count.
+
+    Raises:
+        OSError: possibly transient (a flaky disk or network mount): the retry policy
+            decides.
+        DataError: not Parquet, or the id column is missing.
+    """
+    try:
+        reader = open_parquet(job.partition.path)
+        return reader, reader.schema_arrow.field(job.manifest.id_column)
+    except OSError:
+        raise
+    except (pa.ArrowException, KeyError) as err:
+        raise DataError(
+            f"partition {job.partition.relpath} cannot be read as Parquet ({err}); re-export "
+            "or remove it, then re-run: partitions already committed are kept"
+        ) from err
+
+
+def _score(job: _Job, reuse: Reuse, hidden: str | None) -> PartitionResult:
+    names = job.names
+    todo = [k for k, n in enumerate(names) if n not in reuse.members]
+    reused = [k for k, n in enumerate(names) if n in reuse.members]
+    reader, id_field = _open(job)
+    previous = (RowStream(job.store.open_input(hidden), [job.manifest.id_column]
+                          + [f"score_{names[k]}" for k in reused])
+                if reused and hidden is not None else None)
+    stats = EnsembleStats(len(names), reader.metadata.num_rows)
+    columns = [job.manifest.id_column, *job.manifest.features]
+    # One pool per partition, shut down with it: the next batch's decode and the members'
+    # Session.run calls (which release the GIL, so members score concurrently).
+    with ThreadPoolExecutor(max_workers=len(todo) + 1,
+                            thread_name_prefix=f"score-{job.partition.relpath}") as pool, \
+            PartitionWriter(job.store, job.table, job.quarantine, id_field, names) as writer:
+        ctx = ScoringContext(
+            where=job.partition.relpath, names=names, features=job.manifest.features,
+            scorers={k: MODEL_CACHE.get(job.manifest.models[k], len(job.manifest.features))
+                     for k in todo},
+            policy=job.policy, method=job.method, weights=np.array(job.provenance["weights"]),
+            pool=pool)
+        rows, first_batch_at, id_chunks = _stream(
+            job, ctx, writer, stats, previous, reused,
+            read_ahead(batches_by_row_group(reader, columns, job.batch_size), pool))
+        _check_unique(job.partition, id_chunks)
+        merged = stats.result(job.partition.relpath, job.store.uri(job.table))
+        writer.commit(job.provenance | {"bad_row_count": writer.set_aside_rows,
+                                        "stats": merged.model_dump(exclude={"path"})})
+    members = [
+        MemberStats(name=n, digest=job.provenance["members"][n],
+                    rows=0 if k in reused else merged.rows,
+                    seconds=ctx.seconds.get(k, 0.0), skipped=k in reused)
+        for k, n in enumerate(names)
+    ]
+    return PartitionResult(
+        scored=PartitionScored(relpath=job.partition.relpath, rows=rows,
+                               scored_rows=merged.rows, bad_rows=writer.set_aside_rows,
+                               seconds=time.perf_counter() - job.start, members=members,
+                               first_batch_at=first_batch_at,
+                               process=f"{socket.gethostname()}:{os.getpid()}",
+                               loads=dict(MODEL_CACHE.loads)),
+        merged=merged,
+    )
+
+
+def _stream(job: _Job, ctx: ScoringContext, writer: PartitionWriter, stats: EnsembleStats,
+            previous: RowStream | None, reused: list[int], batches: Any
+            ) -> tuple[int, float | None, list[pa.Array]]:
+    """Every batch through the core into the writer; returns rows read, when the first
+    batch was scored, and the ids written (for the uniqueness check)."""
+    rows = 0
+    first_batch_at: float | None = None
+    buffer: np.ndarray | None = None
+    id_chunks: list[pa.Array] = []
+
+    def reused_scores(ids: pa.Array) -> dict[int, np.ndarray]:
+        assert previous is not None
+        old = previous.take(len(ids))
+        if not old.column(0).combine_chunks().equals(ids):
+            raise DataError(f"partition {job.partition.relpath}: the previous table's ids "
+                            "differ from the input's; re-run with --force")
+        return {k: old.column(j + 1).to_numpy() for j, k in enumerate(reused)}
+
+    try:
+        for batch in batches:
+            rows += batch.num_rows
+            matrix = to_matrix(batch, job.manifest.features, buffer)
+            buffer = matrix.base if matrix.base is not None else matrix
+            result = score_batch(ctx, matrix, batch.column(0),
+                                 reused_scores if previous is not None else None)
+            if first_batch_at is None:
+                first_batch_at = time.time()
+            for ids, reasons in zip(result.aside_ids, result.aside_reasons, strict=True):
+                writer.set_aside(ids, reasons)
+            stats.add(result.scores, result.ensemble, result.std)
+            id_chunks.append(result.ids)
+            writer.write(result.ids, result.scores, result.ensemble, result.std,
+                         result.count)
+    except pa.ArrowException as err:
+        if isinstance(err, OSError):
+            raise  # may be transient: the task's retry policy decides
+        raise DataError(
+            f"partition {job.partition.relpath} is corrupt or truncated after {rows} rows "
+            f"({err}); re-export or remove it, then re-run: partitions already committed "
+            "are kept"
+        ) from err
+    return rows, first_batch_at, id_chunks
 
 
 def _check_unique(partition: Partition, chunks: list[pa.Array]) -> None:
@@ -133,246 +291,6 @@ def _check_unique(partition: Partition, chunks: list[pa.Array]) -> None:
     dupes = counts.filter(pc.greater(counts.field("counts"), 1)).field("values")
     raise DataError(
         f"partition {partition.relpath}: {len(dupes)} id(s) appear more than once "
-        f"({dupes[:_SHOW_IDS].to_pylist()}{' ...' if len(dupes) > _SHOW_IDS else ''}); ids "
-        "must be unique, so their scores cannot be told apart. De-duplicate the input"
-    )
-
-
-# Members of one batch run concurrently: Session.run releases the GIL, and TensorFlow's
-# shared intra-op pool keeps the cores busier with several graphs in flight than with one
-# at a time (measured 0.51 -> 0.68 M row-model evaluations/s on the 2-core benchmark
-# machine). Shared by every task in the process, sized for a few partitions' members.
-_MEMBER_POOL = ThreadPoolExecutor(max_workers=16, thread_name_prefix="member")
-
-
-def _predict_members(scorers: dict[int, Any], matrix: np.ndarray, scores: np.ndarray,
-                     seconds: dict[int, float]) -> None:
-    def run(k: int) -> None:
-        t0 = time.perf_counter()
-        scores[k] = scorers[k].predict(matrix)
-        seconds[k] += time.perf_counter() - t0
-
-    if len(scorers) == 1:
-        run(next(iter(scorers)))
-        return
-    for future in [_MEMBER_POOL.submit(run, k) for k in scorers]:
-        future.result()
-
-
-def score_partition(
-    partition: Partition,
-    manifest: Manifest,
-    output_dir: str,
-    *,
-    method: EnsembleMethod = "mean",
-    batch_size: int = 16_384,
-    bad_rows: BadRowPolicy = "fail",
-    force: bool = False,
-) -> PartitionResult:
-    """Write ``OUTPUT/ensemble/<relpath>`` for ``partition``, reusing what is still valid.
-
-    Raises:
-        DataError: unreadable partition, bad rows under ``fail``, duplicate ids.
-        ModelLoadError: a member cannot be loaded, returns the wrong shape, or returns
-            non-finite scores under ``fail``.
-    """
-    start = time.perf_counter()
-    store = store_for(output_dir)
-    target = f"{ENSEMBLE_DIR}/{partition.relpath}"
-    qtarget = f"{QUARANTINE_DIR}/{partition.relpath}"
-    names = manifest.member_names
-    digests = {s.name: digest_files(resolve_model(s).files) for s in manifest.models}
-    weights = np.array(manifest.weights, dtype=np.float64)  # normalized, finite
-    provenance = {
-        "partition": partition.relpath,
-        "fingerprint": partition.fingerprint,
-        "id_column": manifest.id_column,
-        "features": list(manifest.features),
-        "bad_rows": bad_rows,
-        "method": method,
-        "weights": weights.tolist(),
-        "members": digests,
-    }
-    prev = None if force else committed_metadata(store, target)
-    same_input = bool(prev) and all(
-        prev.get(k) == provenance[k]  # type: ignore[union-attr]
-        for k in ("fingerprint", "id_column", "features", "bad_rows")
-    )
-    reuse = [n for n in names if same_input and prev["members"].get(n) == digests[n]]  # type: ignore[index]
-    if prev and len(reuse) == len(names) and prev.get("method") == method and (
-            prev.get("weights") == provenance["weights"]):
-        stats = PartitionMerged.model_validate(prev["stats"] | {"path": store.uri(target)})
-        members = [MemberStats(name=n, digest=digests[n], rows=0, seconds=0.0, skipped=True)
-                   for n in names]
-        return PartitionResult(
-            scored=PartitionScored(relpath=partition.relpath, rows=0, scored_rows=0,
-                                   bad_rows=int(prev.get("bad_row_count", 0)),
-                                   seconds=time.perf_counter() - start, members=members),
-            merged=stats,
-        )
-
-    # Whatever is committed is now stale: move it out of readers' sight first, keeping it
-    # (hidden) only as the source of the members' scores that are still valid.
-    previous: str | None = None
-    if reuse:
-        previous = store.hide(target)
-    else:
-        store.delete(target)  # nothing in it is still valid: no need to keep it
-    try:
-        return _score(partition, manifest, store, target, qtarget, names, digests, weights,
-                      provenance, reuse if previous else [], previous, method, batch_size,
-                      bad_rows, start)
-    finally:
-        if previous is not None:
-            with contextlib.suppress(OSError):
-                store.delete(previous)
-
-
-def _score(partition: Partition, manifest: Manifest, store: Store, target: str,
-           qtarget: str, names: list[str], digests: dict[str, str],
-           weights: np.ndarray, provenance: dict[str, Any], reuse: list[str],
-           previous: str | None,
-           method: EnsembleMethod, batch_size: int, bad_rows: BadRowPolicy, start: float
-           ) -> PartitionResult:
-    n_features = len(manifest.features)
-    todo = [k for k, n in enumerate(names) if n not in reuse]
-    reused = [k for k, n in enumerate(names) if n in reuse]
-    scorers = {k: MODEL_CACHE.get(manifest.models[k], n_features) for k in todo}
-    try:
-        reader = open_parquet(partition.path)
-        id_field = reader.schema_arrow.field(manifest.id_column)
-        expected_rows = reader.metadata.num_rows
-    except OSError:
-        raise  # possibly transient (a flaky disk or network mount): the retry policy decides
-    except (pa.ArrowException, KeyError) as err:
-        raise DataError(
-            f"partition {partition.relpath} cannot be read as Parquet ({err}); re-export or "
-            "remove it, then re-run: partitions already committed are kept"
-        ) from err
-    schema = _schema(id_field, names)
-    qschema = pa.schema([id_field, pa.field("reason", pa.string())])
-    # RowStream hands the open file to pq.ParquetFile; closed when the stream is dropped.
-    prev_rows = (RowStream(store.open_input(previous), [manifest.id_column]
-                           + [f"score_{names[k]}" for k in reused])
-                 if reused and previous is not None else None)
-    stats = EnsembleStats(len(names), expected_rows)
-    seconds = dict.fromkeys(todo, 0.0)
-    rows = scored = n_bad = 0
-    first_batch_at: float | None = None
-    buffer: np.ndarray | None = None
-    id_chunks: list[pa.Array] = []
-    dictionary = [manifest.id_column] if not (pa.types.is_integer(id_field.type)
-                                              or pa.types.is_floating(id_field.type)) else False
-
-    with contextlib.ExitStack() as stack:
-        sink = stack.enter_context(store.staged(target))
-        writer = stack.enter_context(pq.ParquetWriter(sink, schema, use_dictionary=dictionary))
-        quarantine: pq.ParquetWriter | None = None
-
-        def set_aside(ids: pa.Array, mask: np.ndarray, reasons: list[str]) -> None:
-            nonlocal quarantine
-            if quarantine is None:
-                qsink = stack.enter_context(store.staged(qtarget))
-                quarantine = stack.enter_context(pq.ParquetWriter(qsink, qschema))
-            quarantine.write_batch(pa.record_batch(
-                [ids.filter(pa.array(mask)), pa.array(reasons, pa.string())], schema=qschema))
-
-        try:
-            # Single-threaded decode, one batch ahead on a helper thread (read_ahead):
-            # TensorFlow already keeps every core busy, and Arrow's own decode threads only
-            # contended with it (measured ~3x slower decode).
-            for batch in read_ahead(batches_by_row_group(
-                    reader, [manifest.id_column, *manifest.features], batch_size)):
-                rows += batch.num_rows
-                matrix = to_matrix(batch, manifest.features, buffer)
-                buffer = matrix.base if matrix.base is not None else matrix
-                ids = batch.column(0)
-                bad = find_bad_rows(matrix, manifest.features)
-                if bad is not None:
-                    n_bad += bad.count
-                    if bad_rows == "fail":
-                        cols = sorted({r.split(" is ")[0] for r in bad.reasons})
-                        raise DataError(
-                            f"partition {partition.relpath}: {bad.count} row(s) with null, NaN "
-                            f"or infinite features ({_ids_text(ids, bad.mask)}, column(s) "
-                            f"{cols}); clean the data, or pass --bad-rows quarantine to set "
-                            "them aside"
-                        )
-                    set_aside(ids, bad.mask, bad.reasons)
-                    keep = ~bad.mask
-                    matrix = np.ascontiguousarray(matrix[keep])
-                    ids = ids.filter(pa.array(keep))
-                n = len(matrix)
-                # (members, rows): each member fills a contiguous row, and the ensemble
-                # columns reduce over whole rows (see combine).
-                scores = np.empty((len(names), n), dtype=np.float32)
-                if prev_rows is not None:
-                    old = prev_rows.take(n)
-                    if not old.column(0).combine_chunks().equals(ids):
-                        raise DataError(
-                            f"partition {partition.relpath}: the previous table's ids differ "
-                            "from the input's; re-run with --force"
-                        )
-                    for j, k in enumerate(reused):
-                        scores[k] = old.column(j + 1).to_numpy()
-                _predict_members(scorers, matrix, scores, seconds)
-                if first_batch_at is None:
-                    first_batch_at = time.time()
-                if not all_finite(scores):
-                    finite = np.isfinite(scores)
-                    broken: np.ndarray = ~finite.all(axis=0)  # type: ignore[assignment]
-                    culprits = [names[k] for k in range(len(names)) if not finite[k].all()]
-                    if bad_rows == "fail":
-                        raise ModelLoadError(
-                            f"model(s) {culprits} returned non-finite scores for "
-                            f"{int(broken.sum())} row(s) of partition {partition.relpath} "
-                            f"({_ids_text(ids, broken)}); check the model and these rows, or "
-                            "pass --bad-rows quarantine to set them aside"
-                        )
-                    reasons = [
-                        "non-finite score from " + ", ".join(
-                            names[k] for k in np.flatnonzero(~finite[:, i]))
-                        for i in np.flatnonzero(broken)
-                    ]
-                    n_bad += len(reasons)
-                    set_aside(ids, broken, reasons)
-                    scores = scores[:, ~broken]
-                    ids = ids.filter(pa.array(~broken))
-                ens, std, count = combine(scores, method, weights)
-                stats.add(scores, ens, std)
-                scored += len(ens)
-                id_chunks.append(ids)
-                writer.write_batch(pa.record_batch(
-                    [ids, *(pa.array(scores[k]) for k in range(len(names))),
-                     pa.array(ens), pa.array(std), pa.array(count)], schema=schema))
-        except pa.ArrowException as err:
-            if isinstance(err, OSError):
-                raise  # may be transient: the task's retry policy decides
-            raise DataError(
-                f"partition {partition.relpath} is corrupt or truncated after {rows} rows "
-                f"({err}); re-export or remove it, then re-run: partitions already "
-                "committed are kept"
-            ) from err
-        _check_unique(partition, id_chunks)
-        merged = stats.result(partition.relpath, store.uri(target))
-        writer.add_key_value_metadata({METADATA_KEY: json.dumps(
-            provenance | {"bad_row_count": n_bad,
-                          "stats": merged.model_dump(exclude={"path"})})})
-        writer.close()
-        if quarantine is not None:
-            quarantine.close()
-        else:
-            store.delete(qtarget)  # from an earlier run of this partition; no longer true
-    members = [
-        MemberStats(name=n, digest=digests[n], rows=0 if k in reused else scored,
-                    seconds=seconds.get(k, 0.0), skipped=k in reused)
-        for k, n in enumerate(names)
-    ]
-    return PartitionResult(
-        scored=PartitionScored(relpath=partition.relpath, rows=rows, scored_rows=scored,
-                               bad_rows=n_bad, seconds=time.perf_counter() - start,
-                               members=members, first_batch_at=first_batch_at,
-                               process=f"{socket.gethostname()}:{os.getpid()}",
-                               loads=dict(MODEL_CACHE.loads)),
-        merged=merged,
+        f"({dupes[:5].to_pylist()}{' ...' if len(dupes) > 5 else ''}); ids must be unique, "
+        "so their scores cannot be told apart. De-duplicate the input"
     )

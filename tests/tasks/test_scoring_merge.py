@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -10,12 +11,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import tasks.merge
+import tasks.reading
 from flows.demo import build_mlp_checkpoint, mlp_reference
 from loaders.errors import DataError, ManifestError, ModelLoadError
 from loaders.manifest import Manifest, ModelSpec, parse_manifest
-from tasks.merge import RowStream, batches_by_row_group, combine, read_ahead
+from tasks.merge import combine
 from tasks.partitions import check_partition, discover_partitions
+from tasks.reading import RowStream, batches_by_row_group, read_ahead
 from tasks.scoring import committed_metadata, score_partition
 from tasks.storage import store_for
 from tests.helpers import N_FEATURES, write_table
@@ -71,7 +73,7 @@ def test_batches_are_decoded_in_chunks_and_sliced_within_row_groups(
     path = tmp_path / "a.parquet"
     pq.write_table(pa.table({"x": np.arange(2500), "y": np.arange(2500) * 2.0}), path,
                    row_group_size=1000)
-    monkeypatch.setattr(tasks.merge, "DECODE_ROWS", 700)
+    monkeypatch.setattr(tasks.reading, "DECODE_ROWS", 700)
     batches = list(batches_by_row_group(pq.ParquetFile(path), ["y", "x"], 300))
     # Row groups of 1000, 1000 and 500 rows, decoded 700 rows at a time, sliced to 300.
     assert [b.num_rows for b in batches] == [300, 300, 100, 300] * 2 + [300, 200]
@@ -101,17 +103,18 @@ def test_read_ahead_keeps_order_errors_and_stops_early() -> None:
             produced.append(i)
             yield i
 
-    assert list(read_ahead(numbers())) == list(range(10))
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead")
+    assert list(read_ahead(numbers(), pool)) == list(range(10))
     assert all(name.startswith("read-ahead") for name in threads)
 
     got = []
     with pytest.raises(pa.ArrowInvalid, match="bad page at 3"):
-        for i in read_ahead(numbers(fail_at=3)):
+        for i in read_ahead(numbers(fail_at=3), pool):
             got.append(i)
     assert got == [0, 1, 2]
 
     produced.clear()
-    ahead = read_ahead(numbers())
+    ahead = read_ahead(numbers(), pool)
     assert next(ahead) == 0
     deadline = time.monotonic() + 10
     while 1 not in produced and time.monotonic() < deadline:
@@ -120,6 +123,7 @@ def test_read_ahead_keeps_order_errors_and_stops_early() -> None:
     assert next(ahead) == 1
     ahead.close()
     assert produced in ([0, 1, 2], [0, 1])  # the one in flight may still finish
+    pool.shutdown()
 
 
 def test_score_matches_reference_and_reruns_skip(tmp_path: Path, checkpoints: list[Path],

@@ -1,0 +1,150 @@
+"""The per-batch core: a feature matrix and the members' scorers in, the table's columns
+and the rows set aside out.
+
+Each step here takes what it needs as arguments (the scorers too: nothing is taken from
+a process-wide cache) and returns its result; reading and writing files is the caller's
+(``tasks.scoring``, ``tasks.writer``). So the core can be read and tested alone: a batch
+with a NaN feature, a member that returns inf, a policy of fail or quarantine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from loaders.base import Scorer
+from loaders.errors import DataError, ModelLoadError
+from loaders.manifest import BadRowPolicy
+from tasks.features import all_finite, find_bad_rows
+from tasks.merge import EnsembleMethod, combine
+
+__all__ = ["BatchResult", "ScoringContext", "score_batch"]
+
+_SHOW_IDS = 5
+
+
+def ids_text(ids: pa.Array, mask: np.ndarray | None = None) -> str:
+    """A few ids, for messages that name the rows concerned."""
+    picked = (ids.filter(pa.array(mask)) if mask is not None else ids)[:_SHOW_IDS].to_pylist()
+    return f"ids {picked}{' ...' if len(picked) == _SHOW_IDS else ''}"
+
+
+@dataclass
+class ScoringContext:
+    """What stays the same for every batch of a partition."""
+
+    where: str  # the partition, for messages
+    names: list[str]  # members, in table order
+    features: tuple[str, ...]
+    scorers: Mapping[int, Scorer]  # member index -> loaded scorer (members to score)
+    policy: BadRowPolicy
+    method: EnsembleMethod
+    weights: np.ndarray  # normalized, one per member
+    pool: Executor | None = None  # runs members concurrently when given
+    seconds: dict[int, float] = field(default_factory=dict)  # time in predict, per member
+
+
+@dataclass
+class BatchResult:
+    """One batch's table rows (``scores`` is (members, rows)) and the rows set aside."""
+
+    ids: pa.Array
+    scores: np.ndarray
+    ensemble: np.ndarray
+    std: np.ndarray
+    count: np.ndarray
+    aside_ids: list[pa.Array] = field(default_factory=list)
+    aside_reasons: list[list[str]] = field(default_factory=list)
+
+    @property
+    def rows_set_aside(self) -> int:
+        return sum(len(r) for r in self.aside_reasons)
+
+
+def score_batch(ctx: ScoringContext, matrix: np.ndarray, ids: pa.Array,
+                reused: Callable[[pa.Array], Mapping[int, np.ndarray]] | None = None
+                ) -> BatchResult:
+    """Screen the features, score with every member, screen the scores, combine.
+
+    ``reused`` gives the scores of members that are not rescored, for the ids that are
+    scored (the caller checks they are the same rows).
+
+    Raises:
+        DataError: bad features under the ``fail`` policy.
+        ModelLoadError: non-finite member or ensemble scores under ``fail``.
+    """
+    aside_ids: list[pa.Array] = []
+    aside_reasons: list[list[str]] = []
+    bad = find_bad_rows(matrix, ctx.features)
+    if bad is not None:
+        if ctx.policy == "fail":
+            cols = sorted({r.split(" is ")[0] for r in bad.reasons})
+            raise DataError(
+                f"partition {ctx.where}: {bad.count} row(s) with null, NaN or infinite "
+                f"features ({ids_text(ids, bad.mask)}, column(s) {cols}); clean the data, "
+                "or pass --bad-rows quarantine to set them aside"
+            )
+        aside_ids.append(ids.filter(pa.array(bad.mask)))
+        aside_reasons.append(bad.reasons)
+        keep = ~bad.mask
+        matrix, ids = np.ascontiguousarray(matrix[keep]), ids.filter(pa.array(keep))
+    scores = np.empty((len(ctx.names), len(matrix)), dtype=np.float32)
+    for k, values in (reused(ids) if reused is not None else {}).items():
+        scores[k] = values
+    predict_members(ctx, matrix, scores)
+    scores, ids = _screen_scores(ctx, scores, ids, aside_ids, aside_reasons)
+    ensemble, std, count = combine(scores, ctx.method, ctx.weights)
+    if not (all_finite(ensemble) and all_finite(std)):
+        # Finite member scores and finite, normalized weights give a finite ensemble; this
+        # guards what they cannot (a median or weighted sum overflowing float32).
+        broken = ~(np.isfinite(ensemble) & np.isfinite(std))
+        raise ModelLoadError(
+            f"the ensemble of partition {ctx.where} is not finite for {int(broken.sum())} "
+            f"row(s) ({ids_text(ids, broken)}) although every member's score is; check the "
+            "members' score ranges and the manifest's weights"
+        )
+    return BatchResult(ids, scores, ensemble, std, count, aside_ids, aside_reasons)
+
+
+def predict_members(ctx: ScoringContext, matrix: np.ndarray, scores: np.ndarray) -> None:
+    """Fill ``scores[k]`` for each member to score, concurrently when a pool is given
+    (``Session.run`` releases the GIL)."""
+    def run(k: int) -> None:
+        t0 = time.perf_counter()
+        scores[k] = ctx.scorers[k].predict(matrix)
+        ctx.seconds[k] = ctx.seconds.get(k, 0.0) + time.perf_counter() - t0
+
+    if ctx.pool is None or len(ctx.scorers) == 1:
+        for k in ctx.scorers:
+            run(k)
+        return
+    for future in [ctx.pool.submit(run, k) for k in ctx.scorers]:
+        future.result()
+
+
+def _screen_scores(ctx: ScoringContext, scores: np.ndarray, ids: pa.Array,
+                   aside_ids: list[pa.Array], aside_reasons: list[list[str]]
+                   ) -> tuple[np.ndarray, pa.Array]:
+    """Rows with a non-finite member score: fail, or set aside naming the members."""
+    if all_finite(scores):
+        return scores, ids
+    finite = np.isfinite(scores)
+    broken: np.ndarray = ~finite.all(axis=0)  # type: ignore[assignment]
+    culprits = [ctx.names[k] for k in range(len(ctx.names)) if not finite[k].all()]
+    if ctx.policy == "fail":
+        raise ModelLoadError(
+            f"model(s) {culprits} returned non-finite scores for {int(broken.sum())} row(s) "
+            f"of partition {ctx.where} ({ids_text(ids, broken)}); check the model and these "
+            "rows, or pass --bad-rows quarantine to set them aside"
+        )
+    aside_ids.append(ids.filter(pa.array(broken)))
+    aside_reasons.append([
+        "non-finite score from " + ", ".join(ctx.names[k] for k in np.flatnonzero(~finite[:, i]))
+        for i in np.flatnonzero(broken)
+    ])
+    return scores[:, ~broken], ids.filter(pa.array(~broken))
