@@ -67,12 +67,13 @@ class BatchResult:
 
 
 def score_batch(ctx: ScoringContext, matrix: np.ndarray, ids: pa.Array,
-                reused: Callable[[pa.Array], Mapping[int, np.ndarray]] | None = None
-                ) -> BatchResult:
+                reused: Callable[[pa.Array], Mapping[int, np.ndarray]] | None = None,
+                source: pa.RecordBatch | None = None) -> BatchResult:
     """Screen the features, score with every member, screen the scores, combine.
 
     ``reused`` gives the scores of members that are not rescored, for the ids that are
-    scored (the caller checks they are the same rows).
+    scored (the caller checks they are the same rows); ``source``, the batch ``matrix``
+    was decoded from, lets a bad row's reason quote its value.
 
     Raises:
         DataError: bad features under the ``fail`` policy.
@@ -80,14 +81,15 @@ def score_batch(ctx: ScoringContext, matrix: np.ndarray, ids: pa.Array,
     """
     aside_ids: list[pa.Array] = []
     aside_reasons: list[list[str]] = []
-    bad = find_bad_rows(matrix, ctx.features)
+    bad = find_bad_rows(matrix, ctx.features, source)
     if bad is not None:
         if ctx.policy == "fail":
             cols = sorted({r.split(" is ")[0] for r in bad.reasons})
             raise DataError(
-                f"partition {ctx.where}: {bad.count} row(s) with null, NaN or infinite "
-                f"features ({ids_text(ids, bad.mask)}, column(s) {cols}); clean the data, "
-                "or pass --bad-rows quarantine to set them aside"
+                f"partition {ctx.where}: {bad.count} row(s) with null, NaN, infinite or "
+                f"out-of-range features ({ids_text(ids, bad.mask)}, column(s) {cols}: "
+                f"{bad.reasons[0]}); clean the data, or pass --bad-rows quarantine to set "
+                "them aside"
             )
         aside_ids.append(ids.filter(pa.array(bad.mask)))
         aside_reasons.append(bad.reasons)
@@ -101,13 +103,21 @@ def score_batch(ctx: ScoringContext, matrix: np.ndarray, ids: pa.Array,
     ensemble, std, count = combine(scores, ctx.method, ctx.weights)
     if not (all_finite(ensemble) and all_finite(std)):
         # Finite member scores and finite, normalized weights give a finite ensemble; this
-        # guards what they cannot (a median or weighted sum overflowing float32).
+        # guards what they cannot (member scores near float32's limit overflowing the
+        # spread), like member scores: fail, or set the rows aside.
         broken = ~(np.isfinite(ensemble) & np.isfinite(std))
-        raise ModelLoadError(
-            f"the ensemble of partition {ctx.where} is not finite for {int(broken.sum())} "
-            f"row(s) ({ids_text(ids, broken)}) although every member's score is; check the "
-            "members' score ranges and the manifest's weights"
-        )
+        if ctx.policy == "fail":
+            raise ModelLoadError(
+                f"the ensemble of partition {ctx.where} is not finite for "
+                f"{int(broken.sum())} row(s) ({ids_text(ids, broken)}) although every "
+                "member's score is; check the members' score ranges, or pass --bad-rows "
+                "quarantine to set them aside"
+            )
+        aside_ids.append(ids.filter(pa.array(broken)))
+        aside_reasons.append(["non-finite ensemble_score or ensemble_std"] * int(broken.sum()))
+        keep = ~broken
+        scores, ids = scores[:, keep], ids.filter(pa.array(keep))
+        ensemble, std, count = ensemble[keep], std[keep], count[keep]
     return BatchResult(ids, scores, ensemble, std, count, aside_ids, aside_reasons)
 
 

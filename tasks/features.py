@@ -6,6 +6,8 @@ C-contiguous (rows, features) array; no per-row Python runs.
 
 from __future__ import annotations
 
+import decimal
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,8 +37,10 @@ def to_matrix(batch: pa.RecordBatch, features: tuple[str, ...], out: np.ndarray 
         out = np.empty((rows, len(features)), dtype=np.float32)
     view = out[:rows]
     schema = batch.schema
-    for j, name in enumerate(features):
-        view[:, j] = _column_values(batch.column(schema.get_field_index(name)))
+    # A finite value beyond float32's range becomes inf here; find_bad_rows names it.
+    with np.errstate(over="ignore"):
+        for j, name in enumerate(features):
+            view[:, j] = _column_values(batch.column(schema.get_field_index(name)))
     return view
 
 
@@ -65,9 +69,12 @@ def all_finite(values: np.ndarray) -> bool:
     return bool(np.isfinite(values).all())
 
 
-def find_bad_rows(matrix: np.ndarray, features: tuple[str, ...]) -> BadRows | None:
+def find_bad_rows(matrix: np.ndarray, features: tuple[str, ...],
+                  source: pa.RecordBatch | None = None) -> BadRows | None:
     """``None`` when every value is finite (the common, fast case); otherwise which rows
-    are bad and why: the first offending column and whether it is null/NaN or infinite."""
+    are bad and why: the first offending column, and whether it is null/NaN, infinite, or
+    (looked up in ``source``, the batch the matrix came from) a finite value too large
+    for float32, which the models take."""
     if all_finite(matrix):
         return None
     finite = np.isfinite(matrix)
@@ -76,6 +83,15 @@ def find_bad_rows(matrix: np.ndarray, features: tuple[str, ...]) -> BadRows | No
     reasons = []
     for i in bad_idx:
         j = int(np.argmin(finite[i]))
-        kind = "null or NaN" if np.isnan(matrix[i, j]) else "infinite"
-        reasons.append(f"{features[j]} is {kind}")
+        reasons.append(f"{features[j]} is {_kind(matrix[i, j], features[j], int(i), source)}")
     return BadRows(mask=~good, reasons=reasons)
+
+
+def _kind(value: float, feature: str, row: int, source: pa.RecordBatch | None) -> str:
+    if np.isnan(value):
+        return "null or NaN"
+    if source is not None and feature in source.schema.names:
+        original = source.column(feature)[row].as_py()
+        if isinstance(original, (int, float, decimal.Decimal)) and math.isfinite(original):
+            return f"{float(original):g}, beyond float32's range (±3.4e38)"
+    return "infinite"

@@ -251,7 +251,7 @@ def _stream(job: _Job, ctx: ScoringContext, writer: PartitionWriter, stats: Ense
             matrix = to_matrix(batch, job.manifest.features, buffer)
             buffer = matrix.base if matrix.base is not None else matrix
             result = score_batch(ctx, matrix, batch.column(0),
-                                 reused_scores if previous is not None else None)
+                                 reused_scores if previous is not None else None, batch)
             if first_batch_at is None:
                 first_batch_at = time.time()
             for ids, reasons in zip(result.aside_ids, result.aside_reasons, strict=True):

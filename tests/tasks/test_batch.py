@@ -14,6 +14,7 @@ from loaders.cache import load_scorer
 from loaders.errors import DataError, ModelLoadError
 from loaders.manifest import ModelSpec
 from tasks.batch import ScoringContext, score_batch
+from tasks.features import to_matrix
 from tests.helpers import N_FEATURES
 
 
@@ -66,9 +67,9 @@ def test_bad_features_fail_or_are_set_aside(checkpoints: list[Path]) -> None:
     x = X.copy()
     x[[3, 7], 2] = np.nan
     x[9, 0] = np.inf
-    with pytest.raises(DataError, match=r"p.parquet: 3 row\(s\) with null, NaN or infinite "
-                                        r"features \(ids \[3, 7, 9\], column\(s\) \['f00', "
-                                        r"'f02'\]\)"):
+    with pytest.raises(DataError, match=r"p.parquet: 3 row\(s\) with null, NaN, infinite or "
+                                        r"out-of-range features \(ids \[3, 7, 9\], column\(s\) "
+                                        r"\['f00', 'f02'\]: f02 is null or NaN\)"):
         score_batch(_ctx(checkpoints), x.copy(), IDS)
     result = score_batch(_ctx(checkpoints, "quarantine"), x.copy(), IDS)
     assert result.aside_ids[0].to_pylist() == [3, 7, 9]
@@ -89,3 +90,18 @@ def test_non_finite_member_scores_fail_or_are_set_aside(tmp_path: Path,
     assert result.aside_ids[0].to_pylist() == [4, 11]
     assert result.aside_reasons[0] == ["non-finite score from m1"] * 2
     assert np.isfinite(result.ensemble).all() and len(result.ensemble) == 48
+
+
+def test_a_finite_value_too_large_for_float32_is_named_as_such(checkpoints: list[Path]
+                                                               ) -> None:
+    x = X.astype(np.float64)
+    x[5, 3] = 1e39  # finite in the data, infinite once cast to the models' float32
+    batch = pa.record_batch([IDS, *(pa.array(x[:, j]) for j in range(N_FEATURES))],
+                            names=["id", *(f"f{j:02d}" for j in range(N_FEATURES))])
+    ctx = _ctx(checkpoints)
+    matrix = to_matrix(batch, ctx.features)
+    with pytest.raises(DataError, match=r"f03 is 1e\+39, beyond float32's range"):
+        score_batch(ctx, matrix, IDS, source=batch)
+    ctx.policy = "quarantine"
+    result = score_batch(ctx, to_matrix(batch, ctx.features), IDS, source=batch)
+    assert result.aside_reasons[0] == ["f03 is 1e+39, beyond float32's range (±3.4e38)"]
