@@ -222,10 +222,6 @@ def _checked_params(args: argparse.Namespace, stack: contextlib.ExitStack) -> An
     elif args.input is None or args.output is None:
         return None
     check_output_apart(args.input, args.output)
-    # Taken before models load so a second run on the folder fails in a second; the
-    # flow takes it again (re-entrant) and holds it to the end.
-    out = args.output if is_s3(args.output) else Path(args.output).expanduser().resolve()
-    stack.enter_context(output_lock(out))
     params = ScoreParams(
         models=args.models, manifest=None, input=args.input, output=args.output,
         ensemble=args.ensemble, bad_rows=args.bad_rows, concurrency=args.concurrency,
@@ -233,6 +229,10 @@ def _checked_params(args: argparse.Namespace, stack: contextlib.ExitStack) -> An
         verify_inputs=args.verify_inputs, runner=args.runner, address=args.address,
         workers=args.workers,
     )
+    # Taken before models load so a second run on the folder fails in a second; the
+    # flow takes it again (re-entrant) and holds it to the end.
+    out = args.output if is_s3(args.output) else Path(args.output).expanduser().resolve()
+    stack.enter_context(output_lock(out))
     preflight(params)
     return params
 

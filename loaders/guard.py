@@ -14,6 +14,7 @@ the manifest's ``allow_ops`` lists it for that member; nothing else widens the l
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -27,9 +28,10 @@ ALLOWED_OPS = frozenset({
     # (the bodies they call are checked like the top level)
     "Placeholder", "PlaceholderWithDefault", "Const", "Identity", "IdentityN", "NoOp",
     "StopGradient", "PreventGradient", "Snapshot", "EnsureShape", "CheckNumerics",
-    "PartitionedCall", "StatefulPartitionedCall", "If", "StatelessIf", "While",
-    "StatelessWhile", "Case", "StatelessCase", "Switch", "Merge", "Enter", "Exit",
-    "NextIteration", "LoopCond", "ControlTrigger",
+    "PartitionedCall", "StatefulPartitionedCall", "If", "StatelessIf", "Case",
+    "StatelessCase", "Switch", "Merge", "ControlTrigger",
+    # Loops (While, StatelessWhile, TF1's Enter/Exit/NextIteration/LoopCond) are left out:
+    # a loop need not end, and a scoring model rarely has one. allow_ops admits them.
     # variables, restored by the loader's own ops (loaders.restore)
     "VariableV2", "Variable", "VarHandleOp", "ReadVariableOp", "VarIsInitializedOp",
     # elementwise arithmetic and comparisons
@@ -66,9 +68,15 @@ ALLOWED_OPS = frozenset({
     "ParallelDynamicStitch", "DynamicPartition", "Bucketize", "SegmentSum", "SegmentMean",
     "UnsortedSegmentSum", "UnsortedSegmentMax", "UnsortedSegmentMin", "SparseSegmentSum",
     "SparseSegmentMean", "SparseSegmentSqrtN",
-    # oneDNN/fused forms a graph saved after TensorFlow's own rewrites may already hold
-    "_FusedMatMul", "_FusedConv2D", "_FusedBatchNormEx",
+    # Not TensorFlow's internal fused kernels (_FusedMatMul, _FusedConv2D, ...): they
+    # trust their bias's length and read past a short one. TensorFlow makes them itself
+    # from the plain ops above, after checking the shapes.
 })
+
+# A Const may store one value for a large shape, which TensorFlow expands at import: a
+# few bytes of .meta became GBs of memory. Refused past this many bytes once expanded,
+# unless most of them are stored (a frozen graph's weights).
+MAX_CONST_EXPANSION = 256 * 2**20
 
 
 def _nodes(graph_def: Any) -> Iterator[tuple[str | None, Any]]:
@@ -89,6 +97,7 @@ def check_ops(graph_def: Any, *, model: str, source: str, allow: Iterable[str] =
     """
     allowed = ALLOWED_OPS | set(allow)
     library = {f.signature.name for f in graph_def.library.function}
+    _check_constants(graph_def, model=model, source=source)
     refused: dict[str, str] = {}  # op type -> where its first node is
     for func, node in _nodes(graph_def):
         if node.op not in allowed and node.op not in library and node.op not in refused:
@@ -98,10 +107,10 @@ def check_ops(graph_def: Any, *, model: str, source: str, allow: Iterable[str] =
         ops = sorted(refused)
         listing = "; ".join(f"{op} ({refused[op]})" for op in ops)
         raise ModelLoadError(
-            f"model {model!r}: refusing {source}: its graph runs {len(ops)} op type(s) that "
-            f"are not pure compute ops and may touch files, the network, or run code: "
-            f"{listing}. If you trust this model, add 'allow_ops: [{', '.join(ops)}]' to "
-            "its entry in the manifest"
+            f"model {model!r}: refusing {source}: its graph runs {len(ops)} op type(s) not "
+            f"on the allow-list of pure compute ops (such ops may touch files, the network, "
+            f"run code or loop without end): {listing}. If you trust this model, add "
+            f"'allow_ops: [{', '.join(ops)}]' to its entry in the manifest"
         )
     for func, node in _nodes(graph_def):
         for name in called_functions(node, library):
@@ -111,3 +120,29 @@ def check_ops(graph_def: Any, *, model: str, source: str, allow: Iterable[str] =
                     + (f" in function {func!r}" if func else "")
                     + f" calls function {name!r}, which is not in the graph's library"
                 )
+
+
+def _check_constants(graph_def: Any, *, model: str, source: str) -> None:
+    """Refuse a constant that expands far beyond what the file stores.
+
+    Raises:
+        ModelLoadError: naming the node and both sizes.
+    """
+    for func, node in _nodes(graph_def):
+        if node.op != "Const" or "value" not in node.attr:
+            continue
+        tensor = node.attr["value"].tensor
+        elements = math.prod(max(d.size, 0) for d in tensor.tensor_shape.dim)
+        expanded = elements * _ITEM_BYTES.get(tensor.dtype, 8)
+        stored = tensor.ByteSize()
+        if expanded > MAX_CONST_EXPANSION and expanded > 4 * stored:
+            where = f"node {node.name!r}" + (f" in function {func!r}" if func else "")
+            raise ModelLoadError(
+                f"model {model!r}: refusing {source}: constant {where} stores {stored:,} "
+                f"bytes but expands to {expanded:,} at import; a model does not need that"
+            )
+
+
+# Bytes per element by DataType enum (float, double, int32, uint8, int16, int8, int64,
+# bool, bfloat16, half...); anything else counts as 8.
+_ITEM_BYTES = {1: 4, 2: 8, 3: 4, 4: 1, 5: 2, 6: 1, 9: 8, 10: 1, 14: 2, 19: 2}

@@ -6,6 +6,7 @@ and resume decisions stay cheap.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import threading
 from dataclasses import dataclass
@@ -28,7 +29,12 @@ class ResolvedModel:
 
 
 def _latest_prefix(folder: Path) -> Path | None:
-    """The prefix named by a ``checkpoint`` state file, tolerating moved folders."""
+    """The prefix named by a ``checkpoint`` state file, always inside ``folder``.
+
+    The state file is part of the (untrusted) model: a path in it that leads out of the
+    folder, relative (``../other/model.ckpt``) or absolute (often the machine that
+    trained), is taken by its last component only, inside the folder.
+    """
     state = folder / "checkpoint"
     if not state.is_file():
         return None
@@ -36,18 +42,17 @@ def _latest_prefix(folder: Path) -> Path | None:
         key, _, value = line.partition(":")
         if key.strip() == "model_checkpoint_path":
             named = Path(value.strip().strip('"'))
-            candidate = named if named.is_absolute() else folder / named
-            if not Path(f"{candidate}.index").exists():
-                # The state file may hold an absolute path from the machine that trained.
-                candidate = folder / named.name
-            return candidate
+            candidate = (folder / named).resolve()
+            if not named.is_absolute() and candidate.is_relative_to(folder.resolve()):
+                return folder / named
+            return folder / named.name
     return None
 
 
 def _checkpoint_files(prefix: Path) -> tuple[str, ...]:
     parent = prefix.parent
-    return tuple(
-        sorted(str(p) for p in parent.glob(f"{prefix.name}.*") if p.is_file())
+    return tuple(  # glob.escape: a prefix such as model[v2].ckpt is a name, not a pattern
+        sorted(str(p) for p in parent.glob(f"{glob.escape(prefix.name)}.*") if p.is_file())
     )
 
 

@@ -31,7 +31,7 @@ from loaders._tf import tf
 from loaders.base import GraphScorer, new_session
 from loaders.errors import ModelLoadError, first_error_line
 from loaders.manifest import ModelSpec
-from loaders.subgraph import called_functions
+from loaders.subgraph import called_functions, node_name, prune
 
 __all__ = [
     "VARIABLE_OPS",
@@ -99,16 +99,20 @@ def _assigned_keys(nodes: dict[str, Any], target_of: Any, keys: dict[str, str]) 
             keys[target] = values[index].decode("utf-8", "replace")
 
 
-def saver_keys(graph_def: Any) -> dict[str, str]:
-    """Variable node name -> checkpoint key, as the graph's own restore ops would assign
-    them, read from their definitions and never run.
+def saver_keys(graph_def: Any, restore_op: str = "") -> dict[str, str]:
+    """Variable node name -> checkpoint key, as the graph's restore op (``restore_op``,
+    the meta graph's ``saver_def.restore_op_name``) would assign them, read from its
+    definition and never run.
 
     A ``Saver`` built with renamed keys, and every TF2 SavedModel (whose keys are object
     paths such as ``ws/0/0/.ATTRIBUTES/VARIABLE_VALUE``), name their variables in the
     checkpoint otherwise than the graph does; the restore subgraph (top-level ``RestoreV2``
     + ``Assign``, or a restore function called with the variables' handles) is where the
-    mapping is written down.
+    mapping is written down. Only the subgraph of ``restore_op`` counts: a graph may hold
+    other savers (warm-start, moving averages) that map the same variables to other keys.
     """
+    if restore_op and node_name(restore_op) in {n.name for n in graph_def.node}:
+        graph_def = prune(graph_def, restore_op)
     nodes = {node.name: node for node in graph_def.node}
     library = {f.signature.name: f for f in graph_def.library.function}
     keys: dict[str, str] = {}
@@ -138,6 +142,27 @@ def _read_checkpoint(model: str, prefix: str) -> Any:
             f"model {model!r}: cannot read checkpoint {prefix}: {first_error_line(err)}. Check "
             "that the .index and every .data-* shard were copied completely"
         ) from err
+
+
+def _check_distinct(model: str, nodes: Iterable[Any]) -> None:
+    """Refuse two variable nodes that name one resource (the same ``shared_name``): each
+    would pass its own shape check, and whichever is restored last would win for both.
+
+    Raises:
+        ModelLoadError: naming both nodes.
+    """
+    seen: dict[tuple[str, str], str] = {}
+    for node in nodes:
+        container = node.attr["container"].s.decode() if "container" in node.attr else ""
+        shared = node.attr["shared_name"].s.decode() if "shared_name" in node.attr else ""
+        identity = (container, shared or node.name)
+        if identity in seen:
+            raise ModelLoadError(
+                f"model {model!r}: variables {seen[identity]!r} and {node.name!r} are the "
+                f"same variable (shared_name {identity[1]!r}); a graph that aliases its "
+                "variables is not supported"
+            )
+        seen[identity] = node.name
 
 
 def _checked_values(model: str, prefix: str, nodes: Iterable[Any], keys: dict[str, str]
@@ -197,6 +222,7 @@ def restore_variables(model: str, prefix: str, graph: tf.Graph, session: tf.comp
     """
     if not nodes:
         return
+    _check_distinct(model, nodes)
     values = _checked_values(model, prefix, nodes, keys)
     feeds: dict[Any, np.ndarray] = {}
     assigns = []

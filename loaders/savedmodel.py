@@ -142,4 +142,5 @@ def load_saved_model(spec: ModelSpec, folder: str, digest: str) -> GraphScorer:
     return restored_scorer(spec, source=folder, digest=digest, graph=graph,
                            tensors=(input_tensor, output_tensor), variables=variables,
                            checkpoint=str(Path(folder) / "variables" / "variables"),
-                           keys=saver_keys(meta.graph_def), started=start)
+                           keys=saver_keys(meta.graph_def, meta.saver_def.restore_op_name),
+                           started=start)

@@ -62,8 +62,9 @@ def load_checkpoint(spec: ModelSpec, prefix: str, digest: str, *, fuse: bool | N
     graph, input_tensor, output_tensor = _import(spec, prefix, graph_def)
     return restored_scorer(spec, source=prefix, digest=digest, graph=graph,
                            tensors=(input_tensor, output_tensor), variables=variables,
-                           checkpoint=prefix, keys=saver_keys(meta.graph_def), started=start,
-                           fused_bias_adds=len(fusion.nodes))
+                           checkpoint=prefix,
+                           keys=saver_keys(meta.graph_def, meta.saver_def.restore_op_name),
+                           started=start, fused_bias_adds=len(fusion.nodes))
 
 
 def _import(spec: ModelSpec, prefix: str, graph_def: Any) -> tuple[tf.Graph, Any, Any]:

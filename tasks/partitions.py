@@ -50,6 +50,10 @@ class Partition(BaseModel):
     # AWS, so an object replaced by one of the same size within that second would look
     # unchanged without its ETag (which changes with the content).
     etag: str = ""
+    # Local files: the inode's change time, which every write updates and which, unlike
+    # the mtime, no tool can set back (rsync -t, cp -p and touch -r restore the mtime
+    # only). It also changes on chmod, chown or a rename, which then costs a rescore.
+    ctime_ns: int = 0
     # Local files, filled in by check_partition: a hash of the Parquet footer, which
     # holds every row group's and column chunk's sizes, offsets and statistics, so a file
     # rewritten with other content of the same size keeps its mtime (rsync -t, cp -p)
@@ -60,8 +64,8 @@ class Partition(BaseModel):
 
     @property
     def fingerprint(self) -> str:
-        return ":".join(str(p) for p in (self.size, self.mtime_ns, self.etag, self.footer,
-                                         self.content) if p != "")
+        return ":".join(str(p) for p in (self.size, self.mtime_ns, self.ctime_ns or "",
+                                         self.etag, self.footer, self.content) if p != "")
 
 
 def _is_data_file(path: Path) -> bool:
@@ -80,6 +84,7 @@ def _partition(path: Path, root: Path) -> Partition:
         relpath=path.relative_to(root).as_posix(),
         size=st.st_size,
         mtime_ns=st.st_mtime_ns,
+        ctime_ns=st.st_ctime_ns,
     )
 
 

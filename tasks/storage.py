@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import json
 import os
 import re
@@ -107,6 +108,10 @@ class Store(ABC):
     def _path(self, rel: str = "") -> str:
         return f"{self._base}/{_checked_rel(rel)}" if rel else self._base
 
+    def _target(self, rel: str = "") -> str:
+        """``_path`` for something this store is about to write, move or delete."""
+        return self._path(rel)
+
     @abstractmethod
     def uri(self, rel: str = "") -> str:
         """Where ``rel`` is, as the user names it: an absolute path or an s3:// URI."""
@@ -136,7 +141,7 @@ class Store(ABC):
     # ------------------------------------------------------------------ writing
     def delete(self, rel: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            self.fs.delete_file(self._path(rel))
+            self.fs.delete_file(self._target(rel))
 
     @abstractmethod
     def move(self, src: str, dst: str) -> None:
@@ -160,7 +165,7 @@ class Store(ABC):
         rel = _checked_rel(rel)
         self._make_parent(rel)
         tmp = _hidden_name(rel, "staging")
-        stream = self.fs.open_output_stream(self._path(tmp))
+        stream = self.fs.open_output_stream(self._target(tmp))
         try:
             yield stream
             stream.close()
@@ -175,7 +180,7 @@ class Store(ABC):
     def _make_parent(self, rel: str) -> None:
         parent = str(PurePosixPath(rel).parent)
         try:
-            self.fs.create_dir(self._path(parent) if parent != "." else self._base,
+            self.fs.create_dir(self._target(parent) if parent != "." else self._base,
                                recursive=True)
         except OSError as err:
             raise OutputError(
@@ -278,7 +283,27 @@ class LocalStore(Store):
         return str(self.root / _checked_rel(rel)) if rel else str(self.root)
 
     def move(self, src: str, dst: str) -> None:
-        os.replace(self._path(src), self._path(dst))
+        os.replace(self._target(src), self._target(dst))
+
+    def _target(self, rel: str = "") -> str:
+        """Refuses a path below the root that passes through a symbolic link (a folder or
+        the file itself): the tool writes, moves and deletes only in what it created, and
+        a link in ``ensemble/`` could point into the input or anywhere else.
+
+        Raises:
+            OutputError: naming the link.
+        """
+        path = self._path(rel)
+        if rel:
+            node = self.root
+            for part in PurePosixPath(_checked_rel(rel)).parts:
+                node = node / part
+                if node.is_symlink():
+                    raise OutputError(
+                        f"{node} is a symbolic link; the tool writes, moves and deletes only "
+                        "in folders it creates. Remove the link or choose another --output"
+                    )
+        return path
 
     def check_writable(self) -> None:
         """As :meth:`Store.check_writable`; also refuses an ``ensemble/`` or
@@ -291,6 +316,18 @@ class LocalStore(Store):
                     "only in folders it creates. Remove the link or choose another --output"
                 )
         super().check_writable()
+        for sub in (ENSEMBLE_DIR, QUARANTINE_DIR):  # a read-only mount below the root
+            if (self.root / sub).is_dir():
+                probe = self.root / sub / f".write-probe-{uuid.uuid4().hex[:8]}"
+                try:
+                    probe.write_bytes(b"")
+                    probe.unlink()
+                except OSError as err:
+                    raise OutputError(
+                        f"output folder {self.root / sub} is not writable "
+                        f"({err.strerror or err}); choose another --output or fix its "
+                        "permissions"
+                    ) from err
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
@@ -299,8 +336,16 @@ class LocalStore(Store):
         give each run its own output folder."""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            # O_NOFOLLOW: a .lock that is a symbolic link is not the tool's, and opening
+            # it would truncate whatever it points to.
+            fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW,
+                         0o644)
         except OSError as err:
+            if (self.root / LOCK_FILE).is_symlink():
+                raise OutputError(
+                    f"{self.root / LOCK_FILE} is a symbolic link, not this tool's lock file; "
+                    "remove it or choose another --output"
+                ) from err
             raise OutputError(self._unwritable(err)) from err
         try:
             try:
@@ -495,10 +540,26 @@ def check_output_apart(input_path: str, output_dir: str) -> None:
         return Path(location).expanduser().resolve().parts
 
     inp, out = parts(input_path), parts(output_dir)
-    if inp[:len(out)] == out:
-        where = "is the input" if inp == out else "holds the input"
+    where = ("is the input" if inp == out else "holds the input"
+             if inp[:len(out)] == out else _holds_matches(input_path, output_dir))
+    if where:
         raise OutputError(
             f"--output {output_dir} {where} ({input_path}); the ensemble table, run record "
             "and lock would be written among your data. Choose an output folder outside the "
             "input, for example a sibling folder"
         )
+
+
+def _holds_matches(input_path: str, output_dir: str) -> str:
+    """For a local glob input: whether the output folder holds a file the glob matches
+    (other than the tool's own output files, which discovery leaves out)."""
+    pattern = os.path.expanduser(input_path)
+    if s3_uri(input_path) is not None or not set(pattern) & set("*?["):
+        return ""
+    out = Path(output_dir).expanduser().resolve()
+    own = (out / ENSEMBLE_DIR, out / QUARANTINE_DIR)
+    for match in glob.iglob(pattern, recursive=True):
+        path = Path(match).resolve()
+        if path.is_relative_to(out) and not any(path.is_relative_to(o) for o in own):
+            return f"holds input files the glob matches, such as {match}"
+    return ""

@@ -80,7 +80,7 @@ def _run_record(out: Path) -> dict[str, object]:
     return json.loads((out / "_run.json").read_text())  # type: ignore[no-any-return]
 
 
-def test_dask_cluster_scores_like_thereference_scores(tmp_path: Path, dask_cluster: str) -> None:
+def test_dask_cluster_scores_like_the_reference(tmp_path: Path, dask_cluster: str) -> None:
     manifest = build_demo(tmp_path / "demo", partitions=6, rows=20_000)
     out = tmp_path / "out"
     summary = score_ensemble(ScoreParams(
@@ -97,7 +97,7 @@ def test_dask_cluster_scores_like_thereference_scores(tmp_path: Path, dask_clust
     assert all(count == 1 for per in workers.values() for count in per.values())
 
 
-def test_process_pool_scores_like_thereference_scores(tmp_path: Path) -> None:
+def test_process_pool_scores_like_the_reference(tmp_path: Path) -> None:
     manifest = build_demo(tmp_path / "demo", partitions=4, rows=20_000)
     out = tmp_path / "out"
     summary = score_ensemble(ScoreParams(

@@ -102,3 +102,23 @@ def test_footer_fingerprint_tells_same_size_same_mtime_rewrites_apart(tmp_path: 
     # --verify-inputs adds the whole file's hash.
     verified = check_partition(discover_partitions(str(path))[0], manifest, verify=True)
     assert len(verified.content) == 64 and verified.content in verified.fingerprint
+
+
+def test_an_in_range_edit_that_keeps_the_footer_still_changes_the_fingerprint(
+        tmp_path: Path) -> None:
+    """One value changed within its column's range, same size, same statistics, mtime set
+    back: the footer is byte for byte the same, but the inode's change time is not."""
+    path = tmp_path / "p.parquet"
+    manifest = Manifest(id_column="id", features=("f",),
+                        models=(ModelSpec(name="m", path="x"),))
+    values = np.arange(100, dtype=np.float32)
+    pq.write_table(pa.table({"id": np.arange(100, dtype=np.int64), "f": values}), path,
+                   compression="none", use_dictionary=False)
+    before = check_partition(discover_partitions(str(path))[0], manifest)
+    edited = values.copy()
+    edited[5] = 50.5  # between the column's min and max
+    _same_size_rewrite(path, edited)
+    after = check_partition(discover_partitions(str(path))[0], manifest)
+    assert (after.size, after.mtime_ns, after.footer) == (before.size, before.mtime_ns,
+                                                          before.footer)
+    assert after.ctime_ns != before.ctime_ns and after.fingerprint != before.fingerprint

@@ -75,3 +75,54 @@ def test_symlinked_output_subfolder_is_refused(tmp_path: Path) -> None:
         store_for(out).check_writable()
     assert [p.name for p in elsewhere.iterdir()] == [
         f".mine.ensemble-scoring-staging-{'b' * 32}.tmp"]
+
+
+def test_a_link_below_ensemble_is_never_written_through(tmp_path: Path) -> None:
+    """OUT/ensemble/day=1 linking to the input's day=1 folder: the tool would have taken
+    the input file for its committed output and moved it away."""
+    data = tmp_path / "data" / "day=1"
+    data.mkdir(parents=True)
+    (data / "part-0000.parquet").write_text("the user's input")
+    out = tmp_path / "out"
+    (out / "ensemble").mkdir(parents=True)
+    (out / "ensemble" / "day=1").symlink_to(data)
+    store = store_for(out)
+    for step in (lambda: store.hide("ensemble/day=1/part-0000.parquet"),
+                 lambda: store.delete("ensemble/day=1/part-0000.parquet"),
+                 lambda: store.staged("ensemble/day=1/part-0000.parquet").__enter__()):
+        with pytest.raises(OutputError, match=r"ensemble/day=1 is a symbolic link"):
+            step()
+    assert (data / "part-0000.parquet").read_text() == "the user's input"
+
+
+def test_a_lock_file_that_is_a_link_is_not_followed(tmp_path: Path) -> None:
+    victim = tmp_path / "config.txt"
+    victim.write_text("IMPORTANT USER DATA")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".lock").symlink_to(victim)
+    with pytest.raises(OutputError, match=r"\.lock is a symbolic link"), output_lock(out):
+        pass
+    assert victim.read_text() == "IMPORTANT USER DATA"
+
+
+def test_a_read_only_ensemble_folder_is_found_before_scoring(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    with read_only_folder(out / "ensemble") as ro, pytest.raises(
+            OutputError, match=rf"output folder {ro} is not writable"):
+        store_for(out).check_writable()
+
+
+def test_a_glob_input_inside_the_output_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                   ) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "p.parquet").write_text("x")
+    (tmp_path / "data" / "ensemble").mkdir()
+    (tmp_path / "data" / "ensemble" / "q.parquet").write_text("the tool's own output")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OutputError, match=r"holds input files the glob matches, such as "
+                                          r"data/p\.parquet"):
+        check_output_apart("dat?/*.parquet", "data")
+    check_output_apart("dat?/ensemble/*.parquet", "data")  # only the tool's own files
+    check_output_apart("dat?/*.parquet", "out")
