@@ -1,11 +1,14 @@
 """``python -m benchmarks.run``: the product against the hardware ceiling, in one run.
 
 The ceiling is TensorFlow alone: every member in its own graph and session, features
-already in memory, members running concurrently, only ``Session.run`` timed, best of a
-few batch sizes, on the graphs as saved. The product loads them with ``MatMul + bias``
-adds fused (``loaders/rewrite.py``), which makes TensorFlow's own work faster; the same
+already in memory, members running concurrently, only ``Session.run`` timed, best of
+three session thread configurations and a few batch sizes, on the graphs as saved. Where
+TensorFlow does not fuse ``MatMul + bias`` itself (oneDNN off), the product rewrites those
+adds at load (``loaders/rewrite.py``), which makes TensorFlow's own work faster; the same
 is measured on the product's graphs, so the report shows both what the product gains in
-TensorFlow and what its pipeline (decode, write, Prefect) costs. The product is
+TensorFlow and what its pipeline (decode, write, Prefect) costs. Every run states the CPU
+path it measured (CPU model and flags, oneDNN on or off, the rewrites applied) and how
+much of the CPU other processes took meanwhile. The product is
 ``python -m flows.score`` in a fresh process, with Prefect in ephemeral mode, exactly as a
 user runs it. Both run on the same generated workload, so
 their ratio is meaningful on a noisy machine where absolute seconds are not.
@@ -36,41 +39,60 @@ from benchmarks.workload import Workload, build_workload
 __all__ = ["main"]
 
 
+THREADS: tuple[str, ...] = ("shared", "per-session", "per-session-1")
+
+
 def measure_ceiling(w: Workload, prefixes: list[Path], batch_sizes: list[int],
-                    seconds: float, rounds: int = 3, fused_batch: int | None = None
-                    ) -> dict[str, Any]:
-    """Row-model evaluations per second of the members' graphs alone, run concurrently.
+                    seconds: float, rounds: int = 3, threads: tuple[str, ...] = THREADS,
+                    fused_job: tuple[str, int] | None = None) -> dict[str, Any]:
+    """Row-model evaluations per second of the members' graphs alone, run concurrently,
+    at the best of their sessions' thread configurations and of ``batch_sizes``.
 
     The ceiling is the graphs as saved. The same is measured on the graphs as the product
-    loads them (``MatMul + bias`` fused, ``loaders.rewrite``), so the report can tell the
-    product's speed-up of TensorFlow's own work from its pipeline's overhead. Both are
-    measured in the same interleaved windows, at every size in ``batch_sizes``; with
-    ``fused_batch`` (their best size in an earlier call), the product's graphs at that
-    size only.
+    loads them (``fuse=None``: ``MatMul + bias`` rewritten only where TensorFlow does not
+    fuse it itself, ``loaders.cpu``), so the report can tell the product's speed-up of
+    TensorFlow's own work from its pipeline's overhead; where the product rewrites
+    nothing, the two are the same graphs and are measured once. Every thread
+    configuration in ``threads`` (``loaders.base.SESSION_THREADS``: the process-wide
+    pools, per-session pools, one-thread per-session pools) gets its own sessions, all
+    in this one process, and is measured at every size in ``batch_sizes``; with
+    ``fused_job`` (the product's graphs' best (threads, size) in an earlier call), the
+    product's graphs at that one only.
 
-    Each batch size gets ``seconds`` in all, split over ``rounds`` interleaved windows
-    (sizes in turn, the order reversed every other round). Measured one size after the
+    Each (threads, size) gets ``seconds`` in all, split over ``rounds`` interleaved
+    windows (jobs in turn, the order reversed every other round). Measured one after the
     other, a drift in the machine's speed (up to 15 % between 6-s windows here) favours
-    whichever size runs in a fast moment, and the best of such single windows overstates
-    the ceiling.
+    whichever runs in a fast moment, and the best of such single windows overstates the
+    ceiling.
     """
+    from loaders.base import session_threads
     from loaders.cache import load_scorer
+    from loaders.cpu import cpu_path
     from loaders.manifest import ModelSpec
 
-    def load(fuse: bool | None) -> list[Any]:
-        return [load_scorer(ModelSpec(name=f"m{i}", path=str(p), input="features:0",
-                                      output="score:0"), w.features, fuse=fuse)
-                for i, p in enumerate(prefixes)]
+    def load(fuse: bool | None, config: Any) -> list[Any]:
+        with session_threads(config):
+            return [load_scorer(ModelSpec(name=f"m{i}", path=str(p), input="features:0",
+                                          output="score:0"), w.features, fuse=fuse)
+                    for i, p in enumerate(prefixes)]
 
-    forms = {"saved": load(False), "fused": load(None)}
-    fused_sizes = [fused_batch] if fused_batch else batch_sizes
+    rewrites = not cpu_path().fuses_matmul_add  # the product's graphs differ from the saved
+    fused_jobs = ([fused_job] if fused_job else
+                  [(th, bs) for th in threads for bs in batch_sizes])
+    forms: dict[tuple[str, str], list[Any]] = {("saved", th): load(False, th) for th in threads}
+    if rewrites:
+        for th in dict.fromkeys(th for th, _ in fused_jobs):
+            forms["fused", th] = load(None, th)
     rng = np.random.default_rng(1)
     inputs = {bs: rng.standard_normal((bs, w.features), dtype=np.float32)
-              for bs in dict.fromkeys([*batch_sizes, *fused_sizes])}
+              for bs in dict.fromkeys([*batch_sizes, *(bs for _, bs in fused_jobs)])}
     for x in inputs.values():
-        for s in forms["saved"] + forms["fused"]:  # warm-up: the first run of a shape pays
-            s.session.run(s.output_tensor, {s.input_tensor: x})  # extra; fed whole, as timed
-    jobs = [("saved", bs) for bs in batch_sizes] + [("fused", bs) for bs in fused_sizes]
+        for scorers in forms.values():  # warm-up: the first run of a shape pays extra;
+            for s in scorers:  # fed whole, as timed
+                s.session.run(s.output_tensor, {s.input_tensor: x})
+    jobs = [("saved", th, bs) for th in threads for bs in batch_sizes]
+    if rewrites:
+        jobs += [("fused", th, bs) for th, bs in fused_jobs]
     rows = dict.fromkeys(jobs, 0)
     elapsed = dict.fromkeys(jobs, 0.0)
 
@@ -85,30 +107,38 @@ def measure_ceiling(w: Workload, prefixes: list[Path], batch_sizes: list[int],
                 counts[k] += len(x)
 
         start = time.perf_counter()
-        threads = [threading.Thread(target=loop, args=(k,)) for k in range(len(scorers))]
-        for t in threads:
+        workers = [threading.Thread(target=loop, args=(k,)) for k in range(len(scorers))]
+        for t in workers:
             t.start()
-        for t in threads:
+        for t in workers:
             t.join()
         return sum(counts), time.perf_counter() - start
 
     rounds = rounds if len(jobs) > 1 else 1
     steal = StealMeter()
     for r in range(rounds):
-        for form, bs in jobs if r % 2 == 0 else jobs[::-1]:
-            n, t = window(forms[form], inputs[bs], seconds / rounds)
-            rows[form, bs] += n
-            elapsed[form, bs] += t
-    for s in forms["saved"] + forms["fused"]:
-        s.close()
-    results = {bs: rows["saved", bs] / elapsed["saved", bs] for bs in batch_sizes}
-    fused = {bs: rows["fused", bs] / elapsed["fused", bs] for bs in fused_sizes}
-    best = max(results, key=lambda b: results[b])
-    best_fused = max(fused, key=lambda b: fused[b])
-    return {"rows_per_s_by_batch": results, "best_batch": best, "rate": results[best],
-            "fused_rows_per_s_by_batch": fused, "fused_best_batch": best_fused,
-            "fused_rate": fused[best_fused],
-            "fused_bias_adds": forms["fused"][0].fused_bias_adds, "steal": steal.share()}
+        for form, th, bs in jobs if r % 2 == 0 else jobs[::-1]:
+            n, t = window(forms[form, th], inputs[bs], seconds / rounds)
+            rows[form, th, bs] += n
+            elapsed[form, th, bs] += t
+    for scorers in forms.values():
+        for s in scorers:
+            s.close()
+    saved = {(th, bs): rows["saved", th, bs] / elapsed["saved", th, bs]
+             for _, th, bs in jobs if _ == "saved"}
+    fused = ({(th, bs): rows["fused", th, bs] / elapsed["fused", th, bs]
+              for th, bs in fused_jobs} if rewrites
+             else {job: saved[job] for job in fused_jobs})
+    best = max(saved, key=lambda j: saved[j])
+    best_fused = max(fused, key=lambda j: fused[j])
+    return {"rows_per_s": {f"{th} {bs}": r for (th, bs), r in saved.items()},
+            "best": best, "best_batch": best[1], "best_threads": best[0],
+            "rate": saved[best],
+            "fused_rows_per_s": {f"{th} {bs}": r for (th, bs), r in fused.items()},
+            "fused_best": best_fused, "fused_rate": fused[best_fused],
+            "fused_bias_adds": (forms.get(("fused", best_fused[0])) or forms["saved", best[0]]
+                                )[0].fused_bias_adds,
+            "steal": steal.share(), "foreign": steal.foreign()}
 
 
 def matmul_reference(w: Workload, seconds: float = 2.0) -> dict[str, float]:
@@ -134,28 +164,69 @@ def matmul_reference(w: Workload, seconds: float = 2.0) -> dict[str, float]:
     return {"gflops": flops / 1e9, "mlp_rate": flops / per_eval}
 
 
-def _cpu_jiffies() -> tuple[int, int]:
-    """(stolen, total) CPU time of the machine so far, from /proc/stat; (0, 0) elsewhere."""
+def _cpu_jiffies() -> tuple[int, int, int]:
+    """(stolen, busy, total) CPU time of the machine so far, from /proc/stat, in clock
+    ticks; busy is everything but idle and iowait, steal included. (0, 0, 0) elsewhere."""
     try:
         fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     except (OSError, ValueError):
-        return 0, 0
-    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
+        return 0, 0, 0
+    fields = (fields + [0] * 8)[:8]
+    total = sum(fields)
+    return fields[7], total - fields[3] - fields[4], total
+
+
+def _own_cpu() -> float:
+    """CPU seconds of this process and its waited-for children."""
+    import resource
+
+    return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 class StealMeter:
-    """Share of the machine's CPU time the hypervisor gave to other guests meanwhile.
+    """Share of the machine's CPU time that went elsewhere meanwhile: to other guests
+    (steal) and to other processes on this machine (foreign).
 
-    On a shared VM this is one visible reason a run is slower than the one before it; it
-    is reported next to each run so a low ratio can be told from a busy neighbour.
+    On a shared VM these are the visible reasons a run is slower than the one before it;
+    they are reported next to each run and ceiling window, so a low ratio can be told from
+    a busy neighbour. Foreign time counts the benchmark's own process and the children it
+    has waited for as its own.
     """
 
     def __init__(self) -> None:
         self.start = _cpu_jiffies()
+        self.own = _own_cpu()
 
     def share(self) -> float:
-        stolen, total = _cpu_jiffies()
-        return (stolen - self.start[0]) / max(1, total - self.start[1])
+        stolen, _, total = _cpu_jiffies()
+        return (stolen - self.start[0]) / max(1, total - self.start[2])
+
+    def foreign(self) -> float:
+        _, busy, total = _cpu_jiffies()
+        if total <= self.start[2]:
+            return 0.0
+        hz = os.sysconf("SC_CLK_TCK")
+        others = (busy - self.start[1]) / hz - (_own_cpu() - self.own)
+        return max(0.0, others / ((total - self.start[2]) / hz))
+
+
+def wait_quiet(limit: float = 0.05, patience: float = 300.0, sample: float = 2.0) -> float:
+    """Wait until other processes use less than ``limit`` of the machine's CPU over a
+    ``sample``-second window (at most ``patience`` seconds); returns the seconds waited.
+
+    The benchmark machine is shared: a test suite started by someone else took 25-45 % of
+    the CPU during ceiling windows and product runs here, and made one product run look
+    0.6 of the ceiling. Each measured phase starts on a quiet machine, and what other
+    processes took during it is reported next to it (``StealMeter.foreign``).
+    """
+    start = time.perf_counter()
+    while time.perf_counter() - start < patience:
+        meter = StealMeter()
+        time.sleep(sample)
+        if meter.foreign() + meter.share() < limit:
+            break
+    return time.perf_counter() - start - sample
 
 
 def _rss_sampler(pid: int, stop: threading.Event, peak: list[int]) -> None:
@@ -199,6 +270,7 @@ def run_product(manifest: Path, data: Path | str, output: Path, extra: list[str]
         "model_loads": record["model_loads"],
         "rows": record["summary"]["rows"],
         "steal": steal.share(),
+        "foreign": steal.foreign(),
     }
 
 
@@ -296,6 +368,7 @@ def _markdown(figures: dict[str, Any], lines: list[str]) -> str:
         f"- Command: `{figures['command'].strip()}`\n"
         f"- Date: {figures['date']}\n"
         f"- Machine: {figures['machine']}\n"
+        f"- CPU path: {figures['cpu_path']['label']}\n"
         f"- Workload: {figures['workload']} ({figures['row_model_evals']:,} row-model "
         "evaluations: K members x P partitions x rows, MLP 32-256-256-1)\n\n"
         "```\n" + "\n".join(lines).strip("\n") + "\n```\n"
@@ -325,6 +398,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=2, metavar="N",
                    help="full product runs, each compared with the ceiling measured just "
                    "before and after it; the ratios shown are their mean (default 2)")
+    p.add_argument("--quiet-wait", type=float, default=300.0, metavar="SECONDS",
+                   help="before each ceiling and product run, wait up to this long until "
+                   "other processes use under 5%% of the CPU (0: do not wait; default 300)")
     p.add_argument("--startup-samples", type=int, default=1, metavar="N",
                    help="extra product runs on the first two partitions only, for the "
                    "median start-up (it varies by seconds from run to run; default 1)")
@@ -346,31 +422,48 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  ready in {time.perf_counter() - t:.1f} s", flush=True)
 
     batch_sizes = [int(b) for b in args.ceiling_batches.split(",")]
+
+    def quiet() -> None:
+        waited = wait_quiet(patience=args.quiet_wait) if args.quiet_wait > 0 else 0.0
+        if waited > 1:
+            print(f"  (waited {waited:.0f} s for other processes to leave the CPU)", flush=True)
+    from loaders.cpu import cpu_path
+
+    path = cpu_path()  # the same TF_ENABLE_ONEDNN_OPTS as the product's (inherited env)
+    print(f"CPU path: {path.label}; MatMul + bias "
+          f"{'fused by TensorFlow itself' if path.fuses_matmul_add else 'rewritten at load'}",
+          flush=True)
     print("reference: numpy float32 matrix multiply on every core ...", flush=True)
     reference = matmul_reference(w)
     # The machine's speed drifts over minutes (the ceiling moved by up to 10 % between
     # one side of a 100-s product run and the other here), so each product run is
     # compared with the mean of the ceiling measured just before and just after it, and
     # with --repeat N the runs alternate with ceiling windows: C P C P C.
+    quiet()
     print("ceiling (before): members' graphs alone, features in memory ...", flush=True)
     ceiling = measure_ceiling(w, prefixes, batch_sizes, args.ceiling_seconds)
     ceilings = [ceiling["rate"]]
     fused_ceilings = [ceiling["fused_rate"]]
     steals = [ceiling["steal"]]
+    foreigns = [ceiling["foreign"]]
     runs: list[dict[str, Any]] = []
     for i in range(args.repeat):
         print(f"product run {i + 1}/{args.repeat}: python -m flows.score (fresh process, "
               "ephemeral Prefect) ...", flush=True)
+        quiet()
         runs.append(run_product(manifest, data, args.workdir / "out" / w.key,
                                 args.product_args.split()))
         # Right after the product run, before anything else runs: the ceiling windows
         # then bracket the run they are compared with.
         print("ceiling (after) ...", flush=True)
+        quiet()
         after = measure_ceiling(w, prefixes, [ceiling["best_batch"]], args.ceiling_seconds,
-                                fused_batch=ceiling["fused_best_batch"])
+                                threads=(ceiling["best_threads"],),
+                                fused_job=ceiling["fused_best"])
         ceilings.append(after["rate"])
         fused_ceilings.append(after["fused_rate"])
         steals.append(after["steal"])
+        foreigns.append(after["foreign"])
     for i, run in enumerate(runs):
         run["ceiling"] = (ceilings[i] + ceilings[i + 1]) / 2
         run["ratio_flow"] = w.row_model_evals / run["flow"] / run["ceiling"]
@@ -380,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     ceiling["windows"] = ceilings  # before run 1, after each run
     ceiling["fused_windows"] = fused_ceilings
     ceiling["window_steal"] = steals
+    ceiling["window_foreign"] = foreigns
     ceiling["rate"] = float(np.mean([run["ceiling"] for run in runs]))
     ceiling["fused_rate"] = float(np.mean([run["fused_ceiling"] for run in runs]))
     startups = [run["startup"] for run in runs]
@@ -423,7 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     rate_flow, rate_process = ratio_flow * c, ratio_process * c
     cf = ceiling["fused_rate"]
     rows = [
-        ("ceiling (Session.run only, best batch " f"{ceiling['best_batch']:,})",
+        (f"ceiling (Session.run only, best: {ceiling['best_threads']} threads, "
+         f"batch {ceiling['best_batch']:,})",
          f"{c / 1e6:.2f} M/s", "1.00"),
         ("  the same on the product's graphs (MatMul + bias fused)", f"{cf / 1e6:.2f} M/s",
          f"{cf / c:.2f}"),
@@ -438,6 +533,16 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
 
     show()
+    flags = path.flags
+    show(f"CPU path: {path.label}")
+    show(f"  AVX-512 {'yes' if flags['avx512f'] else 'no'}, AVX512_BF16 "
+         f"{'yes' if flags['avx512_bf16'] else 'no'}, AMX "
+         f"{'yes' if flags['amx_tile'] else 'no'}; oneDNN rewrites "
+         f"{'on' if path.onednn else 'off'}; MatMul + bias + Relu "
+         + ("fused by TensorFlow itself (_MklNativeFusedMatMul)" if path.fuses_matmul_add
+            else f"rewritten to BiasAdd at load ({ceiling['fused_bias_adds']} per member), "
+            "which TensorFlow fuses"))
+    show()
     show(f"{'row-model evaluations per second':58s} {'rate':>10s} {'vs ceiling':>10s}")
     for name, rate, ratio in rows:
         show(f"{name:58s} {rate:>10s} {ratio:>10s}")
@@ -446,7 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     show(f"flow phase against the product's own graphs' ceiling (pipeline overhead only): "
          f"{ratio_flow_fused:.2f}")
     show(f"  ({ceiling['fused_bias_adds']} MatMul + bias adds per member rewritten to "
-         "BiasAdd at load, which TensorFlow fuses; loaders/rewrite.py)")
+         "BiasAdd at load, loaders/rewrite.py; best there: "
+         f"{ceiling['fused_best'][0]} threads, batch {ceiling['fused_best'][1]:,})")
     show()
     show(f"whole process wall time   {product['wall']:8.1f} s{runs_note}")
     show(f"flow time                 {product['flow']:8.1f} s{runs_note}")
@@ -465,22 +571,32 @@ def main(argv: list[str] | None = None) -> int:
               f"{dask_run['wall']:.1f} s; overhead vs threads: flow x"
               f"{dask_run['flow'] / product['flow']:.2f}, whole x"
               f"{dask_run['wall'] / product['wall']:.2f}")
+    disturbed = [i + 1 for i, run in enumerate(runs) if run["foreign"] + run["steal"] > 0.05]
+    if disturbed:
+        show(f"  DISTURBED: other processes or guests took over 5 % of the CPU during run(s) "
+             f"{disturbed}; their ratios understate the product")
     for i, run in enumerate(runs):
         show(f"  run {i + 1}: flow {run['flow']:.1f} s, ratio {run['ratio_flow']:.2f}; whole "
              f"{run['wall']:.1f} s, ratio {run['ratio_process']:.2f}; ceiling around it "
              f"{ceilings[i] / 1e6:.2f} / {ceilings[i + 1] / 1e6:.2f} M/s (product's graphs "
              f"{fused_ceilings[i] / 1e6:.2f} / {fused_ceilings[i + 1] / 1e6:.2f}), ratio to "
-             f"those {run['ratio_flow_fused']:.2f}; CPU stolen by "
-             f"the host {run['steal']:.1%} (ceiling windows {steals[i]:.1%} / "
-             f"{steals[i + 1]:.1%})")
-    for bs, r in sorted(ceiling["rows_per_s_by_batch"].items()):
-        show(f"  ceiling at batch {bs:>7,}: {r / 1e6:.2f} M/s (first window)")
+             f"those {run['ratio_flow_fused']:.2f}; CPU to the host / other processes "
+             f"{run['steal']:.1%} / {run['foreign']:.1%} (ceiling windows "
+             f"{steals[i]:.1%} / {foreigns[i]:.1%} and {steals[i + 1]:.1%} / "
+             f"{foreigns[i + 1]:.1%})")
+    for job, r in ceiling["rows_per_s"].items():
+        fr = ceiling["fused_rows_per_s"].get(job)
+        show(f"  ceiling, {job.split()[0]:>13s} threads, batch {int(job.split()[1]):>7,}: "
+             f"{r / 1e6:.2f} M/s" + (f" (product's graphs {fr / 1e6:.2f})"
+                                      if fr is not None and path.fuses_matmul_add is False
+                                      else "") + " (first ceiling)")
     show(f"  hardware yardstick: numpy float32 matmul {reference['gflops']:.0f} GFLOP/s, "
          f"i.e. {reference['mlp_rate'] / 1e6:.2f} M/s for this MLP; the ceiling is "
          f"{c / reference['mlp_rate']:.2f} of it")
 
     figures = {
         "workload": w.key, "row_model_evals": evals, "machine": _machine(),
+        "cpu_path": path.model_dump() | {"label": path.label},
         "ceiling": ceiling, "product": product, "dask": dask_run, "reference": reference,
         "ratio_flow": ratio_flow, "ratio_process": ratio_process,
         "ratio_flow_fused": ratio_flow_fused,

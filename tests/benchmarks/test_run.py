@@ -22,7 +22,8 @@ def test_benchmark_runs_on_a_tiny_workload(tmp_path: Path) -> None:
         [sys.executable, "-m", "benchmarks.run", "--members", "2", "--partitions", "2",
          "--rows-per-partition", "5000", "--hidden", "16,8", "--features", "8",
          "--ceiling-batches", "1024,4096", "--ceiling-seconds", "0.3", "--repeat", "2",
-         "--startup-samples", "0", "--workdir", str(tmp_path / "bench"), "--json", str(out)],
+         "--startup-samples", "0", "--quiet-wait", "0", "--workdir", str(tmp_path / "bench"),
+         "--json", str(out)],
         cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
         timeout=600,
     )
@@ -31,15 +32,25 @@ def test_benchmark_runs_on_a_tiny_workload(tmp_path: Path) -> None:
     figures = json.loads(out.read_text())
     runs = figures["product"]["runs"]
     assert len(runs) == 2 and len(figures["ceiling"]["windows"]) == 3
-    # The ceiling is also measured on the graphs as the product loads them (two hidden
-    # layers and the head, each a MatMul + bias add, fused).
+    # The ceiling is also measured on the graphs as the product loads them: where
+    # TensorFlow does not fuse MatMul + bias itself (oneDNN off), the two hidden layers and
+    # the head are rewritten; with oneDNN on they are the graphs as saved.
+    path = figures["cpu_path"]
+    assert path["cpu"] and "avx512f" in path["flags"] and path["label"] in proc.stdout
+    assert "CPU path:" in proc.stdout and "AMX" in proc.stdout
     assert len(figures["ceiling"]["fused_windows"]) == 3
-    assert figures["ceiling"]["fused_bias_adds"] == 3
+    assert figures["ceiling"]["fused_bias_adds"] == (0 if path["fuses_matmul_add"] else 3)
     assert "product's graphs" in proc.stdout
+    # Best of every thread configuration and batch size, each measured.
+    measured = figures["ceiling"]["rows_per_s"]
+    assert {k.split()[0] for k in measured} == {"shared", "per-session", "per-session-1"}
+    assert {int(k.split()[1]) for k in measured} == {1024, 4096}
+    assert figures["ceiling"]["best_threads"] in {"shared", "per-session", "per-session-1"}
     for run in runs:
         assert run["rows"] == 10_000
         assert run["ratio_flow"] > 0 and run["ratio_process"] > 0
         assert run["ratio_flow_fused"] > 0
+        assert 0 <= run["foreign"] <= 1
         assert run["flow"] < run["wall"]
     assert figures["product"]["max_loads_per_checkpoint"] == 1
     assert figures["max_abs_error"] < 1e-5
