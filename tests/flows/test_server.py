@@ -38,7 +38,7 @@ def test_server_serves_the_api_and_stops(tmp_path: Path, monkeypatch: pytest.Mon
         assert _post(f"{server.api_url}/flows/filter", {"limit": 1}) == 200
         assert prefect_servers(tmp_path)
     finally:
-        server.stop()
+        server.stop(wait=10)
     assert not prefect_servers(tmp_path)
 
 
