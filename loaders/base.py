@@ -148,12 +148,19 @@ class GraphScorer:
                 f"model {self.name!r}: input {self.input_tensor.name} has dtype "
                 f"{self._input_dtype}; only floating-point inputs are supported"
             )
+        output_dtype = self.output_tensor.dtype.base_dtype
+        if not (output_dtype.is_floating or output_dtype.is_integer or output_dtype.is_bool):
+            raise ModelLoadError(
+                f"model {self.name!r}: output {self.output_tensor.name} has dtype "
+                f"{output_dtype.name}; a score must be a number. Point 'output' at the "
+                "score (or probability) tensor"
+            )
         probe = np.zeros((2, n_features), dtype=np.float32)
         try:
             self.predict(probe)
         except ModelLoadError:
             raise
-        except tf.errors.OpError as err:
+        except (tf.errors.OpError, ValueError, TypeError) as err:
             raise ModelLoadError(
                 f"model {self.name!r} ({self.source}) fails on a 2-row probe batch: "
                 f"{first_error_line(err)}. Check 'input'/'output' and that the graph "

@@ -164,3 +164,15 @@ def test_a_prefix_with_glob_characters_is_a_name(tmp_path: Path) -> None:
     build_mlp_checkpoint(prefix, seed=2, n_features=8, hidden=(4,))
     assert digest_files(resolve_model(ModelSpec(name="m", path=str(prefix), input="features",
                                                 output="score")).files) != before
+
+
+def test_a_string_output_is_an_explained_error(tmp_path: Path) -> None:
+    def build() -> None:
+        x = tf.compat.v1.placeholder(tf.float32, [None, 8], name="features")
+        tf.compat.v1.get_variable("w", initializer=np.ones(1, np.float32))
+        tf.fill(tf.shape(x)[:1], "class_a", name="score")
+
+    prefix = _save(tmp_path / "m.ckpt", build)
+    with pytest.raises(ModelLoadError, match=r"output score:0 has dtype string; a score must "
+                                             r"be a number"):
+        load_scorer(_spec(prefix), 8)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -75,32 +76,37 @@ def test_corrupt_footer(tmp_path: Path) -> None:
     assert isinstance(pa.ArrowException, type)
 
 
-def _same_size_rewrite(path: Path, values: np.ndarray) -> None:
-    """Rewrite ``path`` with other values and the same size, then restore its mtime, as
-    ``rsync -t`` or ``cp -p`` of a re-export would leave it."""
-    st = path.stat()
+_ONE_FEATURE = Manifest(id_column="id", features=("f",), models=(ModelSpec(name="m", path="x"),))
+
+
+def _write(path: Path, values: np.ndarray) -> None:
+    """Uncompressed and plain-encoded: other values of the same count keep the size."""
     table = pa.table({"id": np.arange(len(values), dtype=np.int64), "f": values})
     pq.write_table(table, path, compression="none", use_dictionary=False)
+
+
+def _fingerprint_before_and_after(path: Path, new: np.ndarray) -> tuple[Any, Any]:
+    """The partition as planned, then again after ``path`` is rewritten with ``new`` (the
+    same size) and its mtime restored, as ``rsync -t`` or ``cp -p`` of a re-export leave
+    it."""
+    before = check_partition(discover_partitions(str(path))[0], _ONE_FEATURE)
+    st = path.stat()
+    _write(path, new)
     assert path.stat().st_size == st.st_size
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return before, check_partition(discover_partitions(str(path))[0], _ONE_FEATURE)
 
 
 def test_footer_fingerprint_tells_same_size_same_mtime_rewrites_apart(tmp_path: Path
                                                                      ) -> None:
-    path = tmp_path / "in" / "p.parquet"
-    path.parent.mkdir()
-    manifest = Manifest(id_column="id", features=("f",),
-                        models=(ModelSpec(name="m", path="x"),))
+    path = tmp_path / "p.parquet"
     first = np.arange(100, dtype=np.float32)
-    pq.write_table(pa.table({"id": np.arange(100, dtype=np.int64), "f": first}), path,
-                   compression="none", use_dictionary=False)
-    before = check_partition(discover_partitions(str(path))[0], manifest)
-    _same_size_rewrite(path, first[::-1] * 2)
-    after = check_partition(discover_partitions(str(path))[0], manifest)
+    _write(path, first)
+    before, after = _fingerprint_before_and_after(path, first[::-1] * 2)
     assert (after.size, after.mtime_ns) == (before.size, before.mtime_ns)
     assert after.footer != before.footer and after.fingerprint != before.fingerprint
     # --verify-inputs adds the whole file's hash.
-    verified = check_partition(discover_partitions(str(path))[0], manifest, verify=True)
+    verified = check_partition(discover_partitions(str(path))[0], _ONE_FEATURE, verify=True)
     assert len(verified.content) == 64 and verified.content in verified.fingerprint
 
 
@@ -109,16 +115,11 @@ def test_an_in_range_edit_that_keeps_the_footer_still_changes_the_fingerprint(
     """One value changed within its column's range, same size, same statistics, mtime set
     back: the footer is byte for byte the same, but the inode's change time is not."""
     path = tmp_path / "p.parquet"
-    manifest = Manifest(id_column="id", features=("f",),
-                        models=(ModelSpec(name="m", path="x"),))
     values = np.arange(100, dtype=np.float32)
-    pq.write_table(pa.table({"id": np.arange(100, dtype=np.int64), "f": values}), path,
-                   compression="none", use_dictionary=False)
-    before = check_partition(discover_partitions(str(path))[0], manifest)
+    _write(path, values)
     edited = values.copy()
     edited[5] = 50.5  # between the column's min and max
-    _same_size_rewrite(path, edited)
-    after = check_partition(discover_partitions(str(path))[0], manifest)
+    before, after = _fingerprint_before_and_after(path, edited)
     assert (after.size, after.mtime_ns, after.footer) == (before.size, before.mtime_ns,
                                                           before.footer)
     assert after.ctime_ns != before.ctime_ns and after.fingerprint != before.fingerprint
