@@ -202,12 +202,14 @@ class StealMeter:
         stolen, _, total = _cpu_jiffies()
         return (stolen - self.start[0]) / max(1, total - self.start[2])
 
-    def foreign(self) -> float:
+    def foreign(self, also_own: float = 0.0) -> float:
+        """``also_own``: CPU seconds of processes of the measured run that this process
+        has not waited for (the CLI's own Prefect server, which it does not wait for)."""
         _, busy, total = _cpu_jiffies()
         if total <= self.start[2]:
             return 0.0
         hz = os.sysconf("SC_CLK_TCK")
-        others = (busy - self.start[1]) / hz - (_own_cpu() - self.own)
+        others = (busy - self.start[1]) / hz - (_own_cpu() - self.own) - also_own
         return max(0.0, others / ((total - self.start[2]) / hz))
 
 
@@ -229,13 +231,21 @@ def wait_quiet(limit: float = 0.05, patience: float = 300.0, sample: float = 2.0
     return time.perf_counter() - start - sample
 
 
-def _rss_sampler(pid: int, stop: threading.Event, peak: list[int]) -> None:
+def _rss_sampler(pid: int, stop: threading.Event, peak: list[int],
+                 descendants: dict[int, float]) -> None:
+    """Peak RSS of ``pid``; last CPU seconds seen of each of its descendants."""
     import psutil
 
     try:
         proc = psutil.Process(pid)
         while not stop.is_set():
             peak[0] = max(peak[0], proc.memory_info().rss)
+            for child in proc.children(recursive=True):
+                try:
+                    times = child.cpu_times()
+                    descendants[child.pid] = times.user + times.system
+                except psutil.Error:
+                    pass
             stop.wait(0.05)
     except psutil.Error:
         pass
@@ -251,8 +261,9 @@ def run_product(manifest: Path, data: Path | str, output: Path, extra: list[str]
     steal = StealMeter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    stop, peak = threading.Event(), [0]
-    sampler = threading.Thread(target=_rss_sampler, args=(proc.pid, stop, peak), daemon=True)
+    stop, peak, descendants = threading.Event(), [0], dict[int, float]()
+    sampler = threading.Thread(target=_rss_sampler, args=(proc.pid, stop, peak, descendants),
+                               daemon=True)
     sampler.start()
     out, err = proc.communicate()
     wall = time.time() - t0
@@ -270,7 +281,10 @@ def run_product(manifest: Path, data: Path | str, output: Path, extra: list[str]
         "model_loads": record["model_loads"],
         "rows": record["summary"]["rows"],
         "steal": steal.share(),
-        "foreign": steal.foreign(),
+        # The CLI's Prefect server is the product's own, though the CLI does not wait
+        # for it to exit (so its CPU is not in this process's children's rusage).
+        "foreign": steal.foreign(also_own=sum(descendants.values())),
+        "server_cpu": sum(descendants.values()),
     }
 
 
