@@ -35,12 +35,15 @@ __all__ = ["LocalServer"]
 # Services a one-run server has no use for, turned off with Prefect's public settings and
 # flags (each can be turned back on by setting the variable in the environment): the
 # scheduler and late-runs services (no deployments run on it), automations, and block
-# auto-registration (it imports every installed Prefect collection; ~1 s of start-up).
+# auto-registration, including its memo check, which imports every installed Prefect
+# collection (prefect-dask brings dask.distributed) to hash the block registry before it
+# even looks at whether registration is on: ~1 s of the server's start.
 _QUIET_SERVICES = {
     "PREFECT_SERVER_SERVICES_TRIGGERS_ENABLED": "false",
     "PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED": "false",
     "PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED": "false",
-    "PREFECT_API_BLOCKS_REGISTER_ON_START": "false",
+    "PREFECT_SERVER_REGISTER_BLOCKS_ON_START": "false",
+    "PREFECT_SERVER_MEMOIZE_BLOCK_AUTO_REGISTRATION": "false",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_UI_ENABLED": "false",
 }
