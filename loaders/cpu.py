@@ -101,6 +101,7 @@ def cpu_path() -> CpuPath:
 if __name__ == "__main__":  # `python -m loaders.cpu [--other]`, used by `make test-other-path`
     import sys
 
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # only the answer on stdout
     probed = cpu_path()
     if sys.argv[1:] == ["--other"]:
         print("0" if probed.onednn else "1")  # the TF_ENABLE_ONEDNN_OPTS this path is not

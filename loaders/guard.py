@@ -21,7 +21,7 @@ from typing import Any
 from loaders.errors import ModelLoadError
 from loaders.subgraph import called_functions
 
-__all__ = ["ALLOWED_OPS", "check_ops"]
+__all__ = ["ALLOWED_OPS", "check_ops", "check_static_sizes"]
 
 ALLOWED_OPS = frozenset({
     # graph plumbing: feeds, constants, identity, no-ops, functional calls and control flow
@@ -112,6 +112,7 @@ def check_ops(graph_def: Any, *, model: str, source: str, allow: Iterable[str] =
             f"run code or loop without end): {listing}. If you trust this model, add "
             f"'allow_ops: [{', '.join(ops)}]' to its entry in the manifest"
         )
+    _check_no_recursion(graph_def, model=model, source=source)
     for func, node in _nodes(graph_def):
         for name in called_functions(node, library):
             if name not in library:
@@ -133,7 +134,9 @@ def _check_constants(graph_def: Any, *, model: str, source: str) -> None:
             continue
         tensor = node.attr["value"].tensor
         elements = math.prod(max(d.size, 0) for d in tensor.tensor_shape.dim)
-        expanded = elements * _ITEM_BYTES.get(tensor.dtype, 8)
+        item = (max((len(v) for v in tensor.string_val), default=0) + 8 if tensor.dtype == 7
+                else _ITEM_BYTES.get(tensor.dtype, 8))  # 7: DT_STRING, each value copied
+        expanded = elements * item
         stored = tensor.ByteSize()
         if expanded > MAX_CONST_EXPANSION and expanded > 4 * stored:
             where = f"node {node.name!r}" + (f" in function {func!r}" if func else "")
@@ -146,3 +149,67 @@ def _check_constants(graph_def: Any, *, model: str, source: str) -> None:
 # Bytes per element by DataType enum (float, double, int32, uint8, int16, int8, int64,
 # bool, bfloat16, half...); anything else counts as 8.
 _ITEM_BYTES = {1: 4, 2: 8, 3: 4, 4: 1, 5: 2, 6: 1, 9: 8, 10: 1, 14: 2, 19: 2}
+
+
+def _check_no_recursion(graph_def: Any, *, model: str, source: str) -> None:
+    """Refuse library functions that call themselves, directly or through others: with
+    loops off the allow-list, recursion is the other way to run without end (a self-call
+    crashed TensorFlow's process with a segfault).
+
+    Raises:
+        ModelLoadError: naming the cycle.
+    """
+    library = {f.signature.name: f for f in graph_def.library.function}
+    calls = {name: {c for n in fn.node_def for c in called_functions(n, library)}
+             for name, fn in library.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for callee in sorted(calls.get(name, ())):
+            if state.get(callee) == 1:
+                cycle = " -> ".join([*path[path.index(callee):], callee])
+                raise ModelLoadError(
+                    f"model {model!r}: refusing {source}: its functions call themselves "
+                    f"({cycle}); recursion need not end"
+                )
+            if callee in calls and state.get(callee) != 2:
+                visit(callee, [*path, callee])
+        state[name] = 2
+
+    for name in sorted(calls):
+        if state.get(name) != 2:
+            visit(name, [name])
+
+
+# Fixed-size tensors the imported graph may hold in all: a few bytes of graph can ask for
+# GBs at run time (Fill, BroadcastTo, Tile, Pad, OneHot or Range with large constant
+# shapes), which TensorFlow's shape inference states at import. Tensors whose size depends
+# on the batch are not counted; variables count once (their weights).
+MAX_STATIC_BYTES = 2 * 2**30
+
+
+def check_static_sizes(graph: Any, *, model: str, source: str) -> None:
+    """After import: refuse a graph whose fully-known tensor sizes add up past
+    :data:`MAX_STATIC_BYTES`.
+
+    Raises:
+        ModelLoadError: naming the largest tensors.
+    """
+    sizes: list[tuple[int, str]] = []
+    for op in graph.get_operations():
+        if op.type in ("Identity", "ReadVariableOp", "VarHandleOp", "VariableV2", "Variable"):
+            continue  # weights: as large as the checkpoint that holds them, no larger
+        for out in op.outputs:
+            shape, dtype = out.shape, out.dtype.base_dtype
+            if not shape.is_fully_defined() or dtype.name in ("resource", "variant"):
+                continue
+            item = dtype.size if dtype.name != "string" else 8
+            sizes.append((shape.num_elements() * item, out.name))
+    total = sum(n for n, _ in sizes)
+    if total > MAX_STATIC_BYTES:
+        largest = ", ".join(f"{name} ({n:,} bytes)" for n, name in sorted(sizes)[-3:][::-1])
+        raise ModelLoadError(
+            f"model {model!r}: refusing {source}: its fixed-size tensors add up to "
+            f"{total:,} bytes (largest: {largest}); a scoring model does not need that"
+        )

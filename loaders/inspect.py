@@ -106,12 +106,13 @@ def resolve_model(spec: ModelSpec) -> ResolvedModel:
     return ResolvedModel("checkpoint", str(prefix), _checkpoint_files(prefix))
 
 
-_digest_memo: dict[tuple[tuple[str, int, int], ...], str] = {}
+_digest_memo: dict[tuple[tuple[str, int, int, int], ...], str] = {}
 _digest_lock = threading.Lock()
 
 
 def digest_files(files: tuple[str, ...]) -> str:
-    """SHA-256 over the files' names and contents, memoised on (path, size, mtime).
+    """SHA-256 over the files' names and contents, memoised on (path, size, mtime, ctime):
+    a file replaced in place with its mtime set back still changes its ctime.
 
     Hashing a large checkpoint takes a while; the memo makes the per-partition cache lookup
     a few ``stat`` calls.
@@ -119,7 +120,7 @@ def digest_files(files: tuple[str, ...]) -> str:
     stats = []
     for f in files:
         st = Path(f).stat()
-        stats.append((f, st.st_size, st.st_mtime_ns))
+        stats.append((f, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
     key = tuple(stats)
     with _digest_lock:
         known = _digest_memo.get(key)

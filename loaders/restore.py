@@ -155,7 +155,11 @@ def _check_distinct(model: str, nodes: Iterable[Any]) -> None:
     for node in nodes:
         container = node.attr["container"].s.decode() if "container" in node.attr else ""
         shared = node.attr["shared_name"].s.decode() if "shared_name" in node.attr else ""
-        identity = (container, shared or node.name)
+        # TensorFlow's default container is "localhost"; a reference variable without a
+        # shared_name is named by its node, a resource variable without one by a fixed
+        # anonymous name (so two such are one variable).
+        default = node.name if node.op in REF_VARIABLE_OPS else "<anonymous>"
+        identity = (container or "localhost", shared or default)
         if identity in seen:
             raise ModelLoadError(
                 f"model {model!r}: variables {seen[identity]!r} and {node.name!r} are the "

@@ -18,7 +18,7 @@ from typing import Any
 from loaders._tf import tf
 from loaders.base import GraphScorer
 from loaders.errors import ModelLoadError
-from loaders.guard import check_ops
+from loaders.guard import check_ops, check_static_sizes
 from loaders.manifest import ModelSpec
 from loaders.restore import restored_scorer, saver_keys, variable_nodes
 from loaders.subgraph import node_name, prune
@@ -139,6 +139,7 @@ def load_saved_model(spec: ModelSpec, folder: str, digest: str) -> GraphScorer:
                 f"{spec.signature!r} ({str(err).splitlines()[0]}); is {input_name!r} an "
                 f"input of {output_name!r}?"
             ) from err
+    check_static_sizes(graph, model=spec.name, source=folder)
     return restored_scorer(spec, source=folder, digest=digest, graph=graph,
                            tensors=(input_tensor, output_tensor), variables=variables,
                            checkpoint=str(Path(folder) / "variables" / "variables"),

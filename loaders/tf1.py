@@ -9,7 +9,7 @@ from loaders._tf import tf
 from loaders.base import GraphScorer, tensor_name
 from loaders.cpu import cpu_path
 from loaders.errors import ModelLoadError, first_error_line
-from loaders.guard import check_ops
+from loaders.guard import check_ops, check_static_sizes
 from loaders.manifest import ModelSpec
 from loaders.restore import restored_scorer, saver_keys, variable_nodes
 from loaders.rewrite import Fusion, fuse_bias_adds
@@ -80,6 +80,7 @@ def _import(spec: ModelSpec, prefix: str, graph_def: Any) -> tuple[tf.Graph, Any
                 f"{first_error_line(err)}; the file may be truncated or from an incompatible "
                 "TensorFlow"
             ) from err
+        check_static_sizes(graph, model=spec.name, source=f"{prefix}.meta")
         return (graph, _get_tensor(graph, spec, "input", spec.input),
                 _get_tensor(graph, spec, "output", spec.output))
 

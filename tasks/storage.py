@@ -29,6 +29,7 @@ import json
 import os
 import re
 import socket
+import stat
 import threading
 import time
 import uuid
@@ -224,10 +225,12 @@ class Store(ABC):
             infos += self._files(sub, recursive=True)
         removed = 0
         for info in infos:
-            if is_staging_name(info.base_name):
-                with contextlib.suppress(OSError):
-                    self.fs.delete_file(info.path)
-                    removed += 1
+            if not is_staging_name(info.base_name):
+                continue
+            rel = info.path[len(self._base) + 1:]
+            with contextlib.suppress(OSError, OutputError):  # OutputError: through a link
+                self.fs.delete_file(self._target(rel))
+                removed += 1
         return removed
 
     # ------------------------------------------------------------------ locking
@@ -348,6 +351,13 @@ class LocalStore(Store):
                 ) from err
             raise OutputError(self._unwritable(err)) from err
         try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                raise OutputError(
+                    f"{self.root / LOCK_FILE} is not this tool's lock file (a "
+                    f"{'hard link' if stat.S_ISREG(st.st_mode) else 'special file'}); "
+                    "remove it or choose another --output"
+                )
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError as err:

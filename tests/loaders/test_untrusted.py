@@ -176,3 +176,110 @@ def test_a_string_output_is_an_explained_error(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match=r"output score:0 has dtype string; a score must "
                                              r"be a number"):
         load_scorer(_spec(prefix), 8)
+
+
+@pytest.mark.parametrize("how", ["empty shared_name", "localhost container"])
+def test_other_spellings_of_one_variable_are_refused(tmp_path: Path, how: str) -> None:
+    """Resource variables without a shared_name are one anonymous variable; the default
+    container is "localhost" whether spelled or not."""
+    def build() -> None:
+        x = tf.compat.v1.placeholder(tf.float32, [None, 8], name="features")
+        b = tf.compat.v1.get_variable("b", initializer=np.arange(16, dtype=np.float32))
+        alias = tf.compat.v1.get_variable("b_alias", initializer=np.ones(1, np.float32))
+        w = tf.compat.v1.get_variable("w", initializer=np.ones((8, 16), np.float32))
+        with tf.control_dependencies([alias.read_value()]):
+            tf.reduce_sum(tf.matmul(x, w) + b, axis=1, keepdims=True, name="score")
+
+    prefix = _save(tmp_path / "m.ckpt", build)
+
+    def alias(meta: Any) -> None:
+        for node in meta.graph_def.node:
+            if node.name in ("b", "b_alias") and node.op == "VarHandleOp":
+                if how == "empty shared_name":
+                    node.attr["shared_name"].s = b""
+                else:
+                    node.attr["shared_name"].s = b"shared_b"
+                    node.attr["container"].s = b"localhost" if node.name == "b" else b""
+
+    _edit_meta(prefix, alias)
+    with pytest.raises(ModelLoadError, match=r"are the same variable"):
+        load_scorer(_spec(prefix), 8)
+
+
+def test_a_function_that_calls_itself_is_refused(tmp_path: Path) -> None:
+    def build() -> None:
+        x = tf.compat.v1.placeholder(tf.float32, [None, 8], name="features")
+        w = tf.compat.v1.get_variable("w", initializer=np.ones((8, 1), np.float32))
+
+        @tf.function
+        def leaf(v: Any) -> Any:
+            return v + 1.0
+
+        @tf.function
+        def rec(v: Any) -> Any:
+            return leaf(v + 1.0)
+
+        tf.identity(tf.matmul(x, w) + rec(tf.reduce_sum(x)) * 0.0, name="score")
+
+    prefix = _save(tmp_path / "m.ckpt", build)
+
+    def recurse(meta: Any) -> None:
+        names = [f.signature.name for f in meta.graph_def.library.function]
+        rec = next(n for n in names if "rec" in n)
+        leaf = next(n for n in names if "leaf" in n)
+        for fn in meta.graph_def.library.function:
+            if fn.signature.name == rec:
+                for node in fn.node_def:
+                    if "f" in node.attr and node.attr["f"].func.name == leaf:
+                        node.attr["f"].func.name = rec
+
+    _edit_meta(prefix, recurse)
+    with pytest.raises(ModelLoadError, match=r"its functions call themselves \(.*rec.* -> "):
+        load_scorer(_spec(prefix), 8)
+
+
+@pytest.mark.parametrize("how", ["Fill", "BroadcastTo", "Tile", "Pad", "string constant"])
+def test_tensors_that_ask_for_gigabytes_are_refused(tmp_path: Path, how: str) -> None:
+    n = 1 << 29  # 2 GiB of float32, from a few bytes of graph
+
+    def build() -> None:
+        x = tf.compat.v1.placeholder(tf.float32, [None, 8], name="features")
+        w = tf.compat.v1.get_variable("w", initializer=np.ones((8, 1), np.float32))
+        one = tf.reduce_sum(x) * 0.0 + 1.0  # depends on the input: nothing folds
+        big = {"Fill": lambda: tf.fill([n], one),
+               "BroadcastTo": lambda: tf.broadcast_to(tf.reshape(one, [1]), [n]),
+               "Tile": lambda: tf.tile(tf.reshape(one, [1]), [n]),
+               "Pad": lambda: tf.pad(tf.reshape(one, [1]), [[0, n]]),
+               "string constant": lambda: tf.strings.length(
+                   tf.constant("x" * 4096, shape=[1 << 20]))}[how]()
+        tf.identity(tf.matmul(x, w) + tf.cast(tf.reduce_sum(big), tf.float32) * 0.0,
+                    name="score")
+
+    prefix = _save(tmp_path / "m.ckpt", build)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    spec = _spec(prefix, allow_ops=("StringLength",)) if how == "string constant" else (
+        _spec(prefix))
+    with pytest.raises(ModelLoadError, match=r"(fixed-size tensors add up to|constant node "
+                                             r".* expands to)"):
+        load_scorer(spec, 8)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 512 * 1024  # KiB
+
+
+def test_a_checkpoint_replaced_with_its_mtime_set_back_is_a_new_digest(tmp_path: Path
+                                                                       ) -> None:
+    """The digest memo (and so the per-process model cache) is keyed on the files' ctime
+    too: a long-lived worker must not keep scoring with the old weights."""
+    import os
+
+    from flows.demo import build_mlp_checkpoint
+
+    prefix = build_mlp_checkpoint(tmp_path / "model.ckpt", seed=1, n_features=8, hidden=(4,))
+    spec = ModelSpec(name="m", path=str(prefix), input="features", output="score")
+    files = resolve_model(spec).files
+    before = digest_files(files)
+    stats = {f: os.stat(f) for f in files}
+    build_mlp_checkpoint(tmp_path / "other" / "model.ckpt", seed=2, n_features=8, hidden=(4,))
+    for f in files:  # same sizes (same architecture), old mtimes
+        Path(f).write_bytes((tmp_path / "other" / Path(f).name).read_bytes())
+        os.utime(f, ns=(stats[f].st_atime_ns, stats[f].st_mtime_ns))
+    assert digest_files(files) != before

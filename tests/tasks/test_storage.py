@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,35 @@ def test_a_glob_input_inside_the_output_is_refused(tmp_path: Path, monkeypatch: 
         check_output_apart("dat?/*.parquet", "data")
     check_output_apart("dat?/ensemble/*.parquet", "data")  # only the tool's own files
     check_output_apart("dat?/*.parquet", "out")
+
+
+@pytest.mark.parametrize("kind", ["hard link", "special file"])
+def test_a_lock_file_that_is_not_the_tools_is_left_alone(tmp_path: Path, kind: str) -> None:
+    victim = tmp_path / "config.txt"
+    victim.write_text("IMPORTANT USER DATA")
+    out = tmp_path / "out"
+    out.mkdir()
+    if kind == "hard link":
+        os.link(victim, out / ".lock")
+    else:
+        os.mkfifo(out / ".lock")
+    with pytest.raises(OutputError, match=rf"\.lock is not this tool's lock file \(a {kind}\)"), \
+            output_lock(out):
+        pass
+    assert victim.read_text() == "IMPORTANT USER DATA"
+
+
+def test_clean_up_never_deletes_through_a_link(tmp_path: Path) -> None:
+    """A staging-named file in a folder that ensemble/ or quarantine/ links to belongs to
+    whatever that folder is (another run's, still being written)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    theirs = elsewhere / f".p.parquet.ensemble-scoring-staging-{'c' * 32}.tmp"
+    theirs.write_text("another run's")
+    out = tmp_path / "out"
+    (out / "ensemble").mkdir(parents=True)
+    (out / "quarantine").mkdir()
+    (out / "ensemble" / "day=1").symlink_to(elsewhere)
+    (out / "quarantine" / "day=1").symlink_to(elsewhere)
+    remove_stale_staging(out)
+    assert theirs.read_text() == "another run's"
