@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 from loaders.errors import ModelLoadError
-from loaders.subgraph import called_functions
+from loaders.subgraph import VARIABLE_OPS, called_functions
 
 __all__ = ["ALLOWED_OPS", "check_ops", "check_static_sizes"]
 
@@ -198,7 +198,7 @@ def check_static_sizes(graph: Any, *, model: str, source: str) -> None:
     """
     sizes: list[tuple[int, str]] = []
     for op in graph.get_operations():
-        if op.type in ("Identity", "ReadVariableOp", "VarHandleOp", "VariableV2", "Variable"):
+        if op.type in VARIABLE_OPS or op.type in ("Identity", "ReadVariableOp"):
             continue  # weights: as large as the checkpoint that holds them, no larger
         for out in op.outputs:
             shape, dtype = out.shape, out.dtype.base_dtype

@@ -31,19 +31,15 @@ from loaders._tf import tf
 from loaders.base import GraphScorer, new_session
 from loaders.errors import ModelLoadError, first_error_line
 from loaders.manifest import ModelSpec
-from loaders.subgraph import called_functions, node_name, prune
+from loaders.subgraph import REF_VARIABLE_OPS, VARIABLE_OPS, called_functions, node_name, prune
 
 __all__ = [
-    "VARIABLE_OPS",
     "restore_variables",
     "restored_scorer",
     "saver_keys",
     "variable_nodes",
 ]
 
-# Ops that declare a variable: reference variables (TF1 default) and resource variables.
-REF_VARIABLE_OPS = frozenset({"VariableV2", "Variable"})
-VARIABLE_OPS = REF_VARIABLE_OPS | {"VarHandleOp"}
 
 
 def variable_nodes(graph_def: Any) -> list[Any]:

@@ -35,13 +35,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from loaders.subgraph import VARIABLE_OPS
+
 __all__ = ["Fusion", "fuse_bias_adds"]
 
 _ADDS = frozenset({"Add", "AddV2"})
 # Ops that pass a tensor (or a variable's value) through unchanged: followed back to the
 # variable or constant that fixes the shape.
 _PASS_THROUGH = frozenset({"Identity", "ReadVariableOp", "Snapshot", "StopGradient"})
-_VARIABLES = frozenset({"VarHandleOp", "VariableV2", "Variable"})
 # DataType enum values BiasAdd takes on CPU that a MatMul also produces: float, double,
 # half, bfloat16.
 _FLOAT_TYPES = frozenset({1, 2, 19, 14})
@@ -72,7 +73,7 @@ def _static_shape(nodes: dict[str, Any], tensor: str, depth: int = 0) -> list[in
     if node is None:
         return None
     # attr.get, not attr[...]: reading a missing key of a protobuf map inserts it.
-    if node.op in _VARIABLES and (shape := node.attr.get("shape")) is not None:
+    if node.op in VARIABLE_OPS and (shape := node.attr.get("shape")) is not None:
         return _dims(shape.shape)
     if node.op == "Const" and (value := node.attr.get("value")) is not None:
         return _dims(value.tensor.tensor_shape)

@@ -48,8 +48,8 @@ def _pick(spec: ModelSpec, role: str, wanted: str | None, options: dict[str, obj
 
 def _read(spec: ModelSpec, folder: str) -> Any:
     """The meta graph tagged ``spec.tags``, from ``saved_model.pb`` or ``.pbtxt``."""
-    # Imported here, not at the top: a top-level tensorflow import could run before
-    # loaders._tf has set TensorFlow's environment (log level, BFC allocator).
+    # Imported here, not at the top: importing a loader must not import TensorFlow, whose
+    # environment (log level, allocator) tasks.runtime.set_up sets first.
     from google.protobuf import text_format
     from tensorflow.core.protobuf import saved_model_pb2
 

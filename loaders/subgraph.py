@@ -12,7 +12,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-__all__ = ["called_functions", "node_name", "prune"]
+__all__ = ["REF_VARIABLE_OPS", "VARIABLE_OPS", "called_functions", "node_name", "prune"]
+
+# Ops that declare a variable: reference variables (TF1 default) and resource variables.
+REF_VARIABLE_OPS = frozenset({"VariableV2", "Variable"})
+VARIABLE_OPS = REF_VARIABLE_OPS | {"VarHandleOp"}
 
 
 def node_name(tensor: str) -> str:

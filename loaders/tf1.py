@@ -86,8 +86,8 @@ def _import(spec: ModelSpec, prefix: str, graph_def: Any) -> tuple[tf.Graph, Any
 
 
 def _read_meta(spec: ModelSpec, prefix: str) -> Any:
-    # Imported here, not at the top: a top-level tensorflow import could run before
-    # loaders._tf has set TensorFlow's environment (log level, BFC allocator).
+    # Imported here, not at the top: importing a loader must not import TensorFlow, whose
+    # environment (log level, allocator) tasks.runtime.set_up sets first.
     from tensorflow.core.protobuf import meta_graph_pb2
 
     meta = meta_graph_pb2.MetaGraphDef()
@@ -109,8 +109,7 @@ def _read_meta(spec: ModelSpec, prefix: str) -> Any:
 
 
 def _require_node(graph_def: Any, spec: ModelSpec, role: str, name: str) -> None:
-    nodes = {node.name: node for node in graph_def.node}
-    if node_name(name) in nodes:
+    if any(node.name == node_name(name) for node in graph_def.node):
         return
     found = sorted(f"{n.name}:0" for n in graph_def.node if n.op == "Placeholder")
     hint = f"placeholders in this graph: {found[:10]}" if role == "input" else (

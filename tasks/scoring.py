@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from loaders.cache import MODEL_CACHE
@@ -85,11 +86,17 @@ class _Job:
     partition: Partition
     manifest: Manifest
     store: Store
-    provenance: dict[str, Any]
-    method: EnsembleMethod
-    policy: BadRowPolicy
+    provenance: dict[str, Any]  # what produces the file, as its footer records it
     batch_size: int
     start: float = field(default_factory=time.perf_counter)
+
+    @property
+    def method(self) -> EnsembleMethod:
+        return self.provenance["method"]  # type: ignore[no-any-return]
+
+    @property
+    def policy(self) -> BadRowPolicy:
+        return self.provenance["bad_rows"]  # type: ignore[no-any-return]
 
     @property
     def table(self) -> str:
@@ -131,7 +138,7 @@ def score_partition(
         "method": method,
         "weights": list(manifest.weights),  # normalized, finite
         "members": digests,
-    }, method, bad_rows, batch_size)
+    }, batch_size)
     previous = None if force else committed_metadata(job.store, job.table)
     reuse = plan_reuse(previous, job.provenance, force=force)
     if reuse.whole and previous is not None:
@@ -162,8 +169,8 @@ def _reused_whole(job: _Job, previous: dict[str, Any]) -> PartitionResult:
     )
 
 
-def _open(job: _Job) -> Any:
-    """The partition's reader, its id field and row count.
+def _open(job: _Job) -> tuple[pq.ParquetFile, pa.Field]:
+    """The partition's reader and its id field.
 
     Raises:
         OSError: possibly transient (a flaky disk or network mount): the retry policy
