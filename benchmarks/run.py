@@ -285,6 +285,7 @@ def run_product(manifest: Path, data: Path | str, output: Path, extra: list[str]
         "peak_rss": peak[0],
         "model_loads": record["model_loads"],
         "rows": record["summary"]["rows"],
+        "sketch_seconds": record["summary"].get("sketch_seconds", 0.0),
         "steal": steal.share(),
         # The CLI's Prefect server is the product's own, though the CLI does not wait
         # for it to exit (so its CPU is not in this process's children's rusage).
@@ -578,6 +579,9 @@ def main(argv: list[str] | None = None) -> int:
     show(f"start-up (to first batch) {product['startup_median']:8.1f} s  (median of "
          f"{', '.join(f'{x:.1f}' for x in startups)})")
     show(f"peak RSS                  {product['peak_rss'] / 2**30:8.2f} GiB")
+    sketches = sum(run["sketch_seconds"] for run in runs) / len(runs)
+    show(f"drift sketches            {sketches:8.2f} s  ({sketches / product['flow']:.1%} of "
+         "the flow time, counted as if nothing overlapped them)")
     loads = product["model_loads"]
     per_ckpt = [n for proc in loads.values() for n in proc.values()]
     show(f"model loads per checkpoint per process: max {product['max_loads_per_checkpoint']} "

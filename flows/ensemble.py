@@ -20,27 +20,39 @@ from prefect.futures import PrefectFuture, as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
+from flows.guards import (
+    apply_quorum,
+    compare_with_baseline,
+    missing_member,
+    publish_drift,
+    publish_golden,
+    read_baseline,
+    run_sketches,
+)
 from flows.params import ScoreParams
 from flows.records import (
     RUN_RECORD,
+    DriftRecord,
     PartitionRecord,
     RepeatedIdsRecord,
     RunRecord,
     RunSummary,
     RunTiming,
+    Sketches,
 )
 from flows.report import RunProgress, report_run
 from loaders.cache import MODEL_CACHE
 from loaders.cpu import cpu_path
-from loaders.errors import PartitionsFailed, ScoringError
+from loaders.errors import DataError, DriftExceeded, PartitionsFailed, ScoringError
 from loaders.manifest import Manifest
+from tasks.drift import render_drift_text
 from tasks.ids import RepeatedIds
 from tasks.merge import PartitionMerged
 from tasks.partitions import Partition
 from tasks.plan import MemberInfo, Plan, make_plan
 from tasks.runtime import set_up
 from tasks.scoring import PartitionResult, PartitionScored
-from tasks.steps import check_ids, load_member, score_partition_task
+from tasks.steps import check_ids, golden_check, load_member, score_partition_task
 from tasks.storage import ENSEMBLE_DIR, store_for
 
 __all__ = ["score_ensemble"]
@@ -74,7 +86,7 @@ class _Progress:
 
 
 def _run_partitions(
-    plan: Plan, manifest: Manifest, params: ScoreParams, logger: Any
+    plan: Plan, manifest: Manifest, params: ScoreParams, guards: _Guards, logger: Any
 ) -> tuple[dict[str, PartitionScored], dict[str, PartitionMerged], dict[str, str]]:
     score = score_partition_task.with_options(retries=params.retries)
     pending: deque[Partition] = deque(plan.partitions)
@@ -90,7 +102,8 @@ def _run_partitions(
             part = pending.popleft()
             fut = score.submit(part, manifest, plan.output_dir, method=params.ensemble,
                                batch_size=params.batch_size, bad_rows=policy,
-                               force=params.force)
+                               force=params.force, min_members=guards.quorum,
+                               absent=guards.absent)
             inflight[fut] = part
 
     # A bounded window rather than submitting everything: memory stays flat whatever the
@@ -203,14 +216,66 @@ def _run(params: ScoreParams) -> RunSummary:
     started = time.perf_counter()
     started_at = time.time()
     manifest = params.load_manifest()
+    quorum = manifest.quorum(params.min_members)
     plan = make_plan(manifest, params.input, params.output,
                      verify_inputs=params.verify_inputs)
+    logger.info(
+        f"Scoring {len(plan.partitions)} partition(s) ({plan.total_bytes / 1e6:,.1f} MB) with "
+        f"{len(manifest.models)} member(s) into {plan.output_dir}"
+    )
+    members = _load_members(params, manifest, quorum, logger)
+    golden = _golden_gate(params, manifest, members, logger)
     store = store_for(plan.output_dir)
     with store.lock():
         removed = store.remove_stale_staging()
         if removed:
             logger.info(f"Removed {removed} staging file(s) left by an interrupted run")
-        return _score(params, manifest, plan, logger, started, started_at)
+        guards = _Guards(quorum, members, golden, _baseline(params, store, logger))
+        return _score(params, manifest, plan, guards, logger, started, started_at)
+
+
+@dataclass
+class _Guards:
+    """What the guards decided before scoring: the quorum, who loaded, the golden check's
+    outcome and the drift baseline."""
+
+    quorum: int
+    members: list[MemberInfo]
+    golden: str
+    baseline: tuple[Sketches, str] | None
+
+    @property
+    def absent(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.members if m.missing)
+
+
+def _golden_gate(params: ScoreParams, manifest: Manifest, members: list[MemberInfo],
+                 logger: Any) -> str:
+    """Score the blessed rows first; raises GoldenMismatch before anything is written."""
+    if manifest.golden is None:
+        return ""
+    absent = [m.name for m in members if m.missing]
+    check = golden_check.with_options(retries=params.retries)(manifest, absent)
+    text = check.text()
+    logger.info(f"Golden check {text}")
+    publish_golden(text, manifest, logger)
+    return text
+
+
+def _baseline(params: ScoreParams, store: Any, logger: Any) -> tuple[Sketches, str] | None:
+    """The drift baseline: --baseline, else the previous run's record in this output."""
+    location = params.baseline or store.uri(RUN_RECORD)
+    try:
+        found = read_baseline(location)
+    except ValueError as err:
+        if params.baseline:
+            raise DataError(f"{err}; give --baseline a _run.json a run wrote") from err
+        logger.warning(f"{err}; drift is not reported for this run")
+        return None
+    if found is None and params.baseline:
+        logger.warning(f"the drift baseline {params.baseline} holds no sketches; drift is not "
+                       "reported for this run")
+    return found
 
 
 @dataclass
@@ -227,24 +292,25 @@ class _Scored:
         return sum(m.rows for m in self.merged.values())
 
 
-def _score(params: ScoreParams, manifest: Manifest, plan: Plan, logger: Any, started: float,
-           started_at: float) -> RunSummary:
+def _score(params: ScoreParams, manifest: Manifest, plan: Plan, guards: _Guards,
+           logger: Any, started: float, started_at: float) -> RunSummary:
     """The body of the flow, run while this run holds the output folder's lock."""
-    logger.info(
-        f"Scoring {len(plan.partitions)} partition(s) ({plan.total_bytes / 1e6:,.1f} MB) with "
-        f"{len(manifest.models)} member(s) into {plan.output_dir}"
-    )
     for relpath, why in plan.unreadable.items():
         logger.error(f"partition {relpath} set aside: {why}")
-    members = _load_members(params, manifest, logger)
     scoring_start = time.perf_counter()
-    scored, merged, failed = _run_partitions(plan, manifest, params, logger)
+    scored, merged, failed = _run_partitions(plan, manifest, params, guards, logger)
     run = _Scored(scored, merged, failed | plan.unreadable,
                   time.perf_counter() - scoring_start)
     repeated, repeated_text = _check_repeated_ids(params, manifest, run, logger)
-    summary = _summarize(plan, members, run, repeated_text, time.perf_counter() - started)
+    sketches = run_sketches(run.merged)
+    drift = compare_with_baseline(sketches, guards.baseline, manifest.member_names)
+    summary = _summarize(plan, guards, run, repeated_text, drift,
+                         time.perf_counter() - started)
     summary.report = report_run(summary, run.scored, run.merged, plan.partitions, logger)
-    record = _run_record(params, plan, members, run, repeated, started_at, summary)
+    if drift is not None:
+        publish_drift(drift, logger)
+    record = _run_record(params, plan, guards, run, repeated, started_at, summary)
+    record.sketches, record.drift = sketches, drift
     store_for(plan.output_dir).write_json(RUN_RECORD, record.model_dump(mode="json"))
     logger.info(
         f"Done: {run.rows:,} rows in {len(run.merged)} partition(s) in {summary.seconds:.1f} s "
@@ -257,23 +323,47 @@ def _score(params: ScoreParams, manifest: Manifest, plan: Plan, logger: Any, sta
             f"the other {len(run.merged)} are committed and a re-run scores only what is "
             f"missing:\n{listing}"
         )
+    _check_drift(manifest, drift)
     return summary
 
 
-def _load_members(params: ScoreParams, manifest: Manifest, logger: Any) -> list[MemberInfo]:
-    """One task per member, each loading it into the process's cache; logs what ran."""
+def _check_drift(manifest: Manifest, drift: DriftRecord | None) -> None:
+    """With ``drift: fail``, fail the run (its table committed) above ``max_psi``."""
+    if manifest.drift != "fail" or drift is None or drift.max_psi is None:
+        return
+    if drift.max_psi > manifest.max_psi:
+        over = [d for d in drift.lines if d.psi is not None and d.psi > manifest.max_psi]
+        listing = "\n".join(f"  - {line}" for line in render_drift_text(over, top=10))
+        raise DriftExceeded(
+            f"{len(over)} column(s) drifted beyond max_psi={manifest.max_psi:g} from the "
+            f"baseline ({drift.baseline}); the table is committed, the run is marked "
+            f"failed:\n{listing}\nCheck the upstream data; if the change is expected, the "
+            "next run compares with this one")
+
+
+def _load_members(params: ScoreParams, manifest: Manifest, quorum: int, logger: Any
+                  ) -> list[MemberInfo]:
+    """One task per member, each loading it into the process's cache; logs what ran.
+    Members that fail to load are left out while ``quorum`` others load."""
     loads = load_member.with_options(retries=params.retries).map(
         list(manifest.models), n_features=unmapped(len(manifest.features))
     )
-    members = [f.result() for f in loads]
+    members = []
+    for spec, future in zip(manifest.models, loads, strict=True):
+        try:
+            members.append(future.result())
+        except Exception as exc:
+            members.append(missing_member(spec, exc))
+    apply_quorum(manifest, members, quorum, logger)
     path = cpu_path()
     fusion = ("TensorFlow fuses MatMul + bias itself" if path.fuses_matmul_add
               else "MatMul + bias adds are rewritten to BiasAdd at load")
     logger.info(f"CPU path: {path.label}; {fusion}")
     for m in members:
-        logger.info(f"member {m.name}: {m.format} {m.location} (digest {m.digest[:12]}, "
-                    f"loaded in {m.load_seconds:.2f} s, {m.fused_bias_adds} bias add(s) "
-                    "rewritten)")
+        if not m.missing:
+            logger.info(f"member {m.name}: {m.format} {m.location} (digest {m.digest[:12]}, "
+                        f"loaded in {m.load_seconds:.2f} s, {m.fused_bias_adds} bias add(s) "
+                        "rewritten)")
     return members
 
 
@@ -292,8 +382,8 @@ def _check_repeated_ids(params: ScoreParams, manifest: Manifest, run: _Scored, l
     return repeated, text
 
 
-def _summarize(plan: Plan, members: list[MemberInfo], run: _Scored, repeated_text: str,
-               seconds: float) -> RunSummary:
+def _summarize(plan: Plan, guards: _Guards, run: _Scored, repeated_text: str,
+               drift: DriftRecord | None, seconds: float) -> RunSummary:
     rows = run.rows
     return RunSummary(
         output_dir=plan.output_dir,
@@ -301,7 +391,7 @@ def _summarize(plan: Plan, members: list[MemberInfo], run: _Scored, repeated_tex
         partitions=len(run.merged),
         rows=rows,
         bad_rows=sum(s.bad_rows for s in run.scored.values()),
-        members=members,
+        members=guards.members,
         skipped_member_partitions=sum(
             m.skipped for s in run.scored.values() for m in s.members),
         seconds=seconds,
@@ -310,17 +400,22 @@ def _summarize(plan: Plan, members: list[MemberInfo], run: _Scored, repeated_tex
         repeated_ids=repeated_text,
         ensemble_mean=sum(m.score_sum for m in run.merged.values()) / rows if rows else 0.0,
         ensemble_std_mean=sum(m.std_sum for m in run.merged.values()) / rows if rows else 0.0,
+        golden=guards.golden,
+        sketch_seconds=sum(s.sketch_seconds for s in run.scored.values()),
+        missing_members={m.name: m.missing for m in guards.members if m.missing},
+        drift=[] if drift is None else drift.text(),
+        drift_baseline="" if drift is None else drift.baseline,
     )
 
 
-def _run_record(params: ScoreParams, plan: Plan, members: list[MemberInfo], run: _Scored,
+def _run_record(params: ScoreParams, plan: Plan, guards: _Guards, run: _Scored,
                 repeated: RepeatedIds | None, started_at: float, summary: RunSummary
                 ) -> RunRecord:
     return RunRecord(
         flow_run_id=str(runtime.flow_run.id),
         finished_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         params=params.model_dump(mode="json"),
-        members=members,
+        members=guards.members,
         partitions={
             p.relpath: PartitionRecord(
                 fingerprint=p.fingerprint,

@@ -68,6 +68,14 @@ class ScoreParams(BaseModel):
     # 16384 is the models' best feed size on the benchmark machine, and end to end it also
     # beat 65536 (0.66 vs 0.62 M row-model evals/s over 3 interleaved pairs of 4-partition
     # runs) while halving the time to the first scored batch.
+    min_members: int | None = Field(
+        None, ge=1, le=1024, title="Minimum members per row",
+        description="Fewest members with a finite score a row needs; also how many must "
+        "load for the run to go on. Empty: the manifest's min_members, else all members.")
+    baseline: str | None = Field(
+        None, min_length=1, title="Drift baseline (run record)",
+        description="A run record (_run.json) to compare this run's inputs and scores "
+        "with. Empty: the previous run into the same output.")
     retries: int = Field(3, ge=0, le=10, description="Retries for transient I/O errors.")
     force: bool = Field(False, description="Re-score everything, ignoring committed outputs.")
     verify_inputs: bool = Field(

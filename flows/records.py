@@ -12,10 +12,12 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from loaders.cpu import CpuPath
+from tasks.drift import MAJOR_PSI, MODERATE_PSI, ColumnSketch, DriftLine, render_drift_text
 from tasks.plan import MemberInfo
 
 __all__ = [
     "RUN_RECORD",
+    "DriftRecord",
     "Histogram",
     "HistogramBin",
     "MemberFigures",
@@ -25,6 +27,7 @@ __all__ = [
     "RunReport",
     "RunSummary",
     "RunTiming",
+    "Sketches",
 ]
 
 RUN_RECORD = "_run.json"
@@ -84,6 +87,10 @@ class RunReport(BaseModel):
     warnings: list[str]
     score_histogram: Histogram
     std_histogram: Histogram
+    golden: str = ""
+    missing_members: dict[str, str] = {}
+    drift: list[str] = []  # largest PSI first, against drift_baseline
+    drift_baseline: str = ""
 
     @property
     def member_names(self) -> list[str]:
@@ -106,6 +113,11 @@ class RunSummary(BaseModel):
     repeated_ids: str = ""  # ids found in more than one partition, described
     ensemble_mean: float
     ensemble_std_mean: float
+    golden: str = ""  # the golden check's outcome; '' without a golden file
+    sketch_seconds: float = 0.0  # task time spent on drift sketches, all partitions
+    missing_members: dict[str, str] = {}  # member -> why it could not be loaded
+    drift: list[str] = []  # the largest drifts from the baseline, for people
+    drift_baseline: str = ""
     report: RunReport | None = None  # the run report, as published in the artifacts
 
     @property
@@ -133,6 +145,32 @@ class RunTiming(BaseModel):
     committed_at: float
 
 
+class Sketches(BaseModel):
+    """A run's drift sketches, merged over its partitions."""
+
+    features: dict[str, ColumnSketch] = {}
+    scores: dict[str, ColumnSketch] = {}  # score_<member> and ensemble_score
+
+
+class DriftRecord(BaseModel):
+    """This run against its baseline, as the run record keeps it."""
+
+    baseline: str  # what was compared with, for people
+    lines: list[DriftLine]
+    max_psi: float | None
+
+    def text(self) -> list[str]:
+        """For the log and the CLI summary: what drifted, or one line saying nothing did."""
+        moving = [d for d in self.lines if d.psi is not None and d.psi >= MODERATE_PSI]
+        if moving:
+            return render_drift_text(moving)
+        top = next((d for d in self.lines if d.psi is not None), None)
+        if top is None:
+            return ["no column to compare"]
+        return [f"nothing drifted (largest PSI {top.psi:.3f}, {top.column}; bands "
+                f"{MODERATE_PSI} / {MAJOR_PSI})"]
+
+
 class RunRecord(BaseModel):
     """``OUTPUT/_run.json``: the run's parameters, members, partitions and figures."""
 
@@ -150,3 +188,7 @@ class RunRecord(BaseModel):
     # process that loaded it, which is this one with the thread runner).
     cpu_path: CpuPath
     summary: dict[str, Any] = Field(description="RunSummary without its members")
+    # The run's drift sketches (the next run's default baseline) and its comparison with
+    # its own baseline; see flows.guards.
+    sketches: Sketches = Field(default_factory=Sketches)
+    drift: DriftRecord | None = None

@@ -36,6 +36,7 @@ __all__ = [
     "histogram_markdown",
     "member_table",
     "publish_report",
+    "publish_safely",
     "read_run_artifacts",
     "render_agreement_markdown",
     "render_histograms_markdown",
@@ -146,6 +147,8 @@ def build_report(
                         "a re-run scores only what is missing.")
     if summary.repeated_ids:
         warnings.append(summary.repeated_ids)
+    if summary.missing_members:
+        warnings.insert(0, missing_text(summary.members))
     return RunReport(
         status=status or ("Failed" if summary.failed else "Completed"),
         output_dir=summary.output_dir,
@@ -164,6 +167,10 @@ def build_report(
         rows_per_second=summary.rows_per_second,
         correlation=[[_none_if_nan(float(c)) for c in row] for row in corr],
         warnings=warnings,
+        golden=summary.golden,
+        missing_members=dict(summary.missing_members),
+        drift=list(summary.drift),
+        drift_baseline=summary.drift_baseline,
         **_ensemble_figures(parts, rows),
     )
 
@@ -215,13 +222,18 @@ def _member_figures(summary: RunSummary, scored: Mapping[str, PartitionScored],
                 seconds[m.name] += m.seconds
                 scored_rows[m.name] += m.rows
                 reused[m.name] += int(m.skipped)
+    # Rows with each member's score: fewer than the table's where members were missing.
+    mrows = np.zeros(k)
+    for p in parts:
+        mrows += p.member_rows if len(p.member_rows) == k else p.rows
     figures = []
     for i, info in enumerate(summary.members):
-        mean = msum[i] / rows if rows else math.nan
-        var = max(msq[i] / rows - mean * mean, 0.0) if rows else math.nan
+        n = int(mrows[i])
+        mean = msum[i] / n if n else math.nan
+        var = max(msq[i] / n - mean * mean, 0.0) if n else math.nan
         secs = seconds[info.name]
         figures.append(MemberFigures(
-            name=info.name, rows=rows, mean=_none_if_nan(mean), std=_none_if_nan(math.sqrt(var)),
+            name=info.name, rows=n, mean=_none_if_nan(mean), std=_none_if_nan(math.sqrt(var)),
             seconds=secs, scored_rows=scored_rows[info.name],
             rows_per_second=scored_rows[info.name] / secs if secs > 0 else None,
             reused_partitions=reused[info.name], digest=info.digest,
@@ -247,6 +259,16 @@ def _duplicate_warnings(members: Sequence[MemberInfo], corr: np.ndarray) -> list
                     "ensemble has the same weights twice. Check their paths in the manifest."
                 )
     return warnings
+
+
+def missing_text(members: Sequence[MemberInfo]) -> str:
+    """The summary's loud line about members left out, or ''."""
+    missing = [m.name for m in members if m.missing]
+    if not missing:
+        return ""
+    return (f"member(s) {missing} could not be loaded and are missing from this run: their "
+            "score columns are null and the ensemble uses the other members. Repair them "
+            "and re-run: only their columns are scored.")
 
 
 def _failed_rows(failed: Mapping[str, str], partitions: Sequence[Partition]
@@ -288,6 +310,13 @@ def _summary_lines(report: RunReport) -> list[tuple[str, str, str]]:
            if report.quarantined_rows else "")
     add("Rows", f"{report.rows:,} in {report.partitions} partition(s){bad}")
     add("Members", f"{len(report.members)} ({', '.join(report.member_names)})")
+    if report.missing_members:
+        add("MISSING", f"{len(report.missing_members)} member(s) not loaded, columns null: "
+            f"{', '.join(report.missing_members)}",
+            f"**{len(report.missing_members)} member(s) not loaded, columns null: "
+            f"{', '.join(report.missing_members)}**")
+    if report.golden:
+        add("Golden check", report.golden)
     if report.quarantined_rows:
         add("Quarantined", f"{report.quarantined_rows:,} row(s) in {report.quarantine_dir}",
             f"{report.quarantined_rows:,} row(s) in `{report.quarantine_dir}`")
@@ -305,6 +334,9 @@ def _summary_lines(report: RunReport) -> list[tuple[str, str, str]]:
     add("Ensemble score", f"mean {_num(report.ensemble_mean)}, std {_num(report.ensemble_std)}"
         f", range {_num(report.ensemble_min)} to {_num(report.ensemble_max)}; mean member "
         f"std {_num(report.disagreement_mean)}")
+    if report.drift_baseline:
+        add("Drift", ("\n" + " " * 16).join(report.drift) or "nothing to compare",
+            "<br>".join(report.drift) or "nothing to compare")
     return lines
 
 
@@ -449,7 +481,7 @@ def render_histograms_markdown(report: RunReport) -> str:
 # ---------------------------------------------------------------------------- publishing
 
 
-def _safely(logger: Any, what: str, call: Callable[[], Any]) -> Any:
+def publish_safely(logger: Any, what: str, call: Callable[[], Any]) -> Any:
     """Run one artifact call; a failure is a warning, never the run's failure."""
     try:
         return call()
@@ -464,19 +496,19 @@ def publish_report(report: RunReport, logger: Any) -> None:
     from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
     where = report.output_dir
-    _safely(logger, "members table", lambda: create_table_artifact(
+    publish_safely(logger, "members table", lambda: create_table_artifact(
         member_table(report), key=ARTIFACT_KEYS["members"],
         description=f"Per-member figures, run into {where}"))
-    _safely(logger, "ensemble figures", lambda: create_table_artifact(
+    publish_safely(logger, "ensemble figures", lambda: create_table_artifact(
         figures_table(report), key=ARTIFACT_KEYS["figures"],
         description=f"Ensemble figures, run into {where}"))
-    _safely(logger, "member agreement", lambda: create_markdown_artifact(
+    publish_safely(logger, "member agreement", lambda: create_markdown_artifact(
         render_agreement_markdown(report), key=ARTIFACT_KEYS["agreement"],
         description="Pairwise correlation of member scores"))
-    _safely(logger, "histograms", lambda: create_markdown_artifact(
+    publish_safely(logger, "histograms", lambda: create_markdown_artifact(
         render_histograms_markdown(report), key=ARTIFACT_KEYS["histograms"],
         description="Histograms of ensemble_score and ensemble_std"))
-    _safely(logger, "summary", lambda: create_markdown_artifact(
+    publish_safely(logger, "summary", lambda: create_markdown_artifact(
         render_summary_markdown(report), key=ARTIFACT_KEYS["summary"],
         description=f"Run summary; ensemble table at {report.ensemble_dir}"))
 
@@ -515,7 +547,7 @@ class RunProgress:
         from prefect.artifacts import create_progress_artifact
 
         self.total, self.logger = total, logger
-        self.artifact_id: UUID | None = _safely(
+        self.artifact_id: UUID | None = publish_safely(
             logger, "progress", lambda: create_progress_artifact(
                 100.0 if total == 0 else 0.0, key=ARTIFACT_KEYS["progress"],
                 description=f"0 of {total} partition(s) committed"))
@@ -527,7 +559,7 @@ class RunProgress:
 
         artifact_id = self.artifact_id
         pct = 100.0 * done / self.total if self.total else 100.0
-        _safely(self.logger, "progress", lambda: update_progress_artifact(
+        publish_safely(self.logger, "progress", lambda: update_progress_artifact(
             artifact_id, min(pct, 100.0),
             description=f"{done} of {self.total} partition(s) committed"))
 

@@ -25,11 +25,14 @@ examples:
   python -m flows.score --models models.yaml --input data/ --output out/
   python -m flows.score --models m.yaml --input 'data/**/*.parquet' --output out/ --ensemble median
   python -m flows.score serve                serve the deployments on this host
+  python -m flows.score bless --models m.yaml --sample data/
+                                             bless golden rows every run checks first
 
 output: <output>/ensemble/ mirrors the input's relative paths, one Parquet file per input
 partition, with the id column, score_<member>, ensemble_score, ensemble_std and n_members.
-exit codes: 0 success, 1 some partitions failed (the rest are committed), 2 bad arguments,
-manifest, models or data (nothing was scored).
+exit codes: 0 success, 1 some partitions failed (the rest are committed) or drift beyond
+max_psi with 'drift: fail', 2 bad arguments, manifest, models or data, or the golden check
+failed (nothing was scored).
 """
 
 
@@ -59,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="partitions in flight at once (default: 2)")
     p.add_argument("--batch-size", type=int, default=16_384, metavar="ROWS",
                    help="rows per batch read, scored and written at once (default: 16384)")
+    p.add_argument("--min-members", type=int, default=None, metavar="K",
+                   help="fewest members with a finite score a row needs, and that must "
+                   "load for the run to go on (default: the manifest's min_members, else "
+                   "all); a member missing for a row gets a null score_<name>")
+    p.add_argument("--baseline", metavar="RUN_JSON", default=None,
+                   help="a run record (_run.json) to report drift against (default: the "
+                   "previous run into the same output)")
     p.add_argument("--retries", type=int, default=3, metavar="N",
                    help="retries for transient I/O errors (default: 3)")
     p.add_argument("--runner", choices=["threads", "processes", "dask"], default="threads",
@@ -192,9 +202,15 @@ def _run(args: argparse.Namespace, server: Any, started: float,
         if args.debug and isinstance(exc, BaseException):
             raise exc
         return _fail(str(exc) if isinstance(exc, ScoringError) else f"run failed: {exc!r}",
-                     EXIT_FAILED)
+                     EXIT_USAGE if isinstance(exc, _refusals()) else EXIT_FAILED)
     print_summary(state.result(), time.perf_counter() - started)
     return EXIT_OK
+
+
+def _refusals() -> tuple[type[BaseException], ...]:
+    from loaders.errors import DataError, GoldenMismatch, ManifestError, ModelLoadError
+
+    return (GoldenMismatch, ManifestError, ModelLoadError, DataError)
 
 
 def _checked_params(args: argparse.Namespace, stack: contextlib.ExitStack) -> Any:
@@ -226,6 +242,7 @@ def _checked_params(args: argparse.Namespace, stack: contextlib.ExitStack) -> An
         models=args.models, manifest=None, input=args.input, output=args.output,
         ensemble=args.ensemble, bad_rows=args.bad_rows, concurrency=args.concurrency,
         batch_size=args.batch_size, retries=args.retries, force=args.force,
+        min_members=args.min_members, baseline=args.baseline,
         verify_inputs=args.verify_inputs, runner=args.runner, address=args.address,
         workers=args.workers,
     )
@@ -283,15 +300,33 @@ def _import_run_machinery() -> None:
 
 def preflight(params: Any) -> None:
     """Check the manifest, data and models before Prefect starts, so mistakes show in
-    seconds. Models are loaded into this process's cache, which the flow then reuses."""
+    seconds. Models are loaded into this process's cache, which the flow then reuses; a
+    member that cannot be loaded is reported here, and stops the run only when fewer
+    than min_members remain (the flow then goes on without it)."""
     from loaders.cache import MODEL_CACHE
-    from tasks.plan import make_plan, resolve_members
+    from loaders.errors import ModelLoadError, ScoringError
+    from tasks.plan import make_plan
 
     manifest = params.load_manifest()
-    resolve_members(manifest)
+    quorum = manifest.quorum(params.min_members)
     make_plan(manifest, params.input, params.output, verify_inputs=params.verify_inputs)
+    failed: dict[str, ScoringError] = {}
     for spec in manifest.models:
-        MODEL_CACHE.get(spec, len(manifest.features))
+        try:
+            MODEL_CACHE.get(spec, len(manifest.features))
+        except ScoringError as exc:
+            failed[spec.name] = exc
+    if not failed:
+        return
+    if len(manifest.models) - len(failed) < quorum:
+        if len(failed) == 1:
+            raise next(iter(failed.values()))
+        listing = "\n".join(f"  - {name}: {err}" for name, err in failed.items())
+        raise ModelLoadError(f"{len(failed)} member(s) cannot be loaded and fewer than "
+                             f"min_members={quorum} remain:\n{listing}")
+    for name, err in failed.items():
+        print(f"warning: member {name} cannot be loaded and will be missing from this run "
+              f"(min_members={quorum} still met): {err}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -300,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
         from flows.serve import main as serve_main
 
         return serve_main(argv[1:])
+    if argv[:1] == ["bless"]:
+        from flows.bless import main as bless_main
+
+        return bless_main(argv[1:])
     args = build_parser().parse_args(argv)
     _configure(args)
     try:

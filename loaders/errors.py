@@ -9,6 +9,8 @@ from __future__ import annotations
 
 __all__ = [
     "DataError",
+    "DriftExceeded",
+    "GoldenMismatch",
     "ManifestError",
     "ModelLoadError",
     "OutputError",
@@ -41,6 +43,15 @@ class OutputError(ScoringError, RuntimeError):
 
 class OutputLocked(ScoringError, RuntimeError):
     """Another run holds the output folder."""
+
+
+class GoldenMismatch(ScoringError, RuntimeError):
+    """A member no longer gives its blessed scores on the golden rows: nothing is scored."""
+
+
+class DriftExceeded(ScoringError, RuntimeError):
+    """With ``drift: fail``, inputs or scores drifted beyond ``max_psi`` from the baseline;
+    the table is committed, the run is marked failed."""
 
 
 class PartitionsFailed(ScoringError, RuntimeError):

@@ -17,6 +17,7 @@ from loaders.errors import ManifestError
 
 __all__ = [
     "BadRowPolicy",
+    "DriftPolicy",
     "Manifest",
     "ModelFormat",
     "ModelSpec",
@@ -26,6 +27,7 @@ __all__ = [
 
 ModelFormat = Literal["auto", "checkpoint", "saved_model"]
 BadRowPolicy = Literal["fail", "quarantine"]
+DriftPolicy = Literal["warn", "fail"]
 
 # Member names become column names (score_<name>) and folder names; keep them tame so
 # no manifest can steer output outside the output folder.
@@ -63,6 +65,19 @@ class Manifest(BaseModel):
     features: tuple[str, ...] = Field(min_length=1)
     models: tuple[ModelSpec, ...] = Field(min_length=1)
     bad_rows: BadRowPolicy = "fail"
+    golden: str | None = Field(
+        None, min_length=1, description="Golden Parquet file written by `python -m flows.score "
+        "bless`; every run first checks each member still gives its blessed scores.")
+    golden_tolerance: float = Field(1e-4, gt=0, allow_inf_nan=False,
+                                    description="Largest absolute deviation from a blessed "
+                                    "score the golden check accepts.")
+    min_members: int | None = Field(
+        None, ge=1, description="Fewest members a row needs to be scored (a member counts "
+        "when its score is finite); also how many must load. Default: all of them.")
+    drift: DriftPolicy = Field("warn", description="Inputs and scores drifting from the "
+                               "baseline run: 'warn' reports, 'fail' fails above max_psi.")
+    max_psi: float = Field(0.25, gt=0, allow_inf_nan=False,
+                           description="With drift 'fail': the largest PSI accepted.")
 
     @field_validator("features")
     @classmethod
@@ -81,6 +96,9 @@ class Manifest(BaseModel):
             raise ValueError(
                 f"duplicate model names: {dupes}; give every model a unique 'name'"
             )
+        if self.min_members is not None and self.min_members > len(self.models):
+            raise ValueError(f"min_members is {self.min_members} but the manifest has "
+                             f"{len(self.models)} model(s); lower it or add models")
         if self.id_column in self.features:
             raise ValueError(
                 f"id_column {self.id_column!r} is also listed in features; ids are not features"
@@ -90,6 +108,19 @@ class Manifest(BaseModel):
     @property
     def member_names(self) -> list[str]:
         return [m.name for m in self.models]
+
+    def quorum(self, override: int | None = None) -> int:
+        """Members a row needs: ``override`` (a run's parameter), else the manifest's
+        ``min_members``, else all of them.
+
+        Raises:
+            ManifestError: ``override`` exceeds the number of members.
+        """
+        wanted = override or self.min_members or len(self.models)
+        if wanted > len(self.models):
+            raise ManifestError(f"min_members is {wanted} but the manifest has "
+                                f"{len(self.models)} model(s); lower it or add models")
+        return wanted
 
     @property
     def weights(self) -> tuple[float, ...]:
@@ -138,7 +169,9 @@ def parse_manifest(
         m.model_copy(update={"path": str((base_dir / Path(m.path).expanduser()).resolve())})
         for m in manifest.models
     )
-    return manifest.model_copy(update={"models": resolved})
+    golden = (None if manifest.golden is None
+              else str((base_dir / Path(manifest.golden).expanduser()).resolve()))
+    return manifest.model_copy(update={"models": resolved, "golden": golden})
 
 
 def load_manifest(path: str | Path) -> Manifest:

@@ -47,6 +47,12 @@ class ScoringContext:
     weights: np.ndarray  # normalized, one per member
     pool: Executor | None = None  # runs members concurrently when given
     seconds: dict[int, float] = field(default_factory=dict)  # time in predict, per member
+    min_members: int = 0  # members a row needs (finite scores); 0: all of them
+    absent: tuple[int, ...] = ()  # members not loaded: their scores are missing (null)
+
+    @property
+    def quorum(self) -> int:
+        return self.min_members or len(self.names)
 
 
 @dataclass
@@ -60,6 +66,7 @@ class BatchResult:
     count: np.ndarray
     aside_ids: list[pa.Array] = field(default_factory=list)
     aside_reasons: list[list[str]] = field(default_factory=list)
+    scores_set_aside: int = 0  # of the rows set aside, those for their scores
 
     @property
     def rows_set_aside(self) -> int:
@@ -96,9 +103,12 @@ def score_batch(ctx: ScoringContext, matrix: np.ndarray, ids: pa.Array,
         keep = ~bad.mask
         matrix, ids = np.ascontiguousarray(matrix[keep]), ids.filter(pa.array(keep))
     scores = np.empty((len(ctx.names), len(matrix)), dtype=np.float32)
+    for k in ctx.absent:
+        scores[k] = np.nan
     for k, values in (reused(ids) if reused is not None else {}).items():
         scores[k] = values
     predict_members(ctx, matrix, scores)
+    features_aside = sum(len(r) for r in aside_reasons)
     scores, ids = _screen_scores(ctx, scores, ids, aside_ids, aside_reasons)
     ensemble, std, count = combine(scores, ctx.method, ctx.weights)
     if not (all_finite(ensemble) and all_finite(std)):
@@ -118,7 +128,8 @@ def score_batch(ctx: ScoringContext, matrix: np.ndarray, ids: pa.Array,
         keep = ~broken
         scores, ids = scores[:, keep], ids.filter(pa.array(keep))
         ensemble, std, count = ensemble[keep], std[keep], count[keep]
-    return BatchResult(ids, scores, ensemble, std, count, aside_ids, aside_reasons)
+    return BatchResult(ids, scores, ensemble, std, count, aside_ids, aside_reasons,
+                       sum(len(r) for r in aside_reasons) - features_aside)
 
 
 def predict_members(ctx: ScoringContext, matrix: np.ndarray, scores: np.ndarray) -> None:
@@ -140,21 +151,39 @@ def predict_members(ctx: ScoringContext, matrix: np.ndarray, scores: np.ndarray)
 def _screen_scores(ctx: ScoringContext, scores: np.ndarray, ids: pa.Array,
                    aside_ids: list[pa.Array], aside_reasons: list[list[str]]
                    ) -> tuple[np.ndarray, pa.Array]:
-    """Rows with a non-finite member score: fail, or set aside naming the members."""
+    """Rows with non-finite member scores: kept while enough members remain (the missing
+    scores are written as nulls and left out of the ensemble), otherwise failed or set
+    aside, naming the members."""
     if all_finite(scores):
         return scores, ids
     finite = np.isfinite(scores)
-    broken: np.ndarray = ~finite.all(axis=0)  # type: ignore[assignment]
-    culprits = [ctx.names[k] for k in range(len(ctx.names)) if not finite[k].all()]
+    broken: np.ndarray = finite.sum(axis=0) < ctx.quorum
+    if not broken.any():
+        return scores, ids
+    culprits = [ctx.names[k] for k in range(len(ctx.names))
+                if k not in ctx.absent and not finite[k, broken].all()]
+    quorum = (f", leaving fewer than min_members={ctx.quorum} of {len(ctx.names)}"
+              if ctx.quorum < len(ctx.names) else "")
     if ctx.policy == "fail":
         raise ModelLoadError(
             f"model(s) {culprits} returned non-finite scores for {int(broken.sum())} row(s) "
-            f"of partition {ctx.where} ({ids_text(ids, broken)}); check the model and these "
-            "rows, or pass --bad-rows quarantine to set them aside"
+            f"of partition {ctx.where}{quorum} ({ids_text(ids, broken)}); check the model and "
+            "these rows, lower min_members, or pass --bad-rows quarantine to set them aside"
         )
     aside_ids.append(ids.filter(pa.array(broken)))
-    aside_reasons.append([
-        "non-finite score from " + ", ".join(ctx.names[k] for k in np.flatnonzero(~finite[:, i]))
-        for i in np.flatnonzero(broken)
-    ])
+    aside_reasons.append([_reason(ctx, finite[:, i]) for i in np.flatnonzero(broken)])
     return scores[:, ~broken], ids.filter(pa.array(~broken))
+
+
+def _reason(ctx: ScoringContext, present: np.ndarray) -> str:
+    """Why a row was set aside for its scores: which members gave none, and the quorum
+    when one is set."""
+    from_ = [ctx.names[k] for k in np.flatnonzero(~present) if k not in ctx.absent]
+    parts = [f"non-finite score from {', '.join(from_)}"] if from_ else []
+    if ctx.absent:
+        parts.append(f"not loaded: {', '.join(ctx.names[k] for k in ctx.absent)}")
+    text = "; ".join(parts)
+    if ctx.absent or ctx.quorum < len(ctx.names):
+        text += (f" ({int(present.sum())} of {len(ctx.names)} members present, "
+                 f"min_members {ctx.quorum})")
+    return text

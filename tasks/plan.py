@@ -27,6 +27,8 @@ class MemberInfo(BaseModel):
     # MatMul + bias adds rewritten to BiasAdd at load (loaders.rewrite): 0 where
     # TensorFlow fuses them itself (oneDNN's path) and for SavedModels.
     fused_bias_adds: int = 0
+    # Why the member could not be loaded; the run went on without it (min_members).
+    missing: str = ""
 
 
 class Plan(BaseModel):

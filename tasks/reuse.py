@@ -43,7 +43,14 @@ def plan_reuse(previous: dict[str, Any] | None, current: dict[str, Any], *,
         return Reuse(False, ())
     before = previous.get("members") or {}
     members = tuple(n for n, digest in current["members"].items() if before.get(n) == digest)
+    # A file from before min_members was recorded needed every member.
+    quorum = previous.get("min_members", len(before))
     whole = (len(members) == len(current["members"]) == len(before)
              and previous.get("method") == current["method"]
-             and previous.get("weights") == current["weights"])
+             and previous.get("weights") == current["weights"]
+             and quorum == current.get("min_members", len(current["members"])))
+    if not whole and previous.get("scores_set_aside"):
+        # Rows were left out for their scores: the file's rows are no longer the input's
+        # (less its bad features), so no member's column lines up with this run's rows.
+        return Reuse(False, ())
     return Reuse(whole, members)

@@ -68,6 +68,7 @@ class PartitionScored(BaseModel):
     seconds: float
     members: list[MemberStats]
     first_batch_at: float | None = None  # wall clock when the first batch was scored
+    sketch_seconds: float = 0.0  # of ``seconds``, spent on drift sketches
     # Which process scored it and that process's model loads so far (digest -> count):
     # with process or Dask workers, the flow adds these up to check "once per process".
     process: str = ""
@@ -120,15 +121,21 @@ def score_partition(
     batch_size: int = 16_384,
     bad_rows: BadRowPolicy = "fail",
     force: bool = False,
+    min_members: int = 0,
+    absent: tuple[str, ...] = (),
 ) -> PartitionResult:
     """Write ``OUTPUT/ensemble/<relpath>`` for ``partition``, reusing what is still valid.
+
+    ``absent`` members could not be loaded: their column is null, and rows need
+    ``min_members`` (0: all) members with a finite score.
 
     Raises:
         DataError: unreadable partition, bad rows under ``fail``, duplicate ids.
         ModelLoadError: a member cannot be loaded, returns the wrong shape, or returns
             non-finite scores under ``fail``.
     """
-    digests = {s.name: digest_files(resolve_model(s).files) for s in manifest.models}
+    digests = {s.name: digest_files(resolve_model(s).files) for s in manifest.models
+               if s.name not in absent}
     job = _Job(partition, manifest, store_for(output_dir), {
         "partition": partition.relpath,
         "fingerprint": partition.fingerprint,
@@ -137,7 +144,8 @@ def score_partition(
         "bad_rows": bad_rows,
         "method": method,
         "weights": list(manifest.weights),  # normalized, finite
-        "members": digests,
+        "members": digests,  # the members scored: absent ones are left out
+        "min_members": min_members or len(manifest.models),
     }, batch_size)
     previous = None if force else committed_metadata(job.store, job.table)
     reuse = plan_reuse(previous, job.provenance, force=force)
@@ -191,7 +199,8 @@ def _open(job: _Job) -> tuple[pq.ParquetFile, pa.Field]:
 
 def _score(job: _Job, reuse: Reuse, hidden: str | None) -> PartitionResult:
     names = job.names
-    todo = [k for k, n in enumerate(names) if n not in reuse.members]
+    absent = [k for k, n in enumerate(names) if n not in job.provenance["members"]]
+    todo = [k for k, n in enumerate(names) if n not in reuse.members and k not in absent]
     reused = [k for k, n in enumerate(names) if n in reuse.members]
     reader, id_field = _open(job)
     previous = (RowStream(job.store.open_input(hidden), [job.manifest.id_column]
@@ -209,16 +218,18 @@ def _score(job: _Job, reuse: Reuse, hidden: str | None) -> PartitionResult:
             scorers={k: MODEL_CACHE.get(job.manifest.models[k], len(job.manifest.features))
                      for k in todo},
             policy=job.policy, method=job.method, weights=np.array(job.provenance["weights"]),
-            pool=pool)
-        rows, first_batch_at, id_chunks = _stream(
+            pool=pool, min_members=job.provenance["min_members"], absent=tuple(absent))
+        rows, first_batch_at, id_chunks, scores_aside = _stream(
             job, ctx, writer, stats, previous, reused,
             read_ahead(batches_by_row_group(reader, columns, job.batch_size), pool))
         _check_unique(job.partition, id_chunks)
-        merged = stats.result(job.partition.relpath, job.store.uri(job.table))
+        merged = stats.result(job.partition.relpath, job.store.uri(job.table),
+                              job.manifest.features, names)
         writer.commit(job.provenance | {"bad_row_count": writer.set_aside_rows,
+                                        "scores_set_aside": scores_aside,
                                         "stats": merged.model_dump(exclude={"path"})})
     members = [
-        MemberStats(name=n, digest=job.provenance["members"][n],
+        MemberStats(name=n, digest=job.provenance["members"].get(n, ""),
                     rows=0 if k in reused else merged.rows,
                     seconds=ctx.seconds.get(k, 0.0), skipped=k in reused)
         for k, n in enumerate(names)
@@ -228,6 +239,7 @@ def _score(job: _Job, reuse: Reuse, hidden: str | None) -> PartitionResult:
                                scored_rows=merged.rows, bad_rows=writer.set_aside_rows,
                                seconds=time.perf_counter() - job.start, members=members,
                                first_batch_at=first_batch_at,
+                               sketch_seconds=stats.sketch_seconds,
                                process=f"{socket.gethostname()}:{os.getpid()}",
                                loads=dict(MODEL_CACHE.loads)),
         merged=merged,
@@ -236,10 +248,11 @@ def _score(job: _Job, reuse: Reuse, hidden: str | None) -> PartitionResult:
 
 def _stream(job: _Job, ctx: ScoringContext, writer: PartitionWriter, stats: EnsembleStats,
             previous: RowStream | None, reused: list[int], batches: Any
-            ) -> tuple[int, float | None, list[pa.Array]]:
+            ) -> tuple[int, float | None, list[pa.Array], int]:
     """Every batch through the core into the writer; returns rows read, when the first
-    batch was scored, and the ids written (for the uniqueness check)."""
-    rows = 0
+    batch was scored, the ids written (for the uniqueness check) and how many rows were
+    set aside for their scores."""
+    rows = scores_aside = 0
     first_batch_at: float | None = None
     buffer: np.ndarray | None = None
     id_chunks: list[pa.Array] = []
@@ -257,6 +270,7 @@ def _stream(job: _Job, ctx: ScoringContext, writer: PartitionWriter, stats: Ense
             rows += batch.num_rows
             matrix = to_matrix(batch, job.manifest.features, buffer)
             buffer = matrix.base if matrix.base is not None else matrix
+            stats.add_features(matrix)
             result = score_batch(ctx, matrix, batch.column(0),
                                  reused_scores if previous is not None else None, batch)
             if first_batch_at is None:
@@ -264,6 +278,7 @@ def _stream(job: _Job, ctx: ScoringContext, writer: PartitionWriter, stats: Ense
             for ids, reasons in zip(result.aside_ids, result.aside_reasons, strict=True):
                 writer.set_aside(ids, reasons)
             stats.add(result.scores, result.ensemble, result.std)
+            scores_aside += result.scores_set_aside
             id_chunks.append(result.ids)
             writer.write(result.ids, result.scores, result.ensemble, result.std,
                          result.count)
@@ -275,7 +290,7 @@ def _stream(job: _Job, ctx: ScoringContext, writer: PartitionWriter, stats: Ense
             f"({err}); re-export or remove it, then re-run: partitions already committed "
             "are kept"
         ) from err
-    return rows, first_batch_at, id_chunks
+    return rows, first_batch_at, id_chunks, scores_aside
 
 
 def _check_unique(partition: Partition, chunks: list[pa.Array]) -> None:

@@ -18,13 +18,15 @@ from prefect.tasks import exponential_backoff
 from loaders.cache import MODEL_CACHE
 from loaders.errors import ScoringError
 from loaders.inspect import resolve_model
-from loaders.manifest import ModelSpec
+from loaders.manifest import Manifest, ModelSpec
+from tasks.golden import GoldenCheck, check_golden
 from tasks.ids import find_repeated_ids
 from tasks.plan import MemberInfo
 from tasks.runtime import set_up
 from tasks.scoring import PartitionResult, score_partition
 
-__all__ = ["check_ids", "is_transient", "load_member", "score_partition_task"]
+__all__ = ["check_ids", "golden_check", "is_transient", "load_member",
+           "score_partition_task"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -69,6 +71,13 @@ def _load_member(spec: ModelSpec, n_features: int) -> MemberInfo:
                       fused_bias_adds=scorer.fused_bias_adds)
 
 
+def _golden_check(manifest: Manifest, absent: list[str]) -> GoldenCheck:
+    """The golden-set gate, with the members this process loaded (``load_member``)."""
+    scorers = {s.name: MODEL_CACHE.get(s, len(manifest.features)) for s in manifest.models
+               if s.name not in absent}
+    return check_golden(manifest, scorers, absent)
+
+
 @functools.wraps(score_partition)
 def _score_partition(*args: Any, **kwargs: Any) -> PartitionResult:
     set_up()  # idempotent; a worker process's first task does it
@@ -79,3 +88,4 @@ load_member = _retrying(_load_member, "load-member", "load {spec.name}")
 score_partition_task = _retrying(_score_partition, "score-partition",
                                  "score {partition.relpath}")
 check_ids = _retrying(find_repeated_ids, "check-ids", "ids across partitions")
+golden_check = _retrying(_golden_check, "golden-check", "golden check")

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks.features import all_finite
 from tasks.storage import Store
 
 __all__ = ["METADATA_KEY", "PartitionWriter", "committed_metadata", "table_schema"]
@@ -79,11 +80,14 @@ class PartitionWriter:
 
     def write(self, ids: pa.Array, scores: np.ndarray, ensemble: np.ndarray,
               std: np.ndarray, count: np.ndarray) -> None:
-        """One batch of the table: ``scores`` is (members, rows)."""
+        """One batch of the table: ``scores`` is (members, rows); a non-finite member
+        score (a member missing for the row, see ``min_members``) is written as null."""
         assert self._writer is not None, "use PartitionWriter as a context manager"
+        columns = ([pa.array(row) for row in scores] if all_finite(scores)
+                   else [pa.array(row, mask=~np.isfinite(row)) for row in scores])
         self._writer.write_batch(pa.record_batch(
-            [ids, *(pa.array(row) for row in scores), pa.array(ensemble), pa.array(std),
-             pa.array(count)], schema=self.schema))
+            [ids, *columns, pa.array(ensemble), pa.array(std), pa.array(count)],
+            schema=self.schema))
 
     def set_aside(self, ids: pa.Array, reasons: list[str]) -> None:
         """Rows left out of the table, with why (the quarantine file is made on first use)."""

@@ -105,3 +105,24 @@ def test_a_finite_value_too_large_for_float32_is_named_as_such(checkpoints: list
     ctx.policy = "quarantine"
     result = score_batch(ctx, to_matrix(batch, ctx.features), IDS, source=batch)
     assert result.aside_reasons[0] == ["f03 is 1e+39, beyond float32's range (±3.4e38)"]
+
+
+def test_quorum_keeps_rows_with_enough_members(tmp_path: Path, checkpoints: list[Path]
+                                               ) -> None:
+    ctx = _ctx([checkpoints[0], _reciprocal_model(tmp_path / "r" / "model.ckpt")])
+    x = X.copy()
+    x[[3, 7], 0] = 0.0  # the reciprocal member gives inf on these rows
+    ctx.min_members = 1
+    result = score_batch(ctx, x, IDS)
+    assert result.rows_set_aside == 0 and len(result.ids) == 50
+    assert list(np.flatnonzero(result.count == 1)) == [3, 7]
+    ref = mlp_reference(checkpoints[0], x)
+    assert np.abs(result.ensemble[[3, 7]] - ref[[3, 7]]).max() <= 1e-6
+    # A member that did not load counts as missing on every row.
+    ctx.absent, ctx.scorers = (1,), {0: ctx.scorers[0]}
+    assert list(score_batch(ctx, x, IDS).count) == [1] * 50
+    ctx.min_members, ctx.policy = 2, "quarantine"
+    result = score_batch(ctx, x, IDS)
+    assert result.rows_set_aside == result.scores_set_aside == 50
+    assert result.aside_reasons[0][0] == ("not loaded: m1 (1 of 2 members present, "
+                                          "min_members 2)")

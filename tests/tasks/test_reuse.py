@@ -48,3 +48,23 @@ def test_no_record_or_force_reuses_nothing() -> None:
     assert plan_reuse(None, _record()) == Reuse(False, ())
     assert plan_reuse({}, _record()) == Reuse(False, ())
     assert plan_reuse(_record(), _record(), force=True) == Reuse(False, ())
+
+
+def test_a_file_from_before_min_members_counts_as_needing_every_member() -> None:
+    assert plan_reuse(_record(), _record(min_members=2)) == Reuse(True, ("m0", "m1"))
+    assert plan_reuse(_record(), _record(min_members=1)) == Reuse(False, ("m0", "m1"))
+
+
+def test_a_member_missing_last_time_is_scored_now_and_the_others_kept() -> None:
+    previous = _record(members={"m0": "d0"}, min_members=1)
+    assert plan_reuse(previous, _record(min_members=1)) == Reuse(False, ("m0",))
+    # Still missing: the degraded file stands as it is.
+    assert plan_reuse(previous, _record(members={"m0": "d0"}, min_members=1)) == Reuse(
+        True, ("m0",))
+
+
+def test_rows_left_out_for_their_scores_make_columns_unusable() -> None:
+    previous = _record(members={"m0": "d0", "m1": "old"}, scores_set_aside=3)
+    assert plan_reuse(previous, _record()) == Reuse(False, ())
+    # ... but the file is still this run's result when nothing changed.
+    assert plan_reuse(_record(scores_set_aside=3), _record()) == Reuse(True, ("m0", "m1"))
