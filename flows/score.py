@@ -107,8 +107,8 @@ def _format_rows(path: Path, limit: int = 5) -> str:
     if table is None or table.num_rows == 0:
         return "  (no rows)"
     cols = table.column_names
-    cells = [[f"{v:.6f}" if isinstance(v, float) else str(v) for v in table.column(c).to_pylist()]
-             for c in cols]
+    cells = [[f"{v:.6f}" if isinstance(v, float) else "null" if v is None else str(v)
+              for v in table.column(c).to_pylist()] for c in cols]
     widths = [max(len(c), *(len(v) for v in col)) for c, col in zip(cols, cells, strict=True)]
     lines = ["  " + "  ".join(c.rjust(w) for c, w in zip(cols, widths, strict=True))]
     for i in range(table.num_rows):
@@ -302,7 +302,8 @@ def preflight(params: Any) -> None:
     """Check the manifest, data and models before Prefect starts, so mistakes show in
     seconds. Models are loaded into this process's cache, which the flow then reuses; a
     member that cannot be loaded is reported here, and stops the run only when fewer
-    than min_members remain (the flow then goes on without it)."""
+    than min_members remain (the flow then goes on without it). The golden check runs
+    here too."""
     from loaders.cache import MODEL_CACHE
     from loaders.errors import ModelLoadError, ScoringError
     from tasks.plan import make_plan
@@ -316,6 +317,14 @@ def preflight(params: Any) -> None:
             MODEL_CACHE.get(spec, len(manifest.features))
         except ScoringError as exc:
             failed[spec.name] = exc
+    if len(manifest.models) - len(failed) >= quorum and manifest.golden is not None:
+        # The flow checks again (UI and deployment runs have no preflight); here a refusal
+        # is a message and exit code 2, before a flow run starts.
+        from tasks.golden import check_golden
+
+        check_golden(manifest, {s.name: MODEL_CACHE.get(s, len(manifest.features))
+                                for s in manifest.models if s.name not in failed},
+                     list(failed))
     if not failed:
         return
     if len(manifest.models) - len(failed) < quorum:

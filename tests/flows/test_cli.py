@@ -158,8 +158,47 @@ def test_help_documents_every_option() -> None:
     out = subprocess.run([sys.executable, "-m", "flows.score", "--help"], capture_output=True,
                          text=True, check=True).stdout
     for option in ("--models", "--input", "--output", "--ensemble", "--bad-rows", "--force",
-                   "--concurrency", "--batch-size", "--runner", "--debug"):
+                   "--concurrency", "--batch-size", "--runner", "--debug", "--min-members",
+                   "--baseline", "bless --models"):
         assert option in out
+    bless = subprocess.run([sys.executable, "-m", "flows.score", "bless", "--help"],
+                           capture_output=True, text=True, check=True).stdout
+    for option in ("--models", "--sample", "--rows", "--out", "golden_tolerance"):
+        assert option in bless
+
+
+def test_golden_mismatch_exits_2_before_scoring(setup, capsys) -> None:  # type: ignore[no-untyped-def]
+    tmp = setup["tmp"]
+    rng = np.random.default_rng(0)
+    cols: dict[str, object] = {"id": np.arange(10)}
+    for f in setup["features"]:
+        cols[f] = rng.standard_normal(10).astype(np.float32)
+    write_table(tmp / "in" / "p.parquet", cols)
+    path = write_manifest(tmp / "manifest.yaml", {
+        "id_column": "id", "features": setup["features"], "models": setup["models"]})
+    assert main(["bless", "--models", str(path), "--sample", str(tmp / "in")]) == 0
+    assert "Add to the manifest: golden: golden.parquet" in capsys.readouterr().out
+    models = [dict(m) for m in setup["models"]]
+    models[0]["path"], models[1]["path"] = models[1]["path"], models[0]["path"]
+    code, err = _run(setup, capsys, models=models, golden="golden.parquet")
+    assert code == 2
+    assert "golden check failed" in err and "member 'm0' deviates" in err
+    assert "Traceback" not in err
+
+
+def test_member_left_out_within_quorum(setup, capsys) -> None:  # type: ignore[no-untyped-def]
+    tmp = setup["tmp"]
+    models = [dict(m) for m in setup["models"]]
+    models[1]["path"] = "/nowhere/model.ckpt"
+    path = write_manifest(tmp / "manifest.yaml", {
+        "id_column": "id", "features": setup["features"], "models": models,
+        "min_members": 2})
+    code = main(["--models", str(path), "--input", str(tmp / "in"), "--output",
+                 str(tmp / "out")])
+    captured = capsys.readouterr()
+    assert code == 0
+    assert "warning: member m1 cannot be loaded" in captured.err
+    assert "MISSING:        1 member(s) not loaded, columns null: m1" in captured.out
 
 
 @pytest.mark.slow
