@@ -412,18 +412,19 @@ def main(argv: list[str] | None = None) -> int:
                    "(default: WORKDIR/results.json)")
     p.add_argument("--write-md", type=Path, default=None, metavar="FILE",
                    help="also write the figures as markdown (BENCHMARKS.md keeps the latest)")
-    p.add_argument("--dask", type=int, default=0, metavar="WORKERS",
-                   help="also run the product with --runner dask on a local cluster of "
-                   "this many worker processes, and report its overhead vs threads")
-    p.add_argument("--repeat", type=int, default=2, metavar="N",
-                   help="full product runs, each compared with the ceiling measured just "
-                   "before and after it; the ratios shown are their mean (default 2)")
-    p.add_argument("--quiet-wait", type=float, default=300.0, metavar="SECONDS",
-                   help="before each ceiling and product run, wait up to this long until "
-                   "other processes use under 5%% of the CPU (0: do not wait; default 300)")
-    p.add_argument("--startup-samples", type=int, default=1, metavar="N",
-                   help="extra product runs on the first two partitions only, for the "
-                   "median start-up (it varies by seconds from run to run; default 1)")
+    # The options that shape a run of the product: (flag, type, default, metavar, help).
+    for flag, kind, default, metavar, text in (
+        ("--dask", int, 0, "WORKERS", "also run the product with --runner dask on a local "
+         "cluster of this many worker processes, and report its overhead vs threads"),
+        ("--repeat", int, 2, "N", "full product runs, each compared with the ceiling "
+         "measured just before and after it; the ratios shown are their mean (default 2)"),
+        ("--quiet-wait", float, 300.0, "SECONDS", "before each ceiling and product run, wait "
+         "up to this long until other processes use under 5%% of the CPU (0: do not wait; "
+         "default 300)"),
+        ("--startup-samples", int, 1, "N", "extra product runs on the first two partitions "
+         "only, for the median start-up (it varies by seconds from run to run; default 1)"),
+    ):
+        p.add_argument(flag, type=kind, default=default, metavar=metavar, help=text)
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error("--repeat must be at least 1")

@@ -22,11 +22,9 @@ class ScoreParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     models: str | None = Field(
-        None, min_length=1, title="Models manifest (path)",
+        None, min_length=1, title="Models manifest (path)", examples=["models/manifest.yaml"],
         description="Path to the models manifest (YAML); relative model paths in it are taken "
-        "from its folder. Give this or 'Manifest (inline)', not both.",
-        examples=["models/manifest.yaml"],
-    )
+        "from its folder. Give this or 'Manifest (inline)', not both.")
     manifest: Manifest | None = Field(
         None, title="Manifest (inline)",
         description="The manifest itself instead of a path: id_column, features and models "
@@ -34,17 +32,13 @@ class ScoreParams(BaseModel):
         "the run's working folder (the repo root for the deployments).",
     )
     input: str = Field(
-        min_length=1, title="Input (Parquet)",
+        min_length=1, title="Input (Parquet)", examples=["data/"],
         description="Parquet input: one file, a folder (searched recursively, hive "
-        "key=value folders allowed) or a glob such as data/**/*.parquet.",
-        examples=["data/"],
-    )
+        "key=value folders allowed) or a glob such as data/**/*.parquet.")
     output: str = Field(
-        min_length=1, title="Output folder",
+        min_length=1, title="Output folder", examples=["out/"],
         description="Output folder: the ensemble table goes to OUTPUT/ensemble/ (member "
-        "scores included), the run record to OUTPUT/_run.json.",
-        examples=["out/"],
-    )
+        "scores included), the run record to OUTPUT/_run.json.")
     ensemble: EnsembleMethod = Field(
         "mean", title="Ensemble method",
         description="How member scores combine into ensemble_score: mean, weighted (the "

@@ -18,13 +18,8 @@ from flows.ensemble import score_ensemble
 from flows.params import ScoreParams
 from flows.report import read_run_artifacts
 from loaders.errors import DriftExceeded, GoldenMismatch, ManifestError, ModelLoadError
-from tests.helpers import (
-    N_FEATURES,
-    read_dataset,
-    save_tf2_saved_model,
-    write_manifest,
-    write_table,
-)
+from tests.helpers import N_FEATURES, read_dataset, write_manifest, write_table
+from tests.helpers import save_tf2_saved_model as save_saved_model
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -72,7 +67,7 @@ def _add_golden(manifest: Path, name: str = "golden.parquet") -> None:
 
 def test_tf1_and_saved_model_bless_and_pass(tmp_path: Path, checkpoints: list[Path],
                                             features: list[str]) -> None:
-    save_tf2_saved_model(tmp_path / "models" / "saved", mlp_weights(99, N_FEATURES))
+    save_saved_model(tmp_path / "models" / "saved", mlp_weights(99, N_FEATURES))
     manifest = write_manifest(tmp_path / "models" / "m.yaml", {
         "id_column": "id", "features": features,
         "models": [{"name": "ckpt", "path": str(checkpoints[0]), "input": "features:0",
@@ -244,7 +239,7 @@ def _f0_models(folder: Path) -> list[Path]:
     for seed in (3, 4):
         layers = mlp_weights(seed, N_FEATURES, (8,))
         layers[0][0][0] *= 4.0
-        paths.append(save_tf2_saved_model(folder / f"s{seed}", layers))
+        paths.append(save_saved_model(folder / f"s{seed}", layers))
     return paths
 
 
