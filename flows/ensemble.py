@@ -361,9 +361,11 @@ def _load_members(params: ScoreParams, manifest: Manifest, quorum: int, logger: 
     logger.info(f"CPU path: {path.label}; {fusion}")
     for m in members:
         if not m.missing:
+            export = (f", exported from Keras in {m.export_seconds:.1f} s (once, cached)"
+                      if m.export_seconds else "")
             logger.info(f"member {m.name}: {m.format} {m.location} (digest {m.digest[:12]}, "
-                        f"loaded in {m.load_seconds:.2f} s, {m.fused_bias_adds} bias add(s) "
-                        "rewritten)")
+                        f"loaded in {m.load_seconds:.2f} s{export}, {m.fused_bias_adds} bias "
+                        "add(s) rewritten)")
     return members
 
 

@@ -45,7 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--models", metavar="MANIFEST", help="models manifest (YAML): id_column, "
-                   "features, models (name, path, input/output or signature, weight)")
+                   "features, models (name, path, input/output or signature, weight); a "
+                   "path is a TF1 checkpoint, a SavedModel folder, or a Keras .keras or "
+                   ".h5 file")
     p.add_argument("--input", metavar="PATH", help="a Parquet file, a folder of them "
                    "(recursive, hive key=value folders allowed) or a glob; local or "
                    "s3://bucket/prefix")

@@ -100,8 +100,12 @@ class GraphScorer:
     session: tf.compat.v1.Session
     input_tensor: Any
     output_tensor: Any
-    load_seconds: float = 0.0
+    load_seconds: float = 0.0  # for a Keras file, including export_seconds
     fused_bias_adds: int = 0  # MatMul + bias adds rewritten to BiasAdd (loaders.rewrite)
+    # A Keras file's one-time export to a SavedModel (loaders.keras_file): the seconds
+    # this process spent on it (0 when the cached export was reused), and its folder.
+    export_seconds: float = 0.0
+    export_dir: str = ""
     # Larger feeds are split. On the 2-core AVX2 machine a 256-wide MLP ran 16k-row feeds
     # ~1.5x faster than 64k-row ones (activations stay in cache). On the 2-core AVX-512
     # EPYC, Session.run alone (four sessions, interleaved windows) ran 16k to 262k rows

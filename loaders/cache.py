@@ -21,14 +21,17 @@ def load_scorer(spec: ModelSpec, n_features: int, *, fuse: bool | None = None
                 ) -> GraphScorer:
     """Load a member into its own graph and session and check it takes ``n_features``.
 
-    ``fuse=False`` keeps a checkpoint's graph exactly as saved and ``fuse=True`` rewrites
-    its ``MatMul + bias`` adds whatever the CPU path; by default they are rewritten only
-    where TensorFlow does not fuse them itself (see ``loaders.rewrite``).
+    A Keras file is exported to a SavedModel once (cached on disk, ``loaders.keras_file``)
+    and loaded as one. ``fuse=False`` keeps a checkpoint's graph exactly as saved and
+    ``fuse=True`` rewrites its ``MatMul + bias`` adds whatever the CPU path; by default
+    they are rewritten only where TensorFlow does not fuse them itself (see
+    ``loaders.rewrite``).
 
     Raises:
         ManifestError: the files are missing or incomplete.
         ModelLoadError: the files are there but cannot be loaded or called.
     """
+    from loaders.keras_file import load_keras
     from loaders.savedmodel import load_saved_model
     from loaders.tf1 import load_checkpoint
 
@@ -36,6 +39,8 @@ def load_scorer(spec: ModelSpec, n_features: int, *, fuse: bool | None = None
     digest = digest_files(resolved.files)
     if resolved.format == "saved_model":
         scorer = load_saved_model(spec, resolved.location, digest)
+    elif resolved.format == "keras":
+        scorer = load_keras(spec, resolved, digest)
     else:
         scorer = load_checkpoint(spec, resolved.location, digest, fuse=fuse)
     try:
@@ -67,6 +72,7 @@ class ModelCache:
             spec.signature,
             spec.tags,
             spec.allow_ops,
+            spec.custom_objects,
             n_features,
         )
 

@@ -1,31 +1,40 @@
 """Find a model's files on disk, tell its format, and fingerprint it.
 
-Free of TensorFlow imports (the ``checkpoint`` state file is parsed as text), so planning
-and resume decisions stay cheap.
+Free of TensorFlow imports (the ``checkpoint`` state file is parsed as text, a Keras
+file's kind is told by its first bytes, a ``custom_objects`` module is found without
+being imported), so planning and resume decisions stay cheap.
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from loaders.errors import ManifestError
 from loaders.manifest import ModelSpec
 
-__all__ = ["ResolvedModel", "digest_files", "resolve_model"]
+__all__ = ["KERAS_SUFFIXES", "ResolvedModel", "digest_files", "keras_kind",
+           "module_file", "resolve_model"]
+
+# Suffixes that make a path a Keras file under ``format: auto``.
+KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
 
 
 @dataclass(frozen=True)
 class ResolvedModel:
     """Where a member's files are and what they are."""
 
-    format: Literal["checkpoint", "saved_model"]
-    location: str  # checkpoint prefix, or SavedModel folder
+    format: Literal["checkpoint", "saved_model", "keras"]
+    location: str  # checkpoint prefix, SavedModel folder, or Keras file
+    # Everything the member's scores depend on, digested for the model cache and resume:
+    # for a Keras file, the file and its custom_objects module's source (``code``).
     files: tuple[str, ...]
+    code: str | None = None  # a Keras member's custom_objects module file
 
 
 def _latest_prefix(folder: Path) -> Path | None:
@@ -56,6 +65,89 @@ def _checkpoint_files(prefix: Path) -> tuple[str, ...]:
     )
 
 
+def keras_kind(path: Path) -> Literal["keras", "h5"] | None:
+    """``keras`` for a Keras 3 archive (a zip file), ``h5`` for an HDF5 file (legacy
+    Keras 2 ``.h5``), told by the file's first bytes; None for anything else."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        return None
+    if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
+        return "keras"
+    if head == b"\x89HDF\r\n\x1a\n":
+        return "h5"
+    return None
+
+
+def module_file(name: str) -> str | None:
+    """The source file of module ``name`` (``pkg.mod``), found the way ``import`` finds
+    it (``sys.meta_path`` finders over ``sys.path``), without running any of its code or
+    its packages' ``__init__``; None when it cannot be found or is not a file."""
+    search: Any = None
+    spec = None
+    parts = name.split(".")
+    for i in range(len(parts)):
+        fullname = ".".join(parts[:i + 1])
+        spec = None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            if find is None:
+                continue
+            try:
+                spec = find(fullname, search)
+            except (ImportError, ValueError, AttributeError, TypeError):
+                spec = None
+            if spec is not None:
+                break
+        if spec is None:
+            return None
+        search = spec.submodule_search_locations
+        if search is None and i < len(parts) - 1:
+            return None  # a module, not a package: it has no submodules
+    origin = getattr(spec, "origin", None)
+    return origin if origin and Path(origin).is_file() else None
+
+
+def _resolve_keras(spec: ModelSpec, path: Path) -> ResolvedModel:
+    """A ``.keras`` or ``.h5`` file, and the ``custom_objects`` module it names.
+
+    Raises:
+        ManifestError: no such file, not a Keras file, SavedModel-only settings, or a
+            ``custom_objects`` module that cannot be found.
+    """
+    if path.is_dir():
+        raise ManifestError(
+            f"model {spec.name!r}: {path} is a folder; a Keras member is one file saved by "
+            "model.save('name.keras') (or a legacy .h5). For a SavedModel folder, leave "
+            "'format' out"
+        )
+    if not path.is_file():
+        where = (f"folder {path.parent} does not exist" if not path.parent.exists()
+                 else "no such file")
+        raise ManifestError(f"model {spec.name!r}: no Keras file at {path} ({where})")
+    if keras_kind(path) is None:
+        raise ManifestError(
+            f"model {spec.name!r}: {path} is neither a Keras 3 archive (.keras, a zip file) "
+            "nor an HDF5 file (.h5); save the model with model.save('name.keras')"
+        )
+    if spec.signature != "serving_default" or tuple(spec.tags) != ("serve",):
+        raise ManifestError(
+            f"model {spec.name!r}: 'signature' and 'tags' apply to SavedModels; a Keras "
+            "file's input and output are picked by name with 'input:' and 'output:'"
+        )
+    code = None
+    if spec.custom_objects is not None:
+        code = module_file(spec.custom_objects)
+        if code is None:
+            raise ManifestError(
+                f"model {spec.name!r}: custom_objects module {spec.custom_objects!r} is not "
+                "importable here (searched sys.path); install it or add its folder to "
+                "PYTHONPATH, on every host that scores"
+            )
+    return ResolvedModel("keras", str(path), (str(path),) + ((code,) if code else ()), code)
+
+
 def resolve_model(spec: ModelSpec) -> ResolvedModel:
     """Locate the member's files and check the ones scoring needs are present.
 
@@ -64,6 +156,13 @@ def resolve_model(spec: ModelSpec) -> ResolvedModel:
     """
     path = Path(spec.path)
     fmt = spec.format
+    if fmt == "keras" or (fmt == "auto" and path.suffix.lower() in KERAS_SUFFIXES):
+        return _resolve_keras(spec, path)
+    if spec.custom_objects is not None:
+        raise ManifestError(
+            f"model {spec.name!r}: 'custom_objects' applies to Keras files (.keras, .h5) "
+            f"only, and {path} is not one; remove it"
+        )
     if fmt in ("auto", "saved_model") and path.is_dir() and (
         (path / "saved_model.pb").is_file() or (path / "saved_model.pbtxt").is_file()
     ):
@@ -91,7 +190,7 @@ def resolve_model(spec: ModelSpec) -> ResolvedModel:
         raise ManifestError(
             f"model {spec.name!r}: no checkpoint at {prefix} ({where}); 'path' must be a "
             "checkpoint prefix (the name before .index/.data-*), a folder with a "
-            "'checkpoint' file, or a SavedModel folder"
+            "'checkpoint' file, a SavedModel folder, or a Keras .keras or .h5 file"
         )
     if not Path(f"{prefix}.meta").is_file():
         raise ManifestError(

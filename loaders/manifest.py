@@ -25,13 +25,15 @@ __all__ = [
     "parse_manifest",
 ]
 
-ModelFormat = Literal["auto", "checkpoint", "saved_model"]
+ModelFormat = Literal["auto", "checkpoint", "saved_model", "keras"]
 BadRowPolicy = Literal["fail", "quarantine"]
 DriftPolicy = Literal["warn", "fail"]
 
 # Member names become column names (score_<name>) and folder names; keep them tame so
 # no manifest can steer output outside the output folder.
 _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+# A dotted module path (custom_objects), nothing else: it is imported, never evaluated.
+_MODULE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
 
 
 class ModelSpec(BaseModel):
@@ -42,10 +44,14 @@ class ModelSpec(BaseModel):
     name: str = Field(
         pattern=_NAME_PATTERN, description="Unique member name; becomes score_<name>."
     )
-    path: str = Field(description="TF1 checkpoint prefix or folder, or SavedModel folder.")
-    format: ModelFormat = Field("auto", description="Detected from the files when 'auto'.")
-    input: str | None = Field(None, description="TF1: input tensor name. SavedModel: input key.")
-    output: str | None = Field(None, description="TF1: output tensor name. SavedModel: output key.")
+    path: str = Field(description="TF1 checkpoint prefix or folder, SavedModel folder, or "
+                      "Keras file (.keras, legacy .h5).")
+    format: ModelFormat = Field("auto", description="Detected from the files (a Keras file "
+                                "by its .keras/.h5 suffix) when 'auto'.")
+    input: str | None = Field(None, description="TF1: input tensor name. SavedModel: input "
+                              "key. Keras: input layer name.")
+    output: str | None = Field(None, description="TF1: output tensor name. SavedModel: output "
+                               "key. Keras: output name.")
     signature: str = Field("serving_default", description="SavedModel signature to call.")
     tags: tuple[str, ...] = Field(("serve",), description="SavedModel meta graph tags.")
     weight: float = Field(1.0, gt=0, allow_inf_nan=False,
@@ -53,6 +59,11 @@ class ModelSpec(BaseModel):
     allow_ops: tuple[str, ...] = Field(
         (), description="Op types to allow although they can touch files, the network or run "
         "code (e.g. ReadFile). Only for models you trust."
+    )
+    custom_objects: str | None = Field(
+        None, pattern=_MODULE_PATTERN, description="Keras files only: a module (pkg.mod) "
+        "whose CUSTOM_OBJECTS dict, or else its public classes, Keras may deserialize. "
+        "Importing it runs its code (in the export process). Only for code you trust."
     )
 
 

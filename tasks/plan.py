@@ -29,6 +29,9 @@ class MemberInfo(BaseModel):
     fused_bias_adds: int = 0
     # Why the member could not be loaded; the run went on without it (min_members).
     missing: str = ""
+    # A Keras file's one-time export to a SavedModel in this run (0: the cached export
+    # was reused); included in load_seconds.
+    export_seconds: float = 0.0
 
 
 class Plan(BaseModel):

@@ -68,7 +68,8 @@ def _load_member(spec: ModelSpec, n_features: int) -> MemberInfo:
     scorer = MODEL_CACHE.get(spec, n_features)
     return MemberInfo(name=spec.name, format=resolve_model(spec).format, location=scorer.source,
                       digest=scorer.digest, load_seconds=scorer.load_seconds,
-                      fused_bias_adds=scorer.fused_bias_adds)
+                      fused_bias_adds=scorer.fused_bias_adds,
+                      export_seconds=scorer.export_seconds)
 
 
 def _golden_check(manifest: Manifest, absent: list[str]) -> GoldenCheck:

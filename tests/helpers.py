@@ -97,6 +97,120 @@ def save_keras_export(path: Path, weights: list[tuple[np.ndarray, np.ndarray]]) 
     return path
 
 
+def keras_mlp(weights: list[tuple[np.ndarray, np.ndarray]]) -> Any:
+    """A Keras 3 functional MLP with ``weights``: input ``features``, output ``score``."""
+    import keras
+
+    inputs = keras.Input((weights[0][0].shape[0],), name="features")
+    h = inputs
+    for i, (w, b) in enumerate(weights):
+        last = i == len(weights) - 1
+        layer = keras.layers.Dense(w.shape[1], activation="sigmoid" if last else "relu",
+                                   name="score" if last else f"dense_{i}")
+        h = layer(h)
+        layer.set_weights([w, b])
+    return keras.Model(inputs, h)
+
+
+def save_keras_multi_io(path: Path, seed: int, n_features: int) -> Path:
+    """A functional model with inputs ``features`` (``n_features`` wide) and ``extra`` (3)
+    and outputs ``score`` (from ``features`` alone) and ``mixed`` (from both)."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    features = keras.Input((n_features,), name="features")
+    extra = keras.Input((3,), name="extra")
+    hidden = keras.layers.Dense(6, activation="relu", name="hidden")(features)
+    score = keras.layers.Dense(1, activation="sigmoid", name="score")(hidden)
+    mixed = keras.layers.Dense(1, name="mixed")(keras.layers.Concatenate()([hidden, extra]))
+    keras.Model([features, extra], [score, mixed]).save(path)
+    return path
+
+
+def save_keras_lambda(path: Path, n_features: int) -> Path:
+    """A model whose ``Lambda`` layer holds a Python lambda (saved as ``.keras`` or, by
+    the suffix, ``.h5``)."""
+    import keras
+
+    model = keras.Sequential([keras.Input((n_features,)),
+                              keras.layers.Lambda(lambda x: x * 2.0, name="doubled"),
+                              keras.layers.Dense(1)])
+    model.save(path)
+    return path
+
+
+# A module of custom Keras objects, as a team would keep one: a subclassed model,
+# registered for serialization, and the CUSTOM_OBJECTS a manifest's custom_objects reads.
+KERAS_CUSTOM_MODULE = """
+import keras
+
+
+@keras.saving.register_keras_serializable(package="ensemble_tests")
+class ResidualScorer(keras.Model):
+    def __init__(self, units=5, **kwargs):
+        super().__init__(**kwargs)
+        self.units = units
+        self.hidden = keras.layers.Dense(units, activation="tanh")
+        self.skip = keras.layers.Dense(units)
+        self.head = keras.layers.Dense(1, activation="sigmoid")
+
+    def call(self, x):
+        return self.head(self.hidden(x) + self.skip(x))
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
+CUSTOM_OBJECTS = {"ensemble_tests>ResidualScorer": ResidualScorer}
+"""
+
+
+def keras_predict(models: dict[str, dict[str, Any]], folder: Path) -> dict[str, np.ndarray]:
+    """name -> ``model.predict`` of each Keras file, run in a fresh Python process (the
+    reference the exported members are checked against).
+
+    ``models[name]`` holds ``path``, ``inputs`` (one array, or a list for several inputs),
+    optionally ``output`` (the index of a multi-output model's output) and
+    ``custom_objects`` (a module on this process's ``sys.path``).
+    """
+    import json
+    import sys
+
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = {}
+    for name, job in models.items():
+        arrays = job["inputs"] if isinstance(job["inputs"], list) else [job["inputs"]]
+        files = []
+        for k, array in enumerate(arrays):
+            np.save(folder / f"{name}.in{k}.npy", array)
+            files.append(str(folder / f"{name}.in{k}.npy"))
+        jobs[name] = {"path": str(job["path"]), "inputs": files,
+                      "output": job.get("output"), "custom_objects": job.get("custom_objects"),
+                      "result": str(folder / f"{name}.out.npy")}
+    program = """
+import importlib, json, sys
+import numpy as np
+import keras
+jobs = json.loads(sys.argv[1])
+for job in jobs.values():
+    custom = {}
+    if job["custom_objects"]:
+        custom = importlib.import_module(job["custom_objects"]).CUSTOM_OBJECTS
+    model = keras.saving.load_model(job["path"], custom_objects=custom, compile=False)
+    inputs = [np.load(f) for f in job["inputs"]]
+    y = model.predict(inputs if len(inputs) > 1 else inputs[0], verbose=0)
+    if job["output"] is not None:
+        y = y[job["output"]]
+    np.save(job["result"], np.asarray(y, dtype=np.float64).reshape(-1))
+"""
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow",
+           "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    done = subprocess.run([sys.executable, "-c", program, json.dumps(jobs)],
+                          capture_output=True, text=True, env=env, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {name: np.load(job["result"]) for name, job in jobs.items()}
+
+
 def prefect_servers(home: Path) -> list[int]:
     """Pids of live ``prefect server start`` processes whose PREFECT_HOME is ``home``."""
     found = []
