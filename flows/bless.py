@@ -45,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.rows <= 100_000:
         print("error: --rows must be between 1 and 100000", file=sys.stderr)
         return 2
+    if args.out is not None and not args.out.strip():
+        print("error: --out is empty; give the golden file's path, or leave --out out",
+              file=sys.stderr)
+        return 2
     from loaders.errors import ScoringError
     from tasks.runtime import set_up
 
@@ -58,6 +62,33 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _check_out(out: Path, sample: str) -> None:
+    """Refuse a golden file inside the sample's folder (the next run would score it as a
+    partition) or below something that is not a folder.
+
+    Raises:
+        OutputError: naming the path and what to do.
+    """
+    from loaders.errors import DataError, OutputError
+    from tasks.fs import is_s3
+
+    target = out.resolve()
+    parent = next((p for p in [target.parent, *target.parent.parents] if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise OutputError(f"cannot write the golden file {out}: {parent} is a file, not a "
+                          "folder; give another --out")
+    if is_s3(sample):
+        return
+    root = Path(sample).expanduser()
+    if not any(c in str(root) for c in "*?[") and not root.exists():
+        raise DataError(f"the sample {sample} does not exist; check --sample")
+    folder = root.resolve() if root.is_dir() else root.resolve().parent
+    if folder in [target, *target.parents]:
+        raise OutputError(f"the golden file {out} would be inside the sample folder {folder}, "
+                          "where runs reading that folder would score it as data; give "
+                          "--out outside it (or move the manifest)")
+
+
 def _bless(args: argparse.Namespace) -> int:
     from loaders._tf import tf
     from loaders.cache import MODEL_CACHE
@@ -69,6 +100,7 @@ def _bless(args: argparse.Namespace) -> int:
     manifest_dir = Path(args.models).expanduser().resolve().parent
     out = (Path(args.out).expanduser() if args.out
            else Path(manifest.golden) if manifest.golden else manifest_dir / "golden.parquet")
+    _check_out(out, args.sample)
     sample, dropped = sample_rows(args.sample, manifest, args.rows)
     scorers = {s.name: MODEL_CACHE.get(s, len(manifest.features)) for s in manifest.models}
     path = cpu_path()

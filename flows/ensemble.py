@@ -266,7 +266,7 @@ def _baseline(params: ScoreParams, store: Any, logger: Any) -> tuple[Sketches, s
     """The drift baseline: --baseline, else the previous run's record in this output."""
     location = params.baseline or store.uri(RUN_RECORD)
     try:
-        found = read_baseline(location)
+        found = read_baseline(location, required=params.baseline is not None)
     except ValueError as err:
         if params.baseline:
             raise DataError(f"{err}; give --baseline a _run.json a run wrote") from err

@@ -23,6 +23,7 @@ from loaders.manifest import Manifest, ModelSpec
 from tasks.drift import (
     MAJOR_PSI,
     MODERATE_PSI,
+    DriftLine,
     drift_lines,
     merge_sketches,
     render_drift_markdown,
@@ -93,17 +94,19 @@ def run_sketches(merged: Mapping[str, PartitionMerged]) -> Sketches:
                                            if p.score_sketches]))
 
 
-def read_baseline(location: str) -> tuple[Sketches, str] | None:
+def read_baseline(location: str, *, required: bool = False) -> tuple[Sketches, str] | None:
     """A run record's sketches and a description of it; None when it has none (a record
-    from before sketches were kept, or no record at all).
+    from before sketches were kept, or, unless ``required``, no record at all).
 
     Raises:
-        ValueError: the record exists but is not a run record (``--baseline`` was wrong).
+        ValueError: the record is not a run record, or is ``required`` and missing.
     """
     try:
         with open_input(location) as f:
             data = json.loads(f.read())
-    except FileNotFoundError:
+    except FileNotFoundError as err:
+        if required:
+            raise ValueError(f"the drift baseline {location} does not exist") from err
         return None
     except (OSError, ValueError) as err:
         raise ValueError(f"the drift baseline {location} cannot be read as a run record "
@@ -129,10 +132,28 @@ def compare_with_baseline(current: Sketches, baseline: tuple[Sketches, str] | No
     before, description = baseline
     kinds = {f"score_{n}": "member" for n in names} | {"ensemble_score": "ensemble"}
     lines = (drift_lines(before.features, current.features, {})
-             + drift_lines(before.scores, current.scores, kinds))
+             + drift_lines(before.scores, current.scores, kinds)
+             + _unmatched(before, current, kinds))
     lines.sort(key=lambda d: (d.psi is None, -(d.psi or 0.0), d.column))
     top = max((d.psi for d in lines if d.psi is not None), default=None)
     return DriftRecord(baseline=description, lines=lines, max_psi=top)
+
+
+def _unmatched(before: Sketches, current: Sketches, kinds: Mapping[str, str]
+               ) -> list[DriftLine]:
+    """Columns in only one of the two runs (a feature renamed, a member added): listed
+    without a PSI, so a rename is seen rather than dropped."""
+    lines = []
+    for then, now in ((before.features, current.features), (before.scores, current.scores)):
+        for column in sorted(set(then) ^ set(now)):
+            old, new = then.get(column), now.get(column)
+            lines.append(DriftLine(
+                column=column, kind=kinds.get(column, "feature"),  # type: ignore[arg-type]
+                psi=None, band="n/a", baseline_mean=old.mean if old else None,
+                current_mean=new.mean if new else None,
+                baseline_null_share=old.null_share if old else 1.0,
+                current_null_share=new.null_share if new else 1.0))
+    return lines
 
 
 def publish_drift(record: DriftRecord, logger: Any) -> None:

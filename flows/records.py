@@ -162,13 +162,19 @@ class DriftRecord(BaseModel):
     def text(self) -> list[str]:
         """For the log and the CLI summary: what drifted, or one line saying nothing did."""
         moving = [d for d in self.lines if d.psi is not None and d.psi >= MODERATE_PSI]
+        gone = [d.column for d in self.lines if d.psi is None and d.current_mean is None
+                and d.current_null_share == 1.0 and d.baseline_null_share < 1.0]
+        new = [d.column for d in self.lines if d.psi is None and d.baseline_mean is None
+               and d.baseline_null_share == 1.0 and d.current_null_share < 1.0]
+        unmatched = ([f"not in this run: {', '.join(gone)}"] if gone else []) + (
+            [f"new in this run: {', '.join(new)}"] if new else [])
         if moving:
-            return render_drift_text(moving)
+            return render_drift_text(moving) + unmatched
         top = next((d for d in self.lines if d.psi is not None), None)
         if top is None:
-            return ["no column to compare"]
+            return ["no column to compare", *unmatched]
         return [f"nothing drifted (largest PSI {top.psi:.3f}, {top.column}; bands "
-                f"{MODERATE_PSI} / {MAJOR_PSI})"]
+                f"{MODERATE_PSI} / {MAJOR_PSI})", *unmatched]
 
 
 class RunRecord(BaseModel):

@@ -149,6 +149,7 @@ def build_report(
         warnings.append(summary.repeated_ids)
     if summary.missing_members:
         warnings.insert(0, missing_text(summary.members))
+    warnings += _partial_members(figures, rows, summary.missing_members)
     return RunReport(
         status=status or ("Failed" if summary.failed else "Completed"),
         output_dir=summary.output_dir,
@@ -269,6 +270,21 @@ def missing_text(members: Sequence[MemberInfo]) -> str:
     return (f"member(s) {missing} could not be loaded and are missing from this run: their "
             "score columns are null and the ensemble uses the other members. Repair them "
             "and re-run: only their columns are scored.")
+
+
+def _partial_members(figures: Sequence[MemberFigures], rows: int,
+                     missing: Mapping[str, str]) -> list[str]:
+    """Members that loaded but gave no finite score for some rows of the table."""
+    out = []
+    for m in figures:
+        if m.name in missing or m.rows >= rows:
+            continue
+        share = 1 - m.rows / rows
+        out.append(f"member {m.name!r} gave no finite score for {rows - m.rows:,} of "
+                   f"{rows:,} row(s) ({share:.1%}); they are null in score_{m.name} and "
+                   "the ensemble used the other members there. Check the model"
+                   + (": it scored no row at all." if m.rows == 0 else "."))
+    return out
 
 
 def _failed_rows(failed: Mapping[str, str], partitions: Sequence[Partition]

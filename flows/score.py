@@ -313,6 +313,14 @@ def preflight(params: Any) -> None:
     manifest = params.load_manifest()
     quorum = manifest.quorum(params.min_members)
     make_plan(manifest, params.input, params.output, verify_inputs=params.verify_inputs)
+    if params.baseline is not None:
+        from flows.guards import read_baseline
+        from loaders.errors import DataError
+
+        try:
+            read_baseline(params.baseline, required=True)
+        except ValueError as bad:
+            raise DataError(f"{bad}; give --baseline a _run.json a run wrote") from bad
     failed: dict[str, ScoringError] = {}
     for spec in manifest.models:
         try:

@@ -7,6 +7,7 @@ boundaries; the loaded graph and session never do (see :mod:`loaders.cache`).
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -77,18 +78,27 @@ class Manifest(BaseModel):
     models: tuple[ModelSpec, ...] = Field(min_length=1)
     bad_rows: BadRowPolicy = "fail"
     golden: str | None = Field(
-        None, min_length=1, description="Golden Parquet file written by `python -m flows.score "
-        "bless`; every run first checks each member still gives its blessed scores.")
-    golden_tolerance: float = Field(1e-4, gt=0, allow_inf_nan=False,
+        None, min_length=1, description="Golden Parquet file written by `python -m "
+        "flows.score bless`, a local path (relative to the manifest's folder); every run "
+        "first checks each member still gives its blessed scores.")
+    golden_tolerance: float = Field(1e-4, gt=0, allow_inf_nan=False, strict=True,
                                     description="Largest absolute deviation from a blessed "
                                     "score the golden check accepts.")
     min_members: int | None = Field(
-        None, ge=1, description="Fewest members a row needs to be scored (a member counts "
-        "when its score is finite); also how many must load. Default: all of them.")
+        None, ge=1, strict=True, description="Fewest members a row needs to be scored (a "
+        "member counts when its score is finite); also how many must load. Default: all.")
     drift: DriftPolicy = Field("warn", description="Inputs and scores drifting from the "
                                "baseline run: 'warn' reports, 'fail' fails above max_psi.")
-    max_psi: float = Field(0.25, gt=0, allow_inf_nan=False,
+    max_psi: float = Field(0.25, gt=0, allow_inf_nan=False, strict=True,
                            description="With drift 'fail': the largest PSI accepted.")
+
+    @field_validator("golden")
+    @classmethod
+    def _local_golden(cls, value: str | None) -> str | None:
+        if value is not None and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):
+            raise ValueError(f"golden {value!r} is a URL; the golden file must be a local "
+                             "path (relative to the manifest's folder)")
+        return value
 
     @field_validator("features")
     @classmethod

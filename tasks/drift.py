@@ -283,16 +283,24 @@ def psi(baseline: ColumnSketch, current: ColumnSketch, *, bins: int = PSI_BINS
     side has nulls, the null share is one more bin and the others are shares of the whole
     sample, so a column going 20% null drifts even if its values do not.
 
+    When one side has no finite values, only the null share can be compared: the PSI of
+    (finite share, null share), so a column or a member's scores going all null is major
+    drift, not a blind spot.
+
     Returns:
-        The PSI, or ``None`` when either side has no finite values.
+        The PSI, or ``None`` when either side sampled nothing at all.
 
     Raises:
         ValueError: ``bins`` is below 2.
     """
     if bins < 2:
         raise ValueError(f"bins is {bins}; PSI needs at least 2 bins (the usual is 10)")
-    if not baseline.quantiles or not current.quantiles:
+    if not baseline.sampled or not current.sampled:
         return None
+    if not baseline.quantiles or not current.quantiles:
+        b = np.maximum([1.0 - baseline.null_share, baseline.null_share], _SHARE_FLOOR)
+        c = np.maximum([1.0 - current.null_share, current.null_share], _SHARE_FLOOR)
+        return float(np.sum((c - b) * np.log(c / b)))
     levels = np.arange(1, bins) / bins
     edges = np.unique(np.interp(levels, _LEVELS, np.array(baseline.quantiles)))
     b = _shares(baseline, edges)

@@ -25,11 +25,11 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from loaders.base import Scorer
-from loaders.errors import DataError, GoldenMismatch, ManifestError
+from loaders.errors import DataError, GoldenMismatch, ManifestError, ModelLoadError
 from loaders.manifest import Manifest
 from tasks.batch import ids_text
 from tasks.features import find_bad_rows, to_matrix
-from tasks.partitions import check_partition, discover_partitions
+from tasks.partitions import check_partition, discover_partitions, is_numeric
 from tasks.storage import open_parquet, store_for
 
 __all__ = ["DEFAULT_ROWS", "GOLDEN_KEY", "GoldenCheck", "bless", "check_golden",
@@ -124,8 +124,14 @@ def bless(manifest: Manifest, sample: pa.Table, scorers: Mapping[str, Scorer],
                           "another --out, or move it away")
     batch = sample.to_batches()[0]
     matrix = to_matrix(batch, manifest.features)
-    columns = {name: pa.array(scorers[name].predict(matrix), pa.float32())
-               for name in manifest.member_names}
+    scores = {name: scorers[name].predict(matrix) for name in manifest.member_names}
+    blind = [n for n, v in scores.items() if not np.isfinite(v).any()]
+    if blind:
+        raise ModelLoadError(
+            f"member(s) {blind} return no finite score on any of the {len(matrix)} sampled "
+            "rows; a golden file cannot tell whether they still work. Check them (or their "
+            "paths) before blessing")
+    columns = {name: pa.array(values, pa.float32()) for name, values in scores.items()}
     table = sample
     for name, values in columns.items():
         table = table.append_column(f"score_{name}", values)
@@ -142,11 +148,17 @@ def bless(manifest: Manifest, sample: pa.Table, scorers: Mapping[str, Scorer],
 
 
 def _golden_metadata(path: Path) -> dict[str, Any] | None:
+    """What ``bless`` recorded in the file's footer; None when the file is not one it
+    wrote (no record, or a record of another shape: the file is the user's, not trusted)."""
     try:
-        meta = pq.read_schema(path).metadata or {}
-        return json.loads(meta[GOLDEN_KEY])  # type: ignore[no-any-return]
+        meta = json.loads((pq.read_schema(path).metadata or {})[GOLDEN_KEY])
     except (OSError, pa.ArrowException, KeyError, ValueError):
         return None
+    if not (isinstance(meta, dict) and isinstance(meta.get("members"), dict)
+            and isinstance(meta.get("features"), list) and isinstance(meta.get("rows"), int)
+            and all(isinstance(v, str) for v in meta["members"].values())):
+        return None
+    return meta
 
 
 def _read_golden(manifest: Manifest, names: Sequence[str]
@@ -160,21 +172,29 @@ def _read_golden(manifest: Manifest, names: Sequence[str]
     path = Path(str(manifest.golden))
     fix = ("bless it again (python -m flows.score bless --models MANIFEST --sample DATA) "
            "or remove 'golden:' from the manifest")
-    if not path.is_file():
+    if not path.exists():
         raise ManifestError(f"golden file {path} does not exist; {fix}")
+    if not path.is_file():
+        raise ManifestError(f"golden file {path} is not a file; {fix}")
     meta = _golden_metadata(path)
     if meta is None:
         raise ManifestError(f"golden file {path} cannot be read or was not written by "
                             f"bless; {fix}")
     reader = pq.ParquetFile(path)
-    if reader.metadata.num_rows > MAX_ROWS:
-        raise ManifestError(f"golden file {path} has {reader.metadata.num_rows:,} rows, more "
-                            f"than the {MAX_ROWS:,} a golden file may hold; {fix}")
-    have = set(reader.schema_arrow.names)
-    lacking = [c for c in (manifest.id_column, *manifest.features) if c not in have]
+    rows = reader.metadata.num_rows
+    if rows > MAX_ROWS or rows == 0 or rows != meta["rows"]:
+        raise ManifestError(f"golden file {path} has {rows:,} rows where bless wrote "
+                            f"{meta['rows']:,} (1 to {MAX_ROWS:,}): it was edited; {fix}")
+    schema = reader.schema_arrow
+    lacking = [c for c in (manifest.id_column, *manifest.features) if c not in schema.names]
     if lacking:
         raise ManifestError(f"golden file {path} lacks column(s) {lacking} that the manifest "
                             f"names (renamed since blessing?); {fix}")
+    wrong = [f for f in manifest.features if not is_numeric(schema.field(f).type)]
+    if wrong:
+        raise ManifestError(f"golden file {path}: feature column(s) {wrong} are not numeric "
+                            f"(edited by hand?); {fix}")
+    have = set(schema.names)
     columns = [manifest.id_column, *manifest.features,
                *(f"score_{n}" for n in names if f"score_{n}" in have)]
     try:

@@ -31,6 +31,7 @@ __all__ = [
     "check_partition",
     "check_schema",
     "discover_partitions",
+    "is_numeric",
 ]
 
 PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
@@ -208,7 +209,7 @@ def discover_partitions(input_path: str, *,
     return [_partition(f, root) for f in files]
 
 
-def _numeric(t: pa.DataType) -> bool:
+def is_numeric(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
 
 
@@ -294,7 +295,7 @@ def _check_columns(partition: Partition, schema: pa.Schema, manifest: Manifest) 
         )
     wrong = [
         f"{c} ({schema.field(c).type})" for c in manifest.features
-        if not _numeric(schema.field(c).type)
+        if not is_numeric(schema.field(c).type)
     ]
     if wrong:
         raise DataError(

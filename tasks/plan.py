@@ -72,6 +72,8 @@ def make_plan(manifest: Manifest, input_path: str, output_dir: str, *,
     store = store_for(output_dir)
     store.check_writable()
     partitions = discover_partitions(input_path, exclude=store.root)
+    if manifest.golden is not None:  # blessed rows kept beside the data are not data
+        partitions = [p for p in partitions if p.path != manifest.golden] or partitions
     unreadable: dict[str, str] = {}
     good = []
     for part in partitions:

@@ -17,7 +17,13 @@ from flows.demo import mlp_reference, mlp_weights, numpy_mlp
 from flows.ensemble import score_ensemble
 from flows.params import ScoreParams
 from flows.report import read_run_artifacts
-from loaders.errors import DriftExceeded, GoldenMismatch, ManifestError, ModelLoadError
+from loaders.errors import (
+    DataError,
+    DriftExceeded,
+    GoldenMismatch,
+    ManifestError,
+    ModelLoadError,
+)
 from tests.helpers import N_FEATURES, read_dataset, write_manifest, write_table
 from tests.helpers import save_tf2_saved_model as save_saved_model
 
@@ -138,6 +144,51 @@ def test_golden_file_problems_are_explained(tmp_path: Path, checkpoints: list[Pa
     assert bless_main(["--models", str(manifest), "--sample", str(tmp_path / "data")]) == 2
     assert pq.read_table(tmp_path / "golden.parquet").equals(
         pq.read_table(tmp_path / "data" / "part-0.parquet"))
+    # A golden file edited by hand: rows removed, or its footer record forged.
+    _bless(manifest, tmp_path / "data", "--out", str(tmp_path / "g.parquet"))
+    table = pq.read_table(tmp_path / "g.parquet")
+    pq.write_table(table.slice(0, 0), tmp_path / "golden.parquet")
+    with pytest.raises(ManifestError, match="has 0 rows where bless wrote 1,000"):
+        score_ensemble(_params(manifest, tmp_path / "data", tmp_path / "out"))
+    forged = table.replace_schema_metadata({b"ensemble_scoring_golden": b"[1, 2]"})
+    pq.write_table(forged, tmp_path / "golden.parquet")
+    with pytest.raises(ManifestError, match="not written by bless"):
+        score_ensemble(_params(manifest, tmp_path / "data", tmp_path / "out"))
+
+
+def test_bless_keeps_its_file_out_of_the_data(tmp_path: Path, checkpoints: list[Path],
+                                              features: list[str]) -> None:
+    data = tmp_path / "data"
+    _data(data, features)
+    manifest = _tf1_manifest(data / "m.yaml", checkpoints, features)
+    assert bless_main(["--models", str(manifest), "--sample", str(data)]) == 2
+    assert not (data / "golden.parquet").exists()
+    # Written there on purpose all the same: runs over the folder do not score it.
+    _data(tmp_path / "sample", features, seed=3)
+    _bless(manifest, tmp_path / "sample", "--out", str(tmp_path / "g.parquet"))
+    (tmp_path / "g.parquet").rename(data / "golden.parquet")
+    _tf1_manifest(manifest, checkpoints, features, golden="golden.parquet")
+    summary = score_ensemble(_params(manifest, data, tmp_path / "out"))
+    assert summary.partitions == 2 and summary.golden.startswith("passed")
+
+
+def test_bless_refuses_a_member_without_finite_scores(tmp_path: Path, checkpoints: list[Path],
+                                                      features: list[str]) -> None:
+    from loaders._tf import tf
+
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [None, N_FEATURES], name="features")
+        v = tf.compat.v1.Variable(np.nan, name="v")
+        tf.identity(tf.reduce_sum(x, axis=1, keepdims=True) * v, name="score")
+        with tf.compat.v1.Session(graph=graph) as sess:
+            sess.run(tf.compat.v1.global_variables_initializer())
+            tf.compat.v1.train.Saver().save(sess, str(tmp_path / "nan" / "model.ckpt"))
+    manifest = _tf1_manifest(tmp_path / "m.yaml", [checkpoints[0], tmp_path / "nan" /
+                                                   "model.ckpt"], features)
+    _data(tmp_path / "data", features)
+    assert bless_main(["--models", str(manifest), "--sample", str(tmp_path / "data")]) == 2
+    assert not (tmp_path / "golden.parquet").exists()
 
 
 # ---------------------------------------------------------------------------- quorum
@@ -186,6 +237,8 @@ def test_member_returning_nan(tmp_path: Path, checkpoints: list[Path], features:
     assert np.abs(ens[nan_rows] - ref[nan_rows].mean(axis=1)).max() <= 1e-5
     assert not (tmp_path / "out" / "quarantine").exists()
     assert summary.report is not None
+    assert any(w.startswith(f"member 'm2' gave no finite score for {nan_rows.sum():,} of")
+               for w in summary.report.warnings)
     m2 = next(m for m in summary.report.members if m.name == "m2")
     assert m2.rows == len(x) - nan_rows.sum()
 
@@ -283,6 +336,11 @@ def test_shifted_feature_is_flagged_and_can_fail_the_run(tmp_path: Path,
     artifacts = read_run_artifacts(record["flow_run_id"])
     assert f"| {features[0]} | feature |" in artifacts["ensemble-drift"]
     assert "Drift" in artifacts["ensemble-summary"]
+
+    # A --baseline that is not there is an error, not a run without the guard.
+    with pytest.raises(DataError, match="does not exist"):
+        score_ensemble(_params(manifest, tmp_path / "data", tmp_path / "out",
+                               baseline=str(tmp_path / "base" / "_run.jsn")))
 
     # drift: fail fails the run above max_psi, with the table committed.
     failing = _drift_manifest(tmp_path / "f.yaml", models, features, drift="fail")

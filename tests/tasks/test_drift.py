@@ -187,16 +187,20 @@ def test_constant_columns() -> None:
     assert spread is not None and spread >= 0.25
 
 
-def test_all_null_column_has_no_psi_and_still_renders() -> None:
+def test_a_column_going_all_null_is_major_drift_and_renders() -> None:
     gone = sketch_values(np.full(N, np.nan, np.float32), N)
     assert gone.quantiles == [] and gone.null_share == 1.0
-    assert psi(sketch_values(normal(50), N), gone) is None
-    assert psi(gone, gone) is None
+    value = psi(sketch_values(normal(50), N), gone)
+    assert value is not None and value > 10  # the null share alone: 0 % -> 100 %
+    assert psi(gone, sketch_values(normal(50), N)) == value
+    assert psi(gone, gone) == 0.0
     lines = drift_lines({"f1": sketch_values(normal(50), N)}, {"f1": gone}, {})
-    assert lines[0].psi is None and lines[0].band == "n/a"
-    assert "| f1 | feature | n/a | n/a | " in render_drift_markdown(lines, "previous run")
-    assert "100.0%" in render_drift_markdown(lines, "previous run")
-    assert render_drift_text(lines) == []
+    assert lines[0].band == "major"
+    md = render_drift_markdown(lines, "previous run")
+    assert "| f1 | feature |" in md and "100.0%" in md
+    assert render_drift_text(lines)[0].startswith("f1 (feature): PSI")
+    nothing = sketch_values(np.empty(0, np.float32), 0)
+    assert psi(nothing, gone) is None
     assert render_drift_text([]) == []
 
 
@@ -220,7 +224,7 @@ def test_drift_lines_sort_by_psi_and_take_kinds() -> None:
     now = {"f1": sketch_values(normal(70), N),
            "score_m1": sketch_values(normal(71, loc=1.0), N),
            "ensemble_score": sketch_values(normal(72, loc=0.5), N),
-           "gone": sketch_values(np.full(N, np.nan), N),
+           "gone": sketch_values(np.empty(0), 0),
            "only_now": sketch_values(normal(74), N)}
     kinds = {"score_m1": "member", "ensemble_score": "ensemble"}
     lines = drift_lines(base, now, kinds)
