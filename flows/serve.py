@@ -4,7 +4,12 @@ from this process.
 For one host without a work pool or worker: :func:`prefect.serve` registers the
 deployments (schedule included) and runs their flow runs as subprocesses of this one.
 The definitions are read from ``deployments/prefect.yaml`` so the two ways of deploying
-cannot drift apart: same names, descriptions, tags, parameters and schedules.
+cannot drift apart: same descriptions, tags, parameters and schedules.
+
+Served deployments are named ``<name>-local`` (``adhoc-local``, ``nightly-local``): the
+same server may also hold the ``prefect deploy`` ones, which serving must never
+overwrite, and which Prefect pauses when the process serving them stops. A schedule is
+served only where the deployed twin does not already run it, so a night is scored once.
 """
 
 from __future__ import annotations
@@ -17,7 +22,11 @@ from typing import Any
 
 import yaml
 
-__all__ = ["PREFECT_FILE", "REPO_ROOT", "build_deployments", "load_definitions", "main"]
+__all__ = ["LOCAL_SUFFIX", "PREFECT_FILE", "REPO_ROOT", "build_deployments",
+           "load_definitions", "main"]
+
+LOCAL_SUFFIX = "-local"
+FLOW_NAME = "ensemble-score"
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PREFECT_FILE = REPO_ROOT / "deployments" / "prefect.yaml"
@@ -32,7 +41,7 @@ def load_definitions(path: Path = PREFECT_FILE) -> list[dict[str, Any]]:
     return deployments
 
 
-def _schedules(definition: dict[str, Any]) -> list[Any]:
+def _schedules(definition: dict[str, Any], *, paused: bool = False) -> list[Any]:
     from prefect.schedules import Cron
 
     schedules = []
@@ -41,12 +50,15 @@ def _schedules(definition: dict[str, Any]) -> list[Any]:
             raise ValueError(f"deployment {definition.get('name')!r}: only cron schedules are "
                              f"served, got {entry}")
         schedules.append(Cron(entry["cron"], timezone=entry.get("timezone"),
-                              active=entry.get("active", True)))
+                              active=entry.get("active", True) and not paused))
     return schedules
 
 
-def build_deployments(path: Path = PREFECT_FILE) -> list[Any]:
-    """One :class:`RunnerDeployment` of ``score_ensemble`` per entry of ``path``.
+def build_deployments(path: Path = PREFECT_FILE, *, scheduled_elsewhere: frozenset[str]
+                      = frozenset()) -> list[Any]:
+    """One :class:`RunnerDeployment` of ``score_ensemble`` per entry of ``path``, named
+    ``<name>-local``; the schedules of the entries in ``scheduled_elsewhere`` (deployed
+    with an active schedule on the same server) are served paused.
 
     Raises:
         ValueError: an entry points at another flow or uses a schedule other than cron.
@@ -58,15 +70,40 @@ def build_deployments(path: Path = PREFECT_FILE) -> list[Any]:
         if d.get("entrypoint") != "flows/ensemble.py:score_ensemble":
             raise ValueError(f"deployment {d.get('name')!r} has entrypoint "
                              f"{d.get('entrypoint')!r}; only the scoring flow is served")
+        schedules = _schedules(d, paused=d["name"] in scheduled_elsewhere)
         out.append(score_ensemble.to_deployment(
-            name=d["name"],
+            name=f"{d['name']}{LOCAL_SUFFIX}",
             description=d.get("description"),
-            tags=d.get("tags"),
+            tags=[*(d.get("tags") or []), "served"],
             parameters=d.get("parameters") or {},
-            schedules=_schedules(d),
+            schedules=schedules,
             concurrency_limit=d.get("concurrency_limit"),
         ))
     return out
+
+
+def _deployed(names: list[str]) -> tuple[frozenset[str], list[str]]:
+    """Which of the file's deployments run an active schedule on the server through a
+    work pool, and which ``<name>-local`` names a work-pool deployment already holds
+    (serving would overwrite it)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    scheduled, taken = set(), []
+    with get_client(sync_client=True) as client:
+        for name in names:
+            for full, local in ((name, False), (f"{name}{LOCAL_SUFFIX}", True)):
+                try:
+                    found = client.read_deployment_by_name(f"{FLOW_NAME}/{full}")
+                except ObjectNotFound:
+                    continue
+                if found.work_pool_name is None:
+                    continue  # a served deployment: ours to replace
+                if local:
+                    taken.append(full)
+                elif not found.paused and any(s.active for s in found.schedules):
+                    scheduled.add(name)
+    return frozenset(scheduled), taken
 
 
 def _describe(deployment: Any) -> str:
@@ -94,14 +131,14 @@ def main(argv: list[str]) -> int:
     os.chdir(REPO_ROOT)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
-        deployments = build_deployments()
+        if args.list:
+            for d in build_deployments():
+                print(_describe(d))
+            return 0
+        names = [d["name"] for d in load_definitions()]
     except (OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if args.list:
-        for d in deployments:
-            print(_describe(d))
-        return 0
     from prefect import serve
     from prefect.settings import get_current_settings
 
@@ -110,6 +147,20 @@ def main(argv: list[str]) -> int:
               "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api",
               file=sys.stderr)
         return 2
+    scheduled, taken = _deployed(names)
+    if taken:
+        print(f"error: the server already has work-pool deployment(s) "
+              f"{', '.join(f'{FLOW_NAME}/{t}' for t in taken)}, the names serve uses; "
+              "rename or delete them first (serve never overwrites a deployment it did not "
+              "create)", file=sys.stderr)
+        return 2
+    deployments = build_deployments(scheduled_elsewhere=scheduled)
+    for name in sorted(scheduled):
+        print(f"{FLOW_NAME}/{name} is deployed with an active schedule on this server: "
+              f"{FLOW_NAME}/{name}{LOCAL_SUFFIX} is served with its schedule paused, so "
+              "each run happens once", flush=True)
+    for d in deployments:
+        print(f"serving {_describe(d)}", flush=True)
     try:
         serve(*deployments, limit=args.limit)
     except KeyboardInterrupt:

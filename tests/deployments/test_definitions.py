@@ -25,17 +25,23 @@ def test_prefect_yaml_declares_nightly_and_adhoc_on_a_process_pool() -> None:
     assert defs["adhoc"]["schedules"] == [] and "parameters" not in defs["adhoc"]
 
 
-def test_serve_builds_the_same_deployments() -> None:
+def test_serve_builds_the_same_deployments_under_its_own_names() -> None:
     deployments = {d.name: d for d in build_deployments()}
     defs = {d["name"]: d for d in load_definitions()}
-    assert set(deployments) == set(defs)
-    nightly = deployments["nightly"]
+    assert set(deployments) == {f"{name}-local" for name in defs}
+    nightly = deployments["nightly-local"]
     [schedule] = nightly.schedules
     assert schedule.schedule.cron == "30 2 * * *"
     assert schedule.schedule.timezone == "Europe/Berlin"
+    assert schedule.active
     assert nightly.parameters == defs["nightly"]["parameters"]
-    assert nightly.tags == defs["nightly"]["tags"]
-    assert deployments["adhoc"].schedules == [] and deployments["adhoc"].parameters == {}
+    assert nightly.tags == [*defs["nightly"]["tags"], "served"]
+    adhoc = deployments["adhoc-local"]
+    assert adhoc.schedules == [] and adhoc.parameters == {}
+    # Where the deployed twin already runs the schedule, serving keeps its own paused.
+    [paused] = {d.name: d for d in build_deployments(
+        scheduled_elsewhere=frozenset({"nightly"}))}["nightly-local"].schedules
+    assert not paused.active
 
 
 def test_serve_list(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -43,8 +49,8 @@ def test_serve_list(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     monkeypatch.chdir(tmp_path)  # serve moves to the repo root; monkeypatch moves back
     assert main(["--list"]) == 0
     out = capsys.readouterr().out
-    assert "ensemble-score/nightly: schedule 30 2 * * * (Europe/Berlin)" in out
-    assert "ensemble-score/adhoc: no schedule" in out
+    assert "ensemble-score/nightly-local: schedule 30 2 * * * (Europe/Berlin)" in out
+    assert "ensemble-score/adhoc-local: no schedule" in out
 
 
 def test_serve_refuses_a_file_with_another_flow(tmp_path: Path) -> None:

@@ -141,6 +141,39 @@ def test_wrong_parameters_are_rejected_with_a_message(stack: PrefectStack,
         assert message in resp.json()["detail"]
 
 
+def test_serve_beside_the_deployed_deployments(stack: PrefectStack,
+                                               adhoc_run: dict[str, Any]) -> None:
+    """Serve on the server that holds the deployed deployments, stop it, then run the
+    deployed ad-hoc deployment through the worker: nothing of it was touched."""
+    before = stack.api("GET", "/deployments/name/ensemble-score/adhoc").json()
+    serving = stack.start("serve-beside", sys.executable, "-m", "flows.score", "serve")
+    try:
+        for _ in range(120):
+            local = stack.api("GET", "/deployments/name/ensemble-score/nightly-local")
+            if local.status_code == 200:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"serve registered nothing\n{stack.logs()}")
+        # The deployed nightly runs the schedule: the served one keeps it paused.
+        assert not any(s["active"] for s in local.json()["schedules"])
+        assert "schedule paused" in serving.log.read_text()
+    finally:
+        serving.stop()
+    for name in ("adhoc", "nightly"):
+        after = stack.api("GET", f"/deployments/name/ensemble-score/{name}").json()
+        assert after["work_pool_name"] == POOL and not after["paused"], after
+        assert after["pull_steps"], after
+    assert after["schedules"][0]["active"]
+    adhoc = stack.api("GET", "/deployments/name/ensemble-score/adhoc").json()
+    assert adhoc["id"] == before["id"] and adhoc["parameters"] == before["parameters"]
+    created = stack.api("POST", f"/deployments/{adhoc['id']}/create_flow_run", json={
+        "parameters": {"params": adhoc_run["params"] | {"force": True}}})
+    assert created.status_code == 201, created.text
+    run = stack.wait_for_run(created.json()["id"])
+    assert run["state_type"] == "COMPLETED", f"{run['state']}\n{stack.logs()}"
+
+
 def test_serve_registers_the_same_deployments_and_runs_them(
         tmp_path: Path) -> None:
     """``python -m flows.score serve`` on its own server: no work pool, schedule included."""
@@ -153,8 +186,8 @@ def test_serve_registers_the_same_deployments_and_runs_them(
         stack.start("serve", sys.executable, "-m", "flows.score", "serve", cwd=tmp_path)
         nightly: dict[str, Any] = {}
         for _ in range(120):
-            resp = stack.api("GET", "/deployments/name/ensemble-score/adhoc")
-            nightly = stack.api("GET", "/deployments/name/ensemble-score/nightly").json()
+            resp = stack.api("GET", "/deployments/name/ensemble-score/adhoc-local")
+            nightly = stack.api("GET", "/deployments/name/ensemble-score/nightly-local").json()
             if resp.status_code == 200 and nightly.get("schedules"):
                 break
             time.sleep(0.5)
