@@ -7,6 +7,7 @@ partitions there are; each partition is scored, merged and committed in one task
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
 import socket
@@ -54,8 +55,13 @@ from tasks.runtime import set_up
 from tasks.scoring import PartitionResult, PartitionScored
 from tasks.steps import check_ids, golden_check, load_member, score_partition_task
 from tasks.storage import ENSEMBLE_DIR, store_for
+from tasks.writer import committed_metadata
 
 __all__ = ["score_ensemble"]
+
+# How long a stopped run waits for the partitions in flight to commit before it writes
+# its record and ends (Prefect's process worker sends SIGKILL 30 s after SIGTERM).
+STOP_GRACE_SECONDS = 20.0
 
 def _error_text(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, ScoringError) else f"{type(exc).__name__}: {exc}"
@@ -85,15 +91,17 @@ class _Progress:
         self.artifact.update(self.done)
 
 
-def _run_partitions(
-    plan: Plan, manifest: Manifest, params: ScoreParams, guards: _Guards, logger: Any
-) -> tuple[dict[str, PartitionScored], dict[str, PartitionMerged], dict[str, str]]:
+def _run_partitions(plan: Plan, manifest: Manifest, params: ScoreParams, guards: _Guards,
+                    logger: Any, run: _Scored) -> None:
+    """Score every partition, a bounded number in flight, filling ``run`` as each ends.
+
+    When the run is stopped (Ctrl-C, SIGTERM, a cancel), nothing more is submitted and
+    the partitions in flight get a short grace to commit, so what ``run`` holds is what
+    is on disk when the run record is written.
+    """
     score = score_partition_task.with_options(retries=params.retries)
     pending: deque[Partition] = deque(plan.partitions)
     inflight: dict[PrefectFuture[Any], Partition] = {}
-    scored: dict[str, PartitionScored] = {}
-    merged: dict[str, PartitionMerged] = {}
-    failed: dict[str, str] = {}
     progress = _Progress(len(plan.partitions), logger)
     policy = params.policy(manifest)
 
@@ -106,24 +114,37 @@ def _run_partitions(
                                absent=guards.absent)
             inflight[fut] = part
 
+    def collect(fut: PrefectFuture[Any], part: Partition) -> None:
+        try:
+            result: PartitionResult = fut.result()
+        except Exception as exc:
+            run.failed[part.relpath] = _error_text(exc)
+            logger.error(f"partition {part.relpath} failed: {run.failed[part.relpath]}")
+            return
+        run.scored[part.relpath] = result.scored
+        run.merged[part.relpath] = result.merged
+        progress.partition_done(result.merged, result.scored)
+
     # A bounded window rather than submitting everything: memory stays flat whatever the
     # number of partitions, and progress is reported in completion order.
     for _ in range(params.concurrency):
         submit_next()
-    while inflight:
-        fut = next(as_completed(list(inflight)))
-        part = inflight.pop(fut)
-        submit_next()
-        try:
-            result: PartitionResult = fut.result()
-        except Exception as exc:
-            failed[part.relpath] = _error_text(exc)
-            logger.error(f"partition {part.relpath} failed: {failed[part.relpath]}")
-            continue
-        scored[part.relpath] = result.scored
-        merged[part.relpath] = result.merged
-        progress.partition_done(result.merged, result.scored)
-    return scored, merged, failed
+    try:
+        while inflight:
+            fut = next(as_completed(list(inflight)))
+            part = inflight.pop(fut)
+            submit_next()
+            collect(fut, part)
+    except BaseException:
+        pending.clear()
+        deadline = time.monotonic() + STOP_GRACE_SECONDS
+        for fut, part in list(inflight.items()):
+            with contextlib.suppress(Exception):
+                fut.wait(timeout=max(0.0, deadline - time.monotonic()))
+            if fut.state.is_final():
+                with contextlib.suppress(Exception):
+                    collect(fut, part)
+        raise
 
 
 def _describe_repeats(repeated: RepeatedIds) -> str:
@@ -226,7 +247,11 @@ def _run(params: ScoreParams) -> RunSummary:
     members = _load_members(params, manifest, quorum, logger)
     golden = _golden_gate(params, manifest, members, logger)
     store = store_for(plan.output_dir)
-    with store.lock():
+    with store.lock() as killed:
+        if killed:
+            logger.warning(f"the previous run into {plan.output_dir} ({killed}) did not "
+                           "finish: it was killed. Its committed partitions are kept and "
+                           "this run scores the rest")
         removed = store.remove_stale_staging()
         if removed:
             logger.info(f"Removed {removed} staging file(s) left by an interrupted run")
@@ -298,9 +323,14 @@ def _score(params: ScoreParams, manifest: Manifest, plan: Plan, guards: _Guards,
     for relpath, why in plan.unreadable.items():
         logger.error(f"partition {relpath} set aside: {why}")
     scoring_start = time.perf_counter()
-    scored, merged, failed = _run_partitions(plan, manifest, params, guards, logger)
-    run = _Scored(scored, merged, failed | plan.unreadable,
-                  time.perf_counter() - scoring_start)
+    run = _Scored({}, {}, dict(plan.unreadable), 0.0)
+    try:
+        _run_partitions(plan, manifest, params, guards, logger, run)
+    except BaseException as stop:
+        run.seconds = time.perf_counter() - scoring_start
+        _record_stopped(params, plan, guards, run, started_at, stop, logger)
+        raise
+    run.seconds = time.perf_counter() - scoring_start
     repeated, repeated_text = _check_repeated_ids(params, manifest, run, logger)
     sketches = run_sketches(run.merged)
     drift = compare_with_baseline(sketches, guards.baseline, manifest.member_names)
@@ -311,6 +341,7 @@ def _score(params: ScoreParams, manifest: Manifest, plan: Plan, guards: _Guards,
         publish_drift(drift, logger)
     record = _run_record(params, plan, guards, run, repeated, started_at, summary)
     record.sketches, record.drift = sketches, drift
+    record.status = "failed" if run.failed or _drift_breach(manifest, drift) else "completed"
     store_for(plan.output_dir).write_json(RUN_RECORD, record.model_dump(mode="json"))
     logger.info(
         f"Done: {run.rows:,} rows in {len(run.merged)} partition(s) in {summary.seconds:.1f} s "
@@ -327,11 +358,55 @@ def _score(params: ScoreParams, manifest: Manifest, plan: Plan, guards: _Guards,
     return summary
 
 
+def _record_stopped(params: ScoreParams, plan: Plan, guards: _Guards, run: _Scored,
+                    started_at: float, stop: BaseException, logger: Any) -> None:
+    """The run record of a run stopped before its end: what is committed (as the files
+    on disk say) and what is pending. Best effort: the stop itself is what is raised."""
+    name = type(stop).__name__
+    status = ("interrupted" if isinstance(stop, KeyboardInterrupt)
+              else "failed" if isinstance(stop, Exception) else "stopped")
+    try:
+        committed = _committed_on_disk(plan, run)
+        summary = _summarize(plan, guards, run, "", None, time.time() - started_at)
+        record = _run_record(params, plan, guards, run, None, started_at, summary)
+        record.status = status
+        record.stopped_by = name
+        for rel, part in record.partitions.items():
+            if rel in committed and part.status != "committed":
+                part.status = "committed"
+            elif rel not in committed and rel not in run.failed:
+                part.status = "pending"
+        store_for(plan.output_dir).write_json(RUN_RECORD, record.model_dump(mode="json"))
+        pending = sum(p.status == "pending" for p in record.partitions.values())
+        logger.warning(f"run {status} ({name}): {len(committed)} partition(s) committed, "
+                       f"{pending} pending; the run record says which. A re-run scores "
+                       "only what is pending")
+    except Exception as exc:  # the record is a report: never hide the stop itself
+        logger.warning(f"could not write the run record of the stopped run: {exc!r}")
+
+
+def _committed_on_disk(plan: Plan, run: _Scored) -> set[str]:
+    """Partitions whose committed file is this input's: those this run saw finish, and
+    those a task committed after the flow stopped listening."""
+    store = store_for(plan.output_dir)
+    done = set(run.merged)
+    for part in plan.partitions:
+        if part.relpath in done or part.relpath in run.failed:
+            continue
+        meta = committed_metadata(store, f"{ENSEMBLE_DIR}/{part.relpath}")
+        if meta is not None and meta.get("fingerprint") == part.fingerprint:
+            done.add(part.relpath)
+    return done
+
+
+def _drift_breach(manifest: Manifest, drift: DriftRecord | None) -> bool:
+    return (manifest.drift == "fail" and drift is not None and drift.max_psi is not None
+            and drift.max_psi > manifest.max_psi)
+
+
 def _check_drift(manifest: Manifest, drift: DriftRecord | None) -> None:
     """With ``drift: fail``, fail the run (its table committed) above ``max_psi``."""
-    if manifest.drift != "fail" or drift is None or drift.max_psi is None:
-        return
-    if drift.max_psi > manifest.max_psi:
+    if drift is not None and _drift_breach(manifest, drift):
         over = [d for d in drift.lines if d.psi is not None and d.psi > manifest.max_psi]
         listing = "\n".join(f"  - {line}" for line in render_drift_text(over, top=10))
         raise DriftExceeded(

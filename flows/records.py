@@ -129,7 +129,7 @@ class PartitionRecord(BaseModel):
     fingerprint: str
     rows: int | None  # None when it failed
     bad_rows: int | None
-    status: str  # "committed" or "failed"
+    status: str  # "committed", "failed" or (a run stopped early) "pending"
 
 
 class RepeatedIdsRecord(BaseModel):
@@ -180,6 +180,10 @@ class DriftRecord(BaseModel):
 class RunRecord(BaseModel):
     """``OUTPUT/_run.json``: the run's parameters, members, partitions and figures."""
 
+    # completed, failed (some partitions or the drift check), interrupted (Ctrl-C) or
+    # stopped (SIGTERM, a cancel); a stopped run's partitions are committed or pending.
+    status: str = "completed"
+    stopped_by: str | None = None  # the exception that stopped the run early
     flow_run_id: str
     finished_at: str  # ISO 8601, UTC
     params: dict[str, Any]

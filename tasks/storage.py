@@ -104,6 +104,8 @@ class Store(ABC):
     def __init__(self, fs: pafs.FileSystem, base: str) -> None:
         self.fs = fs
         self._base = base.rstrip("/")  # the root as a path of ``fs``
+        # Set by taking the lock: who held it last without releasing it (a killed run).
+        self.stale_holder: str | None = None
 
     # ------------------------------------------------------------------ paths
     def _path(self, rel: str = "") -> str:
@@ -235,10 +237,11 @@ class Store(ABC):
 
     # ------------------------------------------------------------------ locking
     @contextlib.contextmanager
-    def lock(self) -> Iterator[None]:
+    def lock(self) -> Iterator[str | None]:
         """Hold the folder for this run: a second run fails at once, naming the first.
         Re-entrant within a process (the CLI takes it before loading models, the flow
-        again).
+        again). Yields who held it last without releasing it (a run that was killed),
+        else None.
 
         Raises:
             OutputLocked: another run holds it.
@@ -249,15 +252,17 @@ class Store(ABC):
             _HELD[key] = _HELD.get(key, 0) + 1
         try:
             if reentered:
-                yield
+                yield _STALE.get(key)
             else:
                 with self._lock():
-                    yield
+                    _STALE[key] = self.stale_holder
+                    yield self.stale_holder
         finally:
             with _HELD_LOCK:
                 _HELD[key] -= 1
                 if not _HELD[key]:
                     del _HELD[key]
+                    _STALE.pop(key, None)
 
     @abstractmethod
     def _lock(self) -> contextlib.AbstractContextManager[None]: ...
@@ -265,6 +270,7 @@ class Store(ABC):
 
 # Locks this process holds, by store URI: lock() is re-entrant across Store objects.
 _HELD: dict[str, int] = {}
+_STALE: dict[str, str | None] = {}  # by store URI: the killed holder found when taken
 _HELD_LOCK = threading.Lock()
 
 
@@ -366,11 +372,22 @@ class LocalStore(Store):
                     f"output folder {self.root} is in use by another run ({holder}); wait "
                     "for it to finish, or choose another --output"
                 ) from err
+            if os.stat(self.root / LOCK_FILE, follow_symlinks=False).st_ino != st.st_ino:
+                # The holder finished and removed the file between our open and our lock:
+                # the lock is on a file no longer there. The next attempt gets a fresh one.
+                raise OutputLocked(f"output folder {self.root} was just released by another "
+                                   "run; run again")
+            # A run that ends removes its lock file; one left with a holder's text was
+            # left by a run that was killed (kill -9, a lost machine).
+            left = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+            self.stale_holder = left or None
             os.ftruncate(fd, 0)
             os.pwrite(fd, _holder_text(), 0)
             try:
                 yield
             finally:
+                with contextlib.suppress(OSError):  # unlinked while held: no race
+                    os.unlink(self.root / LOCK_FILE)
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
@@ -512,7 +529,7 @@ def open_parquet(location: str) -> pq.ParquetFile:
 
 # Conveniences for callers that hold a location, not a store.
 def output_lock(location: str | os.PathLike[str] | S3Path
-                ) -> contextlib.AbstractContextManager[None]:
+                ) -> contextlib.AbstractContextManager[str | None]:
     """``store_for(location).lock()``."""
     return store_for(location).lock()
 

@@ -4,6 +4,7 @@ what is wrong and where."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -257,6 +258,14 @@ def test_ctrl_c_stops_the_run_and_its_server(setup: dict[str, object]) -> None:
     assert 1 <= len(committed) < 40
     for path in committed:
         assert pq.read_metadata(path).num_rows == 50_000
+    # The run record says what was kept, agreeing with the files; the lock is gone.
+    record = json.loads((out / "_run.json").read_text())
+    assert record["status"] == "interrupted" and record["stopped_by"] == "KeyboardInterrupt"
+    states = {rel: p["status"] for rel, p in record["partitions"].items()}
+    assert sorted(r for r, st in states.items() if st == "committed") == [
+        p.name for p in committed]
+    assert set(states.values()) == {"committed", "pending"}
+    assert not (out / ".lock").exists()
     deadline = time.monotonic() + 15  # the server's own shutdown
     while prefect_servers(tmp / "prefect-home") and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -148,10 +148,13 @@ def test_kill_9_at_several_points_then_rerun(tmp_path: Path) -> None:
             assert table.num_rows == 150_000, what
             ids = table.column("id").to_pylist()
             assert all(i in ref for i in ids), what
+    assert "pid" in (out / ".lock").read_text()  # left by the killed run
     proc = _cli(manifest, out, env)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
     assert "Reused:" in stdout
+    assert "did not finish: it was killed" in stdout + stderr
+    assert not (out / ".lock").exists()
     assert_output_matches(out, ref)
     assert sorted(p for p in out.rglob(".*.tmp") if p not in user_files) == []
     for path, text in user_files.items():  # the user's own files survived it all
