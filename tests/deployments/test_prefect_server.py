@@ -212,3 +212,40 @@ def test_serve_registers_the_same_deployments_and_runs_them(
     finally:
         stack.stop_all()
     assert all(p.popen.poll() is not None for p in stack.procs)
+
+
+def test_cancel_through_the_api_leaves_a_truthful_record(
+        stack: PrefectStack, adhoc_run: dict[str, Any], tmp_path: Path) -> None:
+    """Cancel a worker's run mid-way, as the UI's Cancel does: it reaches Cancelled in
+    seconds, and its run record lists what is committed, agreeing with the files."""
+    from flows.demo import build_demo
+
+    manifest = build_demo(tmp_path / "demo", partitions=40, rows=40_000)
+    out = tmp_path / "out"
+    deployment = stack.api("GET", "/deployments/name/ensemble-score/adhoc").json()
+    created = stack.api("POST", f"/deployments/{deployment['id']}/create_flow_run", json={
+        "parameters": {"params": {"models": str(manifest), "input": str(manifest.parent /
+                                  "data"), "output": str(out), "concurrency": 1,
+                                  "batch_size": 1024}}})
+    assert created.status_code == 201, created.text
+    run_id = created.json()["id"]
+    deadline = time.monotonic() + 300
+    while not list((out / "ensemble").glob("*.parquet")):
+        assert time.monotonic() < deadline, stack.logs()
+        time.sleep(0.5)
+    resp = stack.api("POST", f"/flow_runs/{run_id}/set_state",
+                     json={"state": {"type": "CANCELLING"}, "force": True})
+    assert resp.status_code in (200, 201), resp.text
+    asked = time.monotonic()
+    run = stack.wait_for_run(run_id, timeout=120)
+    took = time.monotonic() - asked
+    assert run["state_type"] == "CANCELLED", f"{run['state']}\n{stack.logs()}"
+    assert took < 45, f"took {took:.0f} s to cancel"
+    record = json.loads((out / "_run.json").read_text())
+    assert record["status"] == "stopped" and record["flow_run_id"] == run_id
+    committed = sorted(p.name for p in (out / "ensemble").glob("*.parquet"))
+    states = record["partitions"]
+    assert sorted(r for r, p in states.items() if p["status"] == "committed") == committed
+    assert 1 <= len(committed) < 40
+    assert {p["status"] for p in states.values()} == {"committed", "pending"}
+    assert not (out / ".lock").exists()
