@@ -21,10 +21,12 @@ class ScoreParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    models: str | None = Field(
-        None, min_length=1, title="Models manifest (path)", examples=["models/manifest.yaml"],
+    # A plain string, not ``str | None``: the UI's form then shows a text box at once
+    # rather than a choice of types opening on "None"; empty means the inline manifest.
+    models: str = Field(
+        "", title="Models manifest (path)", examples=[".demo/manifest.yaml"],
         description="Path to the models manifest (YAML); relative model paths in it are taken "
-        "from its folder. Give this or 'Manifest (inline)', not both.")
+        "from its folder. Required, unless you give 'Manifest (inline)' instead.")
     manifest: Manifest | None = Field(
         None, title="Manifest (inline)",
         description="The manifest itself instead of a path: id_column, features and models "
@@ -98,7 +100,7 @@ class ScoreParams(BaseModel):
 
     @model_validator(mode="after")
     def _one_manifest(self) -> ScoreParams:
-        if (self.models is None) == (self.manifest is None):
+        if bool(self.models.strip()) == (self.manifest is not None):
             raise ValueError("give exactly one of 'models' (a manifest path) or 'manifest' "
                              "(the manifest inline)")
         if self.runner == "dask" and not self.address:
@@ -110,7 +112,7 @@ class ScoreParams(BaseModel):
 
     def load_manifest(self) -> Manifest:
         """The manifest, with model paths resolved to absolute ones."""
-        if self.models is not None:
+        if self.models.strip():
             return load_manifest(self.models)
         assert self.manifest is not None
         return parse_manifest(self.manifest.model_dump(), Path.cwd(), source="inline manifest")

@@ -81,6 +81,33 @@ def test_custom_run_form_shows_parameters_and_rejects_wrong_values(
     assert _flow_runs(stack, deployment_id) == runs_before
 
 
+def test_custom_run_filled_by_label_like_a_person(
+        page: Any, stack: PrefectStack, adhoc_run: dict[str, Any], tmp_path: Path) -> None:
+    """The manifest path has its own text box, found by its label (no type tab to pick
+    first), and a run submitted from the form carries what was typed and completes."""
+    deployment_id = adhoc_run["deployment"]["id"]
+    page.goto(f"{stack.url}/v2/deployments/deployment/{deployment_id}/run")
+    fields = ScoreParams.model_fields
+    params = adhoc_run["params"]
+    out = tmp_path / "from-the-form"
+    for name, value in (("models", params["models"]), ("input", params["input"]),
+                        ("output", str(out))):
+        box = page.get_by_label(re.compile(re.escape(fields[name].title or "")))
+        box.fill(value)
+    page.screenshot(path=str(tmp_path / "custom-run-filled.png"), full_page=True)
+    runs_before = _flow_runs(stack, deployment_id)
+    page.get_by_role("button", name="Submit").click()
+    page.wait_for_url(re.compile(r"tab=Runs"))  # the UI goes on to the deployment's runs
+    assert _flow_runs(stack, deployment_id) == runs_before + 1
+    [created] = [r for r in stack.api("POST", "/flow_runs/filter", json={
+        "deployments": {"id": {"any_": [deployment_id]}}}).json()
+        if r["parameters"]["params"].get("output") == str(out)]
+    run = stack.wait_for_run(created["id"])
+    assert run["parameters"]["params"]["models"] == params["models"]
+    assert run["state_type"] == "COMPLETED", f"{run['state']}\n{stack.logs()}"
+    assert (out / "_run.json").is_file()
+
+
 def test_run_artifacts_show_the_member_table(page: Any, stack: PrefectStack,
                                              adhoc_run: dict[str, Any],
                                              tmp_path: Path) -> None:
