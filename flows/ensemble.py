@@ -152,7 +152,9 @@ def _describe_repeats(repeated: RepeatedIds) -> str:
         return ""
     shown = "; ".join(f"{value!r} in {', '.join(where)}"
                       for value, where in repeated.examples.items())
-    return (f"{repeated.count:,} id(s) appear in more than one partition (e.g. {shown}); each "
+    count = (f"about {repeated.count:,} id(s) (estimated from the 1/{repeated.sampled} of "
+             "ids a hash slice keeps)" if repeated.sampled > 1 else f"{repeated.count:,} id(s)")
+    return (f"{count} appear in more than one partition (e.g. {shown}); each "
             "partition's file keeps its own row for them, nothing was merged. If ids should "
             "be unique across the input, de-duplicate it.")
 
@@ -503,7 +505,7 @@ def _run_record(params: ScoreParams, plan: Plan, guards: _Guards, run: _Scored,
         },
         failed=run.failed,
         repeated_ids=None if repeated is None else RepeatedIdsRecord(
-            count=repeated.count, examples=repeated.examples),
+            count=repeated.count, examples=repeated.examples, sampled=repeated.sampled),
         timing=RunTiming(
             flow_started_at=started_at,
             first_batch_at=min((s.first_batch_at for s in run.scored.values()

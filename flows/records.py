@@ -133,8 +133,9 @@ class PartitionRecord(BaseModel):
 
 
 class RepeatedIdsRecord(BaseModel):
-    count: int
+    count: int  # with sampled > 1, an estimate
     examples: dict[str, list[str]]  # id -> partitions it appears in
+    sampled: int = 1  # k: 1/k of the ids were checked (beyond 50 million ids)
 
 
 class RunTiming(BaseModel):

@@ -10,6 +10,11 @@ overlaps no other file's cannot share an id, so it is not read (with disjoint ra
 common case, nothing is). The other files' id columns are read once, hashed into buckets
 spilled to temporary Arrow files, and counted a bucket at a time, so memory stays bounded
 however large the table.
+
+Beyond ``MAX_CHECKED`` ids the check keeps a hash slice of them: only ids whose hash
+falls in 1/k of the hash space. Equal ids hash alike, so an id kept in one file is kept
+in every file: each repeat found is real, and k times their number estimates the total.
+Time and spill stay bounded (about ``MAX_CHECKED`` ids) whatever the table's size.
 """
 
 from __future__ import annotations
@@ -34,15 +39,19 @@ __all__ = ["RepeatedIds", "find_repeated_ids"]
 
 BUCKET_ROWS = 4_000_000  # ids counted at once: ~0.2 GB of hash table for int64 ids
 MAX_BUCKETS = 256  # open spill files at once
+MAX_CHECKED = 50_000_000  # ids checked exactly; beyond, a hash slice of them
 _MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
 @dataclass
 class RepeatedIds:
-    """``count`` distinct ids found in two or more partitions; a few with their files."""
+    """``count`` distinct ids found in two or more partitions; a few with their files.
+    With ``sampled`` k > 1, only 1/k of the ids (a hash slice) were checked, and
+    ``count`` is the estimate: k times the repeats found."""
 
     count: int = 0
     examples: dict[str, list[str]] = field(default_factory=dict)
+    sampled: int = 1
 
 
 def _id_type(types: list[pa.DataType], names: list[str]) -> pa.DataType:
@@ -103,10 +112,8 @@ def _overlapping(ranges: list[tuple[Any, Any] | None]) -> list[int]:
     return sorted(hit) if len(hit) > 1 else []
 
 
-def _bucket(ids: pa.Array, buckets: int) -> np.ndarray:
-    """A bucket per id from a hash of its value; equal ids always share one."""
-    if buckets == 1:
-        return np.zeros(len(ids), dtype=np.uint64)
+def _hash(ids: pa.Array) -> np.ndarray:
+    """A 64-bit hash per id from its value; equal ids always hash alike."""
     t = ids.type
     if pa.types.is_integer(t):
         values = ids.cast(pa.int64(), safe=False).to_numpy(zero_copy_only=False)
@@ -131,7 +138,25 @@ def _bucket(ids: pa.Array, buckets: int) -> np.ndarray:
             tail = np.where(last >= starts, data[np.clip(last, 0, top)], 0)
             h = (h ^ head.astype(np.uint64)) * _MIX
             h = (h ^ tail.astype(np.uint64)) * _MIX
-    return (h >> np.uint64(33)) % np.uint64(buckets)
+    return h  # type: ignore[no-any-return]
+
+
+def _bucket(h: np.ndarray, buckets: int) -> np.ndarray:
+    """The bucket of each hash (its high bits)."""
+    return (h >> np.uint64(33)) % np.uint64(buckets)  # type: ignore[no-any-return]
+
+
+def _kept(h: np.ndarray, every: int) -> np.ndarray:
+    """The hash slice checked when only 1/``every`` of the ids are: the hash mixed once
+    more (splitmix64's finalizer, so every bit depends on every input bit; the raw hash's
+    low bits follow the ids' last digits), its low bits apart from the bucket's."""
+    with np.errstate(over="ignore"):
+        z = h ^ (h >> np.uint64(30))
+        z = z * np.uint64(0xBF58476D1CE4E5B9)
+        z = z ^ (z >> np.uint64(27))
+        z = z * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z & np.uint64(0xFFFFFFFF)) % np.uint64(every) == 0  # type: ignore[no-any-return]
 
 
 def find_repeated_ids(paths: dict[str, str], column: str, max_examples: int = 5
@@ -153,9 +178,10 @@ def find_repeated_ids(paths: dict[str, str], column: str, max_examples: int = 5
     id_type = _id_type([r.schema_arrow.field(column).type for r in readers.values()],
                        [names[i] for i in suspects])
     total = sum(r.metadata.num_rows for r in readers.values())
-    buckets = min(MAX_BUCKETS, max(1, math.ceil(total / BUCKET_ROWS)))
+    every = max(1, math.ceil(total / MAX_CHECKED))
+    buckets = min(MAX_BUCKETS, max(1, math.ceil(total / every / BUCKET_ROWS)))
     schema = pa.schema([pa.field("id", id_type), pa.field("owner", pa.int32())])
-    result = RepeatedIds()
+    result = RepeatedIds(sampled=every)
     with tempfile.TemporaryDirectory(prefix="ensemble-ids-") as tmp:
         spill = [Path(tmp) / f"{b}.arrow" for b in range(buckets)]
         writers = [ipc.new_file(str(p), schema) for p in spill]
@@ -166,7 +192,12 @@ def find_repeated_ids(paths: dict[str, str], column: str, max_examples: int = 5
                     if pa.types.is_dictionary(ids.type):
                         ids = ids.dictionary_decode()
                     ids = ids.drop_null().cast(id_type)
-                    where = _bucket(ids, buckets)
+                    h = _hash(ids) if buckets > 1 or every > 1 else None
+                    if h is not None and every > 1:
+                        keep = _kept(h, every)
+                        ids, h = ids.filter(pa.array(keep)), h[keep]
+                    where = (_bucket(h, buckets) if h is not None and buckets > 1
+                             else np.zeros(len(ids), dtype=np.uint64))
                     order = np.argsort(where, kind="stable")
                     grouped = pa.record_batch(
                         [ids.take(pa.array(order)),
@@ -183,6 +214,7 @@ def find_repeated_ids(paths: dict[str, str], column: str, max_examples: int = 5
             with pa.memory_map(str(path)) as source:
                 table = ipc.open_file(source).read_all()
             _count(table, result, names, max_examples)
+    result.count *= every
     return result
 
 

@@ -106,3 +106,19 @@ def test_ids_of_other_arrow_types(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
              "b": _write(tmp_path / "m/b.parquet", pa.array(["1", "2"]))}
     with pytest.raises(DataError, match="different types"):
         find_repeated_ids(mixed, "id")
+
+
+@pytest.mark.parametrize("kind", ["int", "str"])
+def test_a_hash_slice_beyond_the_limit_finds_real_repeats_and_estimates(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    monkeypatch.setattr(tasks.ids, "MAX_CHECKED", 2_000)  # 8,000 ids: a 1/4 slice
+    a = list(range(0, 4000))
+    b = list(range(2000, 6000))  # 2,000 ids in both
+    conv = str if kind == "str" else int
+    files = _files(tmp_path, {"a.parquet": [conv(i) for i in a],
+                              "b.parquet": [conv(i) for i in b]})
+    found = find_repeated_ids(files, "id", max_examples=50)
+    assert found.sampled == 4
+    assert 1_400 <= found.count <= 2_600  # the estimate: 4 x the repeats in the slice
+    assert found.count % 4 == 0
+    assert all(2000 <= int(v) < 4000 for v in found.examples)  # each one real
