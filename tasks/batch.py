@@ -95,7 +95,8 @@ def score_batch(ctx: ScoringContext, matrix: np.ndarray, ids: pa.Array,
             raise DataError(
                 f"partition {ctx.where}: {bad.count} row(s) with null, NaN, infinite or "
                 f"out-of-range features ({ids_text(ids, bad.mask)}, column(s) {cols}: "
-                f"{bad.reasons[0]}); clean the data, or pass --bad-rows quarantine to set "
+                f"{bad.reasons[0]}); clean the data, or set bad_rows to quarantine (--bad-rows "
+                f"quarantine) to set "
                 "them aside"
             )
         aside_ids.append(ids.filter(pa.array(bad.mask)))
@@ -120,8 +121,8 @@ def score_batch(ctx: ScoringContext, matrix: np.ndarray, ids: pa.Array,
             raise ModelLoadError(
                 f"the ensemble of partition {ctx.where} is not finite for "
                 f"{int(broken.sum())} row(s) ({ids_text(ids, broken)}) although every "
-                "member's score is; check the members' score ranges, or pass --bad-rows "
-                "quarantine to set them aside"
+                "member's score is; check the members' score ranges, or set bad_rows to "
+                "quarantine (--bad-rows quarantine) to set them aside"
             )
         aside_ids.append(ids.filter(pa.array(broken)))
         aside_reasons.append(["non-finite ensemble_score or ensemble_std"] * int(broken.sum()))
@@ -168,7 +169,8 @@ def _screen_scores(ctx: ScoringContext, scores: np.ndarray, ids: pa.Array,
         raise ModelLoadError(
             f"model(s) {culprits} returned non-finite scores for {int(broken.sum())} row(s) "
             f"of partition {ctx.where}{quorum} ({ids_text(ids, broken)}); check the model and "
-            "these rows, lower min_members, or pass --bad-rows quarantine to set them aside"
+            "these rows, lower min_members, or set bad_rows to quarantine (--bad-rows "
+            "quarantine) to set them aside"
         )
     aside_ids.append(ids.filter(pa.array(broken)))
     aside_reasons.append([_reason(ctx, finite[:, i]) for i in np.flatnonzero(broken)])

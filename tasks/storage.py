@@ -188,7 +188,7 @@ class Store(ABC):
         except OSError as err:
             raise OutputError(
                 f"cannot create output folder {self.uri(parent)}: {err}; choose a writable "
-                "--output"
+                "output folder (--output)"
             ) from err
 
     def write_json(self, rel: str, data: Any) -> None:
@@ -214,7 +214,7 @@ class Store(ABC):
 
     def _unwritable(self, err: OSError) -> str:
         return (f"output folder {self.uri()} is not writable ({err.strerror or err}); choose "
-                "another --output or fix its permissions")
+                "another output folder (--output) or fix its permissions")
 
     def remove_stale_staging(self) -> int:
         """Delete staging files left by a killed run; call only while holding the lock.
@@ -310,7 +310,8 @@ class LocalStore(Store):
                 if node.is_symlink():
                     raise OutputError(
                         f"{node} is a symbolic link; the tool writes, moves and deletes only "
-                        "in folders it creates. Remove the link or choose another --output"
+                        "in folders it creates. Remove the link or choose another output folder "
+                        "(--output)"
                     )
         return path
 
@@ -322,7 +323,8 @@ class LocalStore(Store):
             if (self.root / sub).is_symlink():
                 raise OutputError(
                     f"{self.root / sub} is a symbolic link; the tool writes and cleans up "
-                    "only in folders it creates. Remove the link or choose another --output"
+                    "only in folders it creates. Remove the link or choose another output folder "
+                    "(--output)"
                 )
         super().check_writable()
         for sub in (ENSEMBLE_DIR, QUARANTINE_DIR):  # a read-only mount below the root
@@ -334,7 +336,8 @@ class LocalStore(Store):
                 except OSError as err:
                     raise OutputError(
                         f"output folder {self.root / sub} is not writable "
-                        f"({err.strerror or err}); choose another --output or fix its "
+                        f"({err.strerror or err}); choose another output folder (--output) or "
+                        f"fix its "
                         "permissions"
                     ) from err
 
@@ -353,7 +356,7 @@ class LocalStore(Store):
             if (self.root / LOCK_FILE).is_symlink():
                 raise OutputError(
                     f"{self.root / LOCK_FILE} is a symbolic link, not this tool's lock file; "
-                    "remove it or choose another --output"
+                    "remove it or choose another output folder (--output)"
                 ) from err
             raise OutputError(self._unwritable(err)) from err
         try:
@@ -362,7 +365,7 @@ class LocalStore(Store):
                 raise OutputError(
                     f"{self.root / LOCK_FILE} is not this tool's lock file (a "
                     f"{'hard link' if stat.S_ISREG(st.st_mode) else 'special file'}); "
-                    "remove it or choose another --output"
+                    "remove it or choose another output folder (--output)"
                 )
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -370,7 +373,7 @@ class LocalStore(Store):
                 holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
                 raise OutputLocked(
                     f"output folder {self.root} is in use by another run ({holder}); wait "
-                    "for it to finish, or choose another --output"
+                    "for it to finish, or choose another output folder (--output)"
                 ) from err
             if os.stat(self.root / LOCK_FILE, follow_symlinks=False).st_ino != st.st_ino:
                 # The holder finished and removed the file between our open and our lock:
@@ -496,7 +499,7 @@ class S3Store(Store):
             holder = "unknown"
         raise OutputLocked(
             f"output folder {self.uri()} is in use by another run ({holder}); wait for it to "
-            f"finish, or choose another --output (a run killed with kill -9 leaves "
+            f"finish, or choose another output folder (--output) (a run killed with kill -9 leaves "
             f"{live[0].base_name}, taken over after {_S3_LOCK_TTL:.0f} s)"
         )
 
@@ -571,7 +574,8 @@ def check_output_apart(input_path: str, output_dir: str) -> None:
              if inp[:len(out)] == out else _holds_matches(input_path, output_dir))
     if where:
         raise OutputError(
-            f"--output {output_dir} {where} ({input_path}); the ensemble table, run record "
+            f"the output folder {output_dir} {where} ({input_path}); the ensemble table, run "
+            f"record "
             "and lock would be written among your data. Choose an output folder outside the "
             "input, for example a sibling folder"
         )

@@ -107,7 +107,7 @@ def test_output_that_is_or_holds_the_input(setup, capsys, where: str) -> None:  
     out = tmp / "in" if where == "the input" else tmp
     code, err = _main(setup, capsys, tmp / "in", out)
     assert code == 2
-    assert f"--output {out} {'is' if where == 'the input' else 'holds'} the input" in err
+    assert f"the output folder {out} {'is' if where == 'the input' else 'holds'} the input" in err
     assert "Traceback" not in err
     # No lock, staging or probe file was created anywhere (the manifest is the test's).
     after = sorted(p.relative_to(tmp) for p in tmp.rglob("*"))

@@ -135,7 +135,8 @@ def test_ids_repeated_across_partitions_are_reported_not_merged(
     record = json.loads((tmp_path / "out" / "_run.json").read_text())
     assert record["repeated_ids"] == {
         "count": 2, "examples": {"5": ["day=01/p.parquet", "day=02/p.parquet"],
-                                 "9": ["day=01/p.parquet", "day=02/p.parquet"]}}
+                                 "9": ["day=01/p.parquet", "day=02/p.parquet"]},
+        "sampled": 1}
     # The run record states which CPU path ran and what the loader rewrote for it.
     path = record["cpu_path"]
     assert path["cpu"] and set(path["flags"]) >= {"avx2", "avx512f", "avx512_bf16", "amx_tile"}

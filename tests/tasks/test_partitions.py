@@ -51,7 +51,7 @@ def test_output_below_input_is_excluded(tmp_path: Path) -> None:
 
 
 def test_nothing_found(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="does not exist; check --input"):
+    with pytest.raises(DataError, match=r"does not exist; check the input \(--input\)"):
         discover_partitions(str(tmp_path / "missing"))
     with pytest.raises(DataError, match="no Parquet files found"):
         discover_partitions(str(tmp_path))
