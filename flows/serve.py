@@ -67,7 +67,7 @@ def build_deployments(path: Path = PREFECT_FILE, *, scheduled_elsewhere: frozens
 
     out = []
     for d in load_definitions(path):
-        if d.get("entrypoint") != "flows/ensemble.py:score_ensemble":
+        if d.get("entrypoint") != "flows.ensemble:score_ensemble":
             raise ValueError(f"deployment {d.get('name')!r} has entrypoint "
                              f"{d.get('entrypoint')!r}; only the scoring flow is served")
         schedules = _schedules(d, paused=d["name"] in scheduled_elsewhere)

@@ -74,6 +74,7 @@ class PrefectStack:
     root: Path
     port: int = field(default_factory=free_port)
     procs: list[Proc] = field(default_factory=list)
+    database_url: str = ""  # the server's database; default a SQLite file of its own
 
     @property
     def url(self) -> str:
@@ -95,7 +96,7 @@ class PrefectStack:
             "PREFECT_SERVER_API_HOST": "127.0.0.1",
             "PREFECT_SERVER_API_PORT": str(self.port),
             "PREFECT_SERVER_DATABASE_CONNECTION_URL":
-                f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+                self.database_url or f"sqlite+aiosqlite:///{home / 'prefect.db'}",
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_WORKER_QUERY_SECONDS": "1",
             "PREFECT_RUNNER_POLL_FREQUENCY": "1",

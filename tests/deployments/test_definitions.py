@@ -15,8 +15,9 @@ def test_prefect_yaml_declares_nightly_and_adhoc_on_a_process_pool() -> None:
     defs = {d["name"]: d for d in load_definitions()}
     assert set(defs) == {"nightly", "adhoc"}
     for d in defs.values():
-        assert d["entrypoint"] == "flows/ensemble.py:score_ensemble"
-        assert (REPO_ROOT / d["entrypoint"].split(":")[0]).is_file()
+        assert d["entrypoint"] == "flows.ensemble:score_ensemble"
+        module, _, name = d["entrypoint"].partition(":")
+        assert (REPO_ROOT / (module.replace(".", "/") + ".py")).is_file() and name
         assert d["work_pool"]["name"] == "ensemble" and d["description"]
     [cron] = defs["nightly"]["schedules"]
     assert cron == {"cron": "30 2 * * *", "timezone": "Europe/Berlin", "active": True}

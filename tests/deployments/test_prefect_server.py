@@ -88,7 +88,7 @@ def test_deployments_as_declared(stack: PrefectStack, adhoc_run: dict[str, Any])
     for name in ("nightly", "adhoc"):
         d = stack.api("GET", f"/deployments/name/ensemble-score/{name}").json()
         assert d["work_pool_name"] == POOL
-        assert d["entrypoint"] == "flows/ensemble.py:score_ensemble"
+        assert d["entrypoint"] == "flows.ensemble:score_ensemble"
         assert d["pull_steps"] == [{"prefect.deployments.steps.set_working_directory": {
             "directory": str(REPO_ROOT)}}]
         assert d["parameters"] == (spec[name].get("parameters") or {})
