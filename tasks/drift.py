@@ -192,6 +192,33 @@ def _cdf(quantiles: np.ndarray, x: np.ndarray, *, left: bool = False) -> np.ndar
     return np.where(idx == 0, 0.0, np.where(idx == n, 1.0, inside))
 
 
+def _mixture_cdf(q: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The mixture ``sum_p w_p F_p`` at every point of the parts' quantiles (``q``: one
+    row per part): the grid, and the CDF's left limit and value there.
+
+    Each part's CDF is linear between its quantiles (a density of w * 0.025 / span) or
+    jumps where two tie (a point mass of w * 0.025), so the mixture's density changes, and
+    its jumps happen, only at grid points. Summing those changes per grid point and
+    integrating once costs O(parts x levels x log) instead of evaluating every part's CDF
+    on the whole grid (quadratic: 24 s for 1,000 partitions of 11 columns).
+    """
+    mass = np.diff(_LEVELS)[None, :] * w[:, None]  # (parts, 40): each segment's mass
+    lo, hi = q[:, :-1], q[:, 1:]
+    span = hi - lo
+    sloped = span > 0
+    slope = np.where(sloped, mass / np.where(sloped, span, 1.0), 0.0)
+    grid, where = np.unique(q, return_inverse=True)
+    where = where.reshape(q.shape)
+    n = len(grid)
+    change = (np.bincount(where[:, :-1][sloped], weights=slope[sloped], minlength=n)
+              - np.bincount(where[:, 1:][sloped], weights=slope[sloped], minlength=n))
+    jump = np.bincount(where[:, :-1][~sloped], weights=mass[~sloped], minlength=n)
+    density = np.cumsum(change)  # right of each grid point
+    rise = jump[:-1] + density[:-1] * np.diff(grid)
+    f_left = np.concatenate([[0.0], np.cumsum(rise)])
+    return grid, f_left, f_left + jump
+
+
 def _merge_column(parts: Sequence[ColumnSketch]) -> ColumnSketch:
     rows = sum(p.rows for p in parts)
     sampled = sum(p.sampled for p in parts)
@@ -216,15 +243,7 @@ def _merge_column(parts: Sequence[ColumnSketch]) -> ColumnSketch:
             mean = float(w @ means)
             std = math.sqrt(max(float(w @ (stds * stds + (means - mean) ** 2)), 0.0))
 
-    qs = [np.array(p.quantiles) for p in have]
-    grid = np.unique(np.concatenate(qs))
-    # Between grid points every part's CDF is linear, so the mixture is too: its graph is
-    # the polyline through (g, F(g-)), (g, F(g)) at each grid point, which inverts exactly.
-    f_left = np.zeros(len(grid))
-    f_right = np.zeros(len(grid))
-    for wp, q in zip(w, qs, strict=True):
-        f_left += wp * _cdf(q, grid, left=True)
-        f_right += wp * _cdf(q, grid)
+    grid, f_left, f_right = _mixture_cdf(np.array([p.quantiles for p in have]), w)
     xs = np.repeat(grid, 2)
     ys = np.clip(np.maximum.accumulate(np.column_stack([f_left, f_right]).ravel()), 0.0, 1.0)
     k = np.searchsorted(ys, _LEVELS, side="left")

@@ -261,3 +261,28 @@ def test_text_summary_is_the_top_lines() -> None:
     assert len(render_drift_text(lines)) == 3
     nulls = _line("f4", 1.5).model_copy(update={"current_null_share": 0.2})
     assert render_drift_text([nulls])[0].endswith(", nulls 0.0% -> 20.0%")
+
+
+def test_mixture_cdf_equals_the_sum_of_the_parts_cdfs() -> None:
+    """The merge's one-pass mixture CDF against evaluating every part's CDF on the grid,
+    with ties (point masses) and constant parts among them."""
+    from tasks.drift import _cdf, _mixture_cdf
+
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        parts = []
+        for kind in rng.integers(0, 3, size=rng.integers(1, 20)):
+            if kind == 0:
+                parts.append(np.sort(rng.normal(rng.normal(), 1.0, 41)))
+            elif kind == 1:
+                parts.append(np.full(41, float(rng.integers(0, 3))))
+            else:
+                parts.append(np.sort(np.round(rng.normal(0.0, 1.0, 41), 1)))
+        w = rng.random(len(parts))
+        w /= w.sum()
+        grid, left, right = _mixture_cdf(np.array(parts), w)
+        assert np.array_equal(grid, np.unique(np.concatenate(parts)))
+        want_left = sum(wp * _cdf(q, grid, left=True) for wp, q in zip(w, parts, strict=True))
+        want_right = sum(wp * _cdf(q, grid) for wp, q in zip(w, parts, strict=True))
+        assert np.abs(left - want_left).max() < 1e-9
+        assert np.abs(right - want_right).max() < 1e-9
