@@ -70,8 +70,9 @@ def apply_quorum(manifest: Manifest, members: Sequence[MemberInfo], quorum: int,
             "Repair them, or set min_members lower to score without them")
     for m in missing:
         logger.error(f"MEMBER MISSING: {m.name} could not be loaded and is left out of this "
-                     f"run (its score_{m.name} column is null; {loaded} of {len(members)} "
-                     f"members meet min_members={quorum}): {m.missing}")
+                     f"run (score_{m.name} is null in the partitions this run scores; "
+                     f"{loaded} of {len(members)} members meet min_members={quorum}): "
+                     f"{m.missing}")
 
 
 def publish_golden(text: str, manifest: Manifest, logger: Any) -> None:

@@ -267,9 +267,11 @@ def missing_text(members: Sequence[MemberInfo]) -> str:
     missing = [m.name for m in members if m.missing]
     if not missing:
         return ""
-    return (f"member(s) {missing} could not be loaded and are missing from this run: their "
-            "score columns are null and the ensemble uses the other members. Repair them "
-            "and re-run: only their columns are scored.")
+    return (f"member(s) {missing} could not be loaded and are missing from this run: in the "
+            "partitions it scored their score columns are null and the ensemble uses the "
+            "other members (files committed earlier with their scores, for unchanged "
+            "input, are kept as they were). Repair them and re-run: only their columns are "
+            "scored.")
 
 
 def _partial_members(figures: Sequence[MemberFigures], rows: int,

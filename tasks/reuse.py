@@ -29,6 +29,7 @@ class Reuse:
 
 def plan_reuse(previous: dict[str, Any] | None, current: dict[str, Any], *,
                force: bool = False) -> Reuse:
+    # ``current["absent"]``: members that could not be loaded in this run (min_members).
     """Compare the committed file's provenance (``previous``; None if there is none or it
     is unreadable) with this run's (``current``, same keys).
 
@@ -43,6 +44,13 @@ def plan_reuse(previous: dict[str, Any] | None, current: dict[str, Any], *,
         return Reuse(False, ())
     before = previous.get("members") or {}
     members = tuple(n for n, digest in current["members"].items() if before.get(n) == digest)
+    absent = tuple(current.get("absent") or ())
+    if absent and all(n in before for n in absent) and len(members) == len(
+            current["members"]) and set(before) == {*members, *absent} and all(
+            previous.get(k) == current.get(k) for k in ("method", "weights")):
+        # A member that cannot be loaded now was scored into this file when it could:
+        # the file stands, rather than losing those scores to a column of nulls.
+        return Reuse(True, members)
     # A file from before min_members was recorded needed every member.
     quorum = previous.get("min_members", len(before))
     whole = (len(members) == len(current["members"]) == len(before)

@@ -146,6 +146,7 @@ def score_partition(
         "weights": list(manifest.weights),  # normalized, finite
         "members": digests,  # the members scored: absent ones are left out
         "min_members": min_members or len(manifest.models),
+        "absent": list(absent),
     }, batch_size)
     previous = None if force else committed_metadata(job.store, job.table)
     reuse = plan_reuse(previous, job.provenance, force=force)
@@ -167,8 +168,9 @@ def score_partition(
 def _reused_whole(job: _Job, previous: dict[str, Any]) -> PartitionResult:
     stats = PartitionMerged.model_validate(
         previous["stats"] | {"path": job.store.uri(job.table)})
-    members = [MemberStats(name=n, digest=job.provenance["members"][n], rows=0, seconds=0.0,
-                           skipped=True) for n in job.names]
+    digests = previous.get("members") or {}
+    members = [MemberStats(name=n, digest=job.provenance["members"].get(n, digests.get(n, "")),
+                           rows=0, seconds=0.0, skipped=True) for n in job.names]
     return PartitionResult(
         scored=PartitionScored(relpath=job.partition.relpath, rows=0, scored_rows=0,
                                bad_rows=int(previous.get("bad_row_count", 0)),

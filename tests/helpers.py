@@ -248,7 +248,7 @@ def write_manifest(path: Path, data: dict[str, Any]) -> Path:
 
 def read_dataset(folder: Path) -> pa.Table:
     files = sorted(p for p in folder.rglob("*.parquet") if not p.name.startswith((".", "_")))
-    return pa.concat_tables([pq.read_table(f) for f in files])
+    return pa.concat_tables([pq.read_table(f, partitioning=None) for f in files])
 
 
 def assert_matches_reference(table: pa.Table, ref: dict[Any, tuple[float, ...]],

@@ -1,7 +1,7 @@
 """The Prefect UI in a real headless browser (Debian's chromium, driven by playwright):
 the ad-hoc deployment's custom-run form shows our parameters with their descriptions and
 refuses a wrong value with a message, and the finished run's artifacts show the member
-table. Screenshots are saved in the test's temporary folder."""
+table, at a 1280 px wide window. Screenshots are kept in .artifacts/screenshots/."""
 
 from __future__ import annotations
 
@@ -40,12 +40,23 @@ def page(tmp_path: Path) -> Iterator[Any]:
     with sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
             str(tmp_path / "chromium-profile"), executable_path=CHROMIUM, headless=True,
-            args=CHROMIUM_FLAGS, viewport={"width": 1400, "height": 1600})
+            args=CHROMIUM_FLAGS, viewport={"width": 1280, "height": 1600})
         context.set_default_timeout(45_000)
         try:
             yield context.new_page()
         finally:
             context.close()
+
+
+# Screenshots are kept after the run (a laptop-sized 1280 px window), for people to look
+# at: .artifacts/screenshots/ at the repo root, or $SCREENSHOT_DIR.
+SHOTS = Path(os.environ.get("SCREENSHOT_DIR")
+             or Path(__file__).resolve().parents[2] / ".artifacts" / "screenshots")
+
+
+def _shot(page: Any, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / name), full_page=True)
 
 
 def _flow_runs(stack: PrefectStack, deployment_id: str) -> int:
@@ -66,7 +77,7 @@ def test_custom_run_form_shows_parameters_and_rejects_wrong_values(
         assert info.title and info.description
         expect(page.get_by_text(info.title, exact=False).first).to_be_visible()
         expect(page.get_by_text(info.description, exact=True)).to_be_visible()
-    page.screenshot(path=str(tmp_path / "custom-run-form.png"), full_page=True)
+    _shot(page, "custom-run-form.png")
 
     runs_before = _flow_runs(stack, deployment_id)
     page.get_by_label(re.compile(re.escape(fields["input"].title or ""))).fill("/data/in")
@@ -76,7 +87,7 @@ def test_custom_run_form_shows_parameters_and_rejects_wrong_values(
     page.get_by_role("button", name="Submit").click()
     message = concurrency.evaluate("e => e.validationMessage")
     assert "greater than or equal to 1" in message
-    page.screenshot(path=str(tmp_path / "custom-run-rejected.png"), full_page=True)
+    _shot(page, "custom-run-rejected.png")
     assert page.url.endswith("/run")  # still on the form
     assert _flow_runs(stack, deployment_id) == runs_before
 
@@ -94,7 +105,7 @@ def test_custom_run_filled_by_label_like_a_person(
                         ("output", str(out))):
         box = page.get_by_label(re.compile(re.escape(fields[name].title or "")))
         box.fill(value)
-    page.screenshot(path=str(tmp_path / "custom-run-filled.png"), full_page=True)
+    _shot(page, "custom-run-filled.png")
     runs_before = _flow_runs(stack, deployment_id)
     page.get_by_role("button", name="Submit").click()
     page.wait_for_url(re.compile(r"tab=Runs"))  # the UI goes on to the deployment's runs
@@ -117,7 +128,7 @@ def test_run_artifacts_show_the_member_table(page: Any, stack: PrefectStack,
     page.goto(f"{stack.url}/v2/runs/flow-run/{run_id}?tab=Artifacts")
     for key in ARTIFACT_KEYS.values():
         expect(page.get_by_text(key, exact=True)).to_be_visible()
-    page.screenshot(path=str(tmp_path / "run-artifacts.png"), full_page=True)
+    _shot(page, "run-artifacts.png")
 
     page.get_by_text(ARTIFACT_KEYS["members"], exact=True).click()
     page.wait_for_url(re.compile(r"/artifacts/artifact/"))
@@ -126,4 +137,4 @@ def test_run_artifacts_show_the_member_table(page: Any, stack: PrefectStack,
         expect(table.get_by_role("columnheader", name=header, exact=True)).to_be_visible()
     for name in ("seed0", "seed1", "seed2"):
         expect(table.get_by_role("cell", name=name, exact=True)).to_be_visible()
-    page.screenshot(path=str(tmp_path / "member-table.png"), full_page=True)
+    _shot(page, "member-table.png")

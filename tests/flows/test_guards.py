@@ -282,6 +282,13 @@ def test_broken_member_within_quorum_then_repaired(tmp_path: Path, checkpoints: 
     assert np.abs(got - ref).max() <= 1e-5
     assert np.abs(table.column("ensemble_score").to_numpy() - ref.mean(axis=1)).max() <= 1e-5
 
+    # Moved away for a night: the complete files stand, m2's scores included.
+    (tmp_path / "m2").rename(tmp_path / "m2-away")
+    summary = score_ensemble(_params(manifest, tmp_path / "data", out))
+    assert list(summary.missing_members) == ["m2"]
+    assert summary.skipped_member_partitions == 2 * 3
+    assert read_dataset(out / "ensemble").sort_by("id").equals(table)
+
 
 # ---------------------------------------------------------------------------- drift
 

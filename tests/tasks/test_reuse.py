@@ -68,3 +68,12 @@ def test_rows_left_out_for_their_scores_make_columns_unusable() -> None:
     assert plan_reuse(previous, _record()) == Reuse(False, ())
     # ... but the file is still this run's result when nothing changed.
     assert plan_reuse(_record(scores_set_aside=3), _record()) == Reuse(True, ("m0", "m1"))
+
+
+def test_a_member_that_cannot_load_now_keeps_a_file_it_scored_before() -> None:
+    current = _record(members={"m0": "d0"}, absent=["m1"], min_members=1)
+    assert plan_reuse(_record(), current) == Reuse(True, ("m0",))
+    # ... but not when the member still loading changed, or the rows did.
+    assert plan_reuse(_record(members={"m0": "old", "m1": "d1"}), current) == Reuse(
+        False, ())
+    assert plan_reuse(_record(fingerprint="other"), current) == Reuse(False, ())
