@@ -32,6 +32,8 @@ class ScoreParams(BaseModel):
         description="The manifest itself instead of a path: id_column, features and models "
         "(name, path, input/output or signature, weight). Relative model paths are taken from "
         "the run's working folder (the repo root for the deployments).",
+        examples=[{"id_column": "id", "features": ["f00", "f01"], "models": [
+            {"name": "fold0", "path": "models/fold0.keras"}]}],
     )
     input: str = Field(
         min_length=1, title="Input (Parquet)", examples=["data/"],

@@ -11,6 +11,7 @@ import glob
 import hashlib
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -18,7 +19,7 @@ from typing import Any, Literal
 from loaders.errors import ManifestError
 from loaders.manifest import ModelSpec
 
-__all__ = ["KERAS_SUFFIXES", "ResolvedModel", "digest_files", "keras_kind",
+__all__ = ["KERAS_SUFFIXES", "ResolvedModel", "digest_files", "file_sha256", "keras_kind",
            "module_file", "resolve_model"]
 
 # Suffixes that make a path a Keras file under ``format: auto``.
@@ -205,8 +206,30 @@ def resolve_model(spec: ModelSpec) -> ResolvedModel:
     return ResolvedModel("checkpoint", str(prefix), _checkpoint_files(prefix))
 
 
-_digest_memo: dict[tuple[tuple[str, int, int, int], ...], str] = {}
+_digest_memo: dict[tuple[object, ...], str] = {}
 _digest_lock = threading.Lock()
+
+
+def _memoised(key: tuple[object, ...], compute: Callable[[], str]) -> str:
+    with _digest_lock:
+        known = _digest_memo.get(key)
+    if known is not None:
+        return known
+    value = compute()
+    with _digest_lock:
+        _digest_memo[key] = value
+    return value
+
+
+def _feed(h: Any, path: str) -> None:
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+
+
+def _stat_key(path: str) -> tuple[str, int, int, int]:
+    st = Path(path).stat()
+    return (path, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def digest_files(files: tuple[str, ...]) -> str:
@@ -216,22 +239,21 @@ def digest_files(files: tuple[str, ...]) -> str:
     Hashing a large checkpoint takes a while; the memo makes the per-partition cache lookup
     a few ``stat`` calls.
     """
-    stats = []
-    for f in files:
-        st = Path(f).stat()
-        stats.append((f, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
-    key = tuple(stats)
-    with _digest_lock:
-        known = _digest_memo.get(key)
-    if known is not None:
-        return known
-    h = hashlib.sha256()
-    for f in files:
-        h.update(Path(f).name.encode())
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
-    value = h.hexdigest()
-    with _digest_lock:
-        _digest_memo[key] = value
-    return value
+    def compute() -> str:
+        h = hashlib.sha256()
+        for f in files:
+            h.update(Path(f).name.encode())
+            _feed(h, f)
+        return h.hexdigest()
+
+    return _memoised(("files", *(_stat_key(f) for f in files)), compute)
+
+
+def file_sha256(path: str) -> str:
+    """SHA-256 of one file's bytes (no name), memoised like ``digest_files``."""
+    def compute() -> str:
+        h = hashlib.sha256()
+        _feed(h, path)
+        return h.hexdigest()
+
+    return _memoised(("file", _stat_key(path)), compute)

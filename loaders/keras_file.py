@@ -43,7 +43,7 @@ from typing import Any
 
 from loaders.base import GraphScorer
 from loaders.errors import ModelLoadError
-from loaders.inspect import ResolvedModel, keras_kind
+from loaders.inspect import ResolvedModel, file_sha256, keras_kind
 from loaders.manifest import ModelSpec
 
 __all__ = ["CACHE_ENV", "EXPORTS", "EXPORT_TIMEOUT", "cache_root", "export_key",
@@ -59,7 +59,6 @@ EXPORTS: Counter[str] = Counter()
 
 _locks_guard = threading.Lock()
 _locks: dict[str, threading.Lock] = {}
-_sha_memo: dict[tuple[str, int, int, int], str] = {}
 
 # The export process's program: the parent's import path, then loaders.keras_export.
 _BOOTSTRAP = ("import json, sys; r = json.loads(sys.argv[1]); sys.path[:] = r['sys_path']; "
@@ -80,20 +79,7 @@ def cache_root() -> Path:
 
 def _sha256(path: str) -> str:
     """SHA-256 of a file's bytes, memoised on (path, size, mtime, ctime)."""
-    st = Path(path).stat()
-    memo = (path, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    with _locks_guard:
-        known = _sha_memo.get(memo)
-    if known is not None:
-        return known
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    value = h.hexdigest()
-    with _locks_guard:
-        _sha_memo[memo] = value
-    return value
+    return file_sha256(path)
 
 
 def export_key(spec: ModelSpec, resolved: ResolvedModel) -> str:

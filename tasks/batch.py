@@ -117,15 +117,13 @@ def score_batch(ctx: ScoringContext, matrix: np.ndarray, ids: pa.Array,
         # guards what they cannot (member scores near float32's limit overflowing the
         # spread), like member scores: fail, or set the rows aside.
         broken = ~(np.isfinite(ensemble) & np.isfinite(std))
-        if ctx.policy == "fail":
-            raise ModelLoadError(
-                f"the ensemble of partition {ctx.where} is not finite for "
-                f"{int(broken.sum())} row(s) ({ids_text(ids, broken)}) although every "
-                "member's score is; check the members' score ranges, or set bad_rows to "
-                "quarantine (--bad-rows quarantine) to set them aside"
-            )
-        aside_ids.append(ids.filter(pa.array(broken)))
-        aside_reasons.append(["non-finite ensemble_score or ensemble_std"] * int(broken.sum()))
+        _fail_or_set_aside(
+            ctx, ids, broken, aside_ids, aside_reasons,
+            f"the ensemble of partition {ctx.where} is not finite for "
+            f"{int(broken.sum())} row(s) ({ids_text(ids, broken)}) although every member's "
+            "score is; check the members' score ranges, or set bad_rows to quarantine "
+            "(--bad-rows quarantine) to set them aside",
+            lambda: ["non-finite ensemble_score or ensemble_std"] * int(broken.sum()))
         keep = ~broken
         scores, ids = scores[:, keep], ids.filter(pa.array(keep))
         ensemble, std, count = ensemble[keep], std[keep], count[keep]
@@ -165,16 +163,25 @@ def _screen_scores(ctx: ScoringContext, scores: np.ndarray, ids: pa.Array,
                 if k not in ctx.absent and not finite[k, broken].all()]
     quorum = (f", leaving fewer than min_members={ctx.quorum} of {len(ctx.names)}"
               if ctx.quorum < len(ctx.names) else "")
-    if ctx.policy == "fail":
-        raise ModelLoadError(
-            f"model(s) {culprits} returned non-finite scores for {int(broken.sum())} row(s) "
-            f"of partition {ctx.where}{quorum} ({ids_text(ids, broken)}); check the model and "
-            "these rows, lower min_members, or set bad_rows to quarantine (--bad-rows "
-            "quarantine) to set them aside"
-        )
-    aside_ids.append(ids.filter(pa.array(broken)))
-    aside_reasons.append([_reason(ctx, finite[:, i]) for i in np.flatnonzero(broken)])
+    _fail_or_set_aside(
+        ctx, ids, broken, aside_ids, aside_reasons,
+        f"model(s) {culprits} returned non-finite scores for {int(broken.sum())} row(s) of "
+        f"partition {ctx.where}{quorum} ({ids_text(ids, broken)}); check the model and these "
+        "rows, lower min_members, or set bad_rows to quarantine (--bad-rows quarantine) to "
+        "set them aside",
+        lambda: [_reason(ctx, finite[:, i]) for i in np.flatnonzero(broken)])
     return scores[:, ~broken], ids.filter(pa.array(~broken))
+
+
+def _fail_or_set_aside(ctx: ScoringContext, ids: pa.Array, broken: np.ndarray,
+                       aside_ids: list[pa.Array], aside_reasons: list[list[str]],
+                       error: str, reasons: Callable[[], list[str]]) -> None:
+    """The bad-row policy for rows whose scores are unusable: fail the partition with
+    ``error``, or set the rows aside with their ``reasons``."""
+    if ctx.policy == "fail":
+        raise ModelLoadError(error)
+    aside_ids.append(ids.filter(pa.array(broken)))
+    aside_reasons.append(reasons())
 
 
 def _reason(ctx: ScoringContext, present: np.ndarray) -> str:
