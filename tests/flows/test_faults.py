@@ -94,10 +94,12 @@ def test_second_run_on_a_locked_folder_fails_at_once(tmp_path: Path) -> None:
         pass
 
 
-def _cli(manifest: Path, out: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+def _cli(manifest: Path, out: Path, env: dict[str, str], batch_size: int = 8192
+         ) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "flows.score", "--models", str(manifest), "--input",
-         str(manifest.parent / "data"), "--output", str(out), "--batch-size", "8192"],
+         str(manifest.parent / "data"), "--output", str(out), "--batch-size", str(batch_size),
+         "--concurrency", "1"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -166,7 +168,9 @@ def test_two_runs_started_at_once(tmp_path: Path) -> None:
     manifest = build_demo(tmp_path / "demo", partitions=4, rows=150_000)
     out = tmp_path / "out"
     env = _env()
-    first = _cli(manifest, out, env)
+    # Small batches: the first run must still hold the folder when the second, started
+    # once the first holds it, has imported TensorFlow (seconds on a busy machine).
+    first = _cli(manifest, out, env, batch_size=256)
     try:
         _wait_for(lambda: (out / ".lock").is_file()
                   and f"pid {first.pid}" in (out / ".lock").read_text())
