@@ -249,6 +249,8 @@ def _duplicate_warnings(members: Sequence[MemberInfo], corr: np.ndarray) -> list
     for i, a in enumerate(members):
         for j in range(i + 1, len(members)):
             b = members[j]
+            if a.missing or b.missing:  # not loaded: no digest, no scores to compare
+                continue
             same_digest = a.digest == b.digest
             c = corr[i, j]
             if same_digest or (math.isfinite(c) and c >= DUPLICATE_CORRELATION):

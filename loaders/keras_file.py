@@ -30,14 +30,18 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import zipfile
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -93,8 +97,41 @@ def export_key(spec: ModelSpec, resolved: ResolvedModel) -> str:
     return key
 
 
+def _trusted(folder: Path) -> str | None:
+    """Why a cache entry cannot be trusted, or None. An entry is a model this process
+    will run: a link (pointing anywhere) or a folder another user owns or others may
+    write to could hold any graph of allowed ops, so it is refused, not scored."""
+    try:
+        st = folder.lstat()
+    except OSError:
+        return None  # not there: nothing to trust
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symbolic link"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a folder"
+    if st.st_uid not in (os.geteuid(), 0):
+        return f"belongs to another user (uid {st.st_uid})"
+    for path in (folder, *folder.rglob("*")):
+        mode = path.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            return f"holds a symbolic link ({path.name})"
+        if mode & (stat.S_IWGRP | stat.S_IWOTH):
+            return f"is writable by other users ({path.relative_to(folder.parent)})"
+    return None
+
+
 def _complete(folder: Path, key: str) -> dict[str, Any] | None:
-    """The export's description when ``folder`` holds a complete export of ``key``."""
+    """The export's description when ``folder`` holds a complete export of ``key``.
+
+    Raises:
+        ModelLoadError: the entry exists but cannot be trusted (see ``_trusted``).
+    """
+    why = _trusted(folder)
+    if why is not None:
+        raise ModelLoadError(
+            f"the Keras export cache entry {folder} {why}; refusing it, since it would be "
+            f"scored as the model. Delete it, or set {CACHE_ENV} to a folder only you "
+            "can write")
     try:
         info = json.loads((folder / "export.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -111,8 +148,19 @@ def _output_tail(text: str, lines: int = 12) -> str:
     return " | ".join(kept[-lines:]) or "(no output)"
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+_MESSAGE_CHARS = 600
+
+
+def _clean(message: str) -> str:
+    """Keras's message without terminal colour codes, cut to a readable length (the
+    whole of it with --debug, in the export's own output)."""
+    text = " ".join(_ANSI.sub("", message).split())
+    return text if len(text) <= _MESSAGE_CHARS else text[:_MESSAGE_CHARS] + " ..."
+
+
 def _failure(spec: ModelSpec, source: str, error: dict[str, Any]) -> ModelLoadError:
-    kind, message = error.get("kind"), str(error.get("message", "")).strip()
+    kind, message = error.get("kind"), _clean(str(error.get("message", "")))
     name = spec.name
     if kind == "lambda":
         layers = error.get("layers") or []
@@ -142,9 +190,15 @@ def _failure(spec: ModelSpec, source: str, error: dict[str, Any]) -> ModelLoadEr
             f"for {source}: {message}. It must import cleanly on every host that scores"
         )
     if kind == "load":
+        unsafe = any(w in message.lower() for w in ("unsafe", "safe_mode", "not allowed",
+                                                     "disallowed", "outside"))
+        why = ("Keras's safe mode refused it as unsafe to load: it would run code or read "
+               "files beyond the model. Export it as a SavedModel yourself if you trust it"
+               if unsafe else
+               "The file may be truncated, weights only (.weights.h5: save the whole model "
+               "with model.save), or saved by an incompatible Keras")
         return ModelLoadError(
-            f"model {name!r}: Keras cannot load {source} (in safe mode): {message}. The "
-            "file may be truncated, or saved by an incompatible Keras"
+            f"model {name!r}: Keras cannot load {source} (in safe mode): {message}. {why}"
         )
     if kind == "shape":
         return ModelLoadError(f"model {name!r}: cannot export {source}: {message}")
@@ -153,8 +207,10 @@ def _failure(spec: ModelSpec, source: str, error: dict[str, Any]) -> ModelLoadEr
     )
 
 
-def _run_export(spec: ModelSpec, source: str, kind: str, key: str, folder: Path) -> None:
-    """Export ``source`` into ``folder`` (existing, empty) in a process of its own.
+def _run_export(spec: ModelSpec, source: str, kind: str, key: str, folder: Path,
+                shown: str) -> None:
+    """Export ``source`` into ``folder`` (existing, empty) in a process of its own;
+    messages name the member's file as ``shown``.
 
     Raises:
         ModelLoadError: the export failed, crashed or timed out.
@@ -174,21 +230,21 @@ def _run_export(spec: ModelSpec, source: str, kind: str, key: str, folder: Path)
             check=False)
     except subprocess.TimeoutExpired as err:  # subprocess.run has killed it
         raise ModelLoadError(
-            f"model {spec.name!r}: exporting {source} as a SavedModel did not finish in "
+            f"model {spec.name!r}: exporting {shown} as a SavedModel did not finish in "
             f"{EXPORT_TIMEOUT:.0f} s; its process was stopped"
         ) from err
     except OSError as err:
         raise ModelLoadError(
             f"model {spec.name!r}: cannot start the Keras export process ({err})"
         ) from err
-    stderr = done.stderr.decode("utf-8", "replace")
+    stderr = _ANSI.sub("", done.stderr.decode("utf-8", "replace"))
     error_file = folder / "error.json"
     if error_file.is_file():
         try:
             error = json.loads(error_file.read_text(encoding="utf-8"))
         except ValueError:
             error = {"kind": "error", "message": _output_tail(stderr)}
-        raise _failure(spec, source, error)
+        raise _failure(spec, shown, error)
     if done.returncode != 0 or _complete(folder, key) is None:
         how = f"exited with code {done.returncode}"
         if done.returncode < 0:
@@ -197,7 +253,7 @@ def _run_export(spec: ModelSpec, source: str, kind: str, key: str, folder: Path)
             except ValueError:
                 how = f"was killed by signal {-done.returncode}"
         raise ModelLoadError(
-            f"model {spec.name!r}: the Keras export of {source} crashed: its process "
+            f"model {spec.name!r}: the Keras export of {shown} crashed: its process "
             f"{how} without a result. Its last output: {_output_tail(stderr)}"
         )
 
@@ -238,7 +294,9 @@ def keras_export(spec: ModelSpec, resolved: ResolvedModel) -> tuple[Path, float]
                 f"set {CACHE_ENV} to a writable folder"
             ) from err
         try:
-            _run_export(spec, source, kind, key, tmp)
+            copy = _snapshot(spec, resolved, kind, key, tmp)
+            _run_export(spec, str(copy), kind, key, tmp, shown=source)
+            copy.unlink()
             tmp.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from others
             if _publish(tmp, final, key):
                 EXPORTS[key] += 1
@@ -251,6 +309,44 @@ def keras_export(spec: ModelSpec, resolved: ResolvedModel) -> tuple[Path, float]
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         return final, time.perf_counter() - started
+
+
+# A Keras archive's config.json is a model's description, a few MB at most; Keras itself
+# reads it whole into memory (twice), so an archive claiming far more is refused unread.
+MAX_CONFIG_BYTES = 64 * 2**20
+
+
+def _snapshot(spec: ModelSpec, resolved: ResolvedModel, kind: str, key: str, folder: Path
+              ) -> Path:
+    """Copy the member's file into ``folder`` and check the copy is what ``key`` names:
+    the export reads the copy, so a file replaced while it runs cannot be cached under the
+    key of the content it replaced.
+
+    Raises:
+        ModelLoadError: the file changed since its digest was taken, or its archive
+            declares an oversized config.
+    """
+    copy = folder / ("model.keras" if kind == "keras" else "model.h5")
+    shutil.copyfile(resolved.location, copy)
+    if export_key(spec, replace(resolved, location=str(copy))) != key:
+        raise ModelLoadError(
+            f"model {spec.name!r}: {resolved.location} changed while it was being read; "
+            "run again once it is written")
+    if kind == "keras":
+        try:
+            with zipfile.ZipFile(copy) as archive:
+                sizes = {i.filename: i.file_size for i in archive.infolist()}
+        except (zipfile.BadZipFile, OSError) as err:
+            raise ModelLoadError(f"model {spec.name!r}: {resolved.location} is not a "
+                                 f"readable Keras archive ({err})") from err
+        big = {n: b for n, b in sizes.items() if n.endswith(".json") and b > MAX_CONFIG_BYTES}
+        if big:
+            raise ModelLoadError(
+                f"model {spec.name!r}: {resolved.location} declares {', '.join(big)} of "
+                f"{max(big.values()) / 2**20:,.0f} MB uncompressed, beyond the "
+                f"{MAX_CONFIG_BYTES / 2**20:.0f} MB a model's description needs; refusing "
+                "to unpack it")
+    return copy
 
 
 def _publish(tmp: Path, final: Path, key: str) -> bool:

@@ -263,6 +263,7 @@ def test_broken_member_within_quorum_then_repaired(tmp_path: Path, checkpoints: 
     assert list(summary.missing_members) == ["m2"]
     assert summary.report is not None
     assert any("could not be loaded" in w and "m2" in w for w in summary.report.warnings)
+    assert not any("correlate at" in w for w in summary.report.warnings)
     record = json.loads((out / "_run.json").read_text())
     assert [m["name"] for m in record["members"] if m["missing"]] == ["m2"]
     table = read_dataset(out / "ensemble").sort_by("id")

@@ -169,8 +169,8 @@ def test_truncated_file_is_a_model_load_error(tmp_path: Path, keras_models: dict
     path = keras_models["specs"]["functional"].path
     truncated = tmp_path / "truncated.keras"
     truncated.write_bytes(Path(path).read_bytes()[:700])
-    with pytest.raises(ModelLoadError, match=r"'cut': Keras cannot load .*truncated\.keras "
-                                             r"\(in safe mode\).*truncated"):
+    with pytest.raises(ModelLoadError, match=r"'cut': .*truncated\.keras is not a readable "
+                                             r"Keras archive"):
         load_scorer(ModelSpec(name="cut", path=str(truncated)), F)
     assert sorted(p.name for p in (tmp_path / "cache" / "keras").iterdir()) == []
 
@@ -356,3 +356,43 @@ def test_flow_mixes_keras_members_with_a_checkpoint(
         assert record[name]["location"] == specs[name].path
         # what resume compares: the Keras file's (and custom_objects module's) digest
         assert record[name]["digest"] == digest_files(resolve_model(specs[name]).files)
+
+
+def test_cache_entries_that_others_could_have_written_are_refused(
+        tmp_path: Path, keras_models: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """An entry is the model that will be scored: a link to elsewhere, or one writable by
+    other users, is refused rather than trusted."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    spec = keras_models["specs"]["legacy"]
+    load_scorer(spec, F).close()
+    entry = tmp_path / "cache" / "keras" / export_key(spec, resolve_model(spec))
+    (entry / "saved_model.pb").chmod(0o666)
+    with pytest.raises(ModelLoadError, match="is writable by other users"):
+        load_scorer(spec, F)
+    (entry / "saved_model.pb").chmod(0o644)
+    elsewhere = tmp_path / "elsewhere"
+    entry.rename(elsewhere)
+    entry.symlink_to(elsewhere)
+    with pytest.raises(ModelLoadError, match="is a symbolic link; refusing it"):
+        load_scorer(spec, F)
+
+
+def test_the_export_reads_a_checked_copy_and_refuses_a_config_bomb(
+        tmp_path: Path, keras_models: dict[str, Any]) -> None:
+    import zipfile
+
+    from loaders.keras_file import _snapshot
+
+    spec = keras_models["specs"]["functional"]
+    resolved = resolve_model(spec)
+    folder = tmp_path / "t"
+    folder.mkdir()
+    with pytest.raises(ModelLoadError, match="changed while it was being read"):
+        _snapshot(spec, resolved, "keras", "not-its-key", folder)  # as if replaced
+    bomb = tmp_path / "bomb.keras"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("config.json", " " * (65 * 2**20))
+    bomb_spec = ModelSpec(name="bomb", path=str(bomb))
+    with pytest.raises(ModelLoadError, match=r"config\.json of 65 MB uncompressed"):
+        _snapshot(bomb_spec, resolve_model(bomb_spec), "keras",
+                  export_key(bomb_spec, resolve_model(bomb_spec)), folder)
