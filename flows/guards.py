@@ -23,7 +23,6 @@ from loaders.manifest import Manifest, ModelSpec
 from tasks.drift import (
     MAJOR_PSI,
     MODERATE_PSI,
-    DriftLine,
     drift_lines,
     merge_sketches,
     render_drift_markdown,
@@ -133,35 +132,23 @@ def compare_with_baseline(current: Sketches, baseline: tuple[Sketches, str] | No
     before, description = baseline
     kinds = {f"score_{n}": "member" for n in names} | {"ensemble_score": "ensemble"}
     lines = (drift_lines(before.features, current.features, {})
-             + drift_lines(before.scores, current.scores, kinds)
-             + _unmatched(before, current, kinds))
+             + drift_lines(before.scores, current.scores, kinds))
     lines.sort(key=lambda d: (d.psi is None, -(d.psi or 0.0), d.column))
     top = max((d.psi for d in lines if d.psi is not None), default=None)
-    return DriftRecord(baseline=description, lines=lines, max_psi=top)
-
-
-def _unmatched(before: Sketches, current: Sketches, kinds: Mapping[str, str]
-               ) -> list[DriftLine]:
-    """Columns in only one of the two runs (a feature renamed, a member added): listed
-    without a PSI, so a rename is seen rather than dropped."""
-    lines = []
-    for then, now in ((before.features, current.features), (before.scores, current.scores)):
-        for column in sorted(set(then) ^ set(now)):
-            old, new = then.get(column), now.get(column)
-            lines.append(DriftLine(
-                column=column, kind=kinds.get(column, "feature"),  # type: ignore[arg-type]
-                psi=None, band="n/a", baseline_mean=old.mean if old else None,
-                current_mean=new.mean if new else None,
-                baseline_null_share=old.null_share if old else 1.0,
-                current_null_share=new.null_share if new else 1.0))
-    return lines
+    # Columns in only one of the two runs (a renamed feature, a new member) have no PSI:
+    # listed, so a rename is seen rather than dropped.
+    then = {*before.features, *before.scores}
+    now = {*current.features, *current.scores}
+    return DriftRecord(baseline=description, lines=lines, max_psi=top,
+                       only_baseline=sorted(then - now), only_current=sorted(now - then))
 
 
 def publish_drift(record: DriftRecord, logger: Any) -> None:
     from prefect.artifacts import create_markdown_artifact
 
     publish_safely(logger, "drift", lambda: create_markdown_artifact(
-        render_drift_markdown(record.lines, record.baseline), key=DRIFT_ARTIFACT,
+        render_drift_markdown(record.lines, record.baseline) + record.unmatched_markdown(),
+        key=DRIFT_ARTIFACT,
         description=f"Population stability index against the baseline ({MODERATE_PSI} / "
         f"{MAJOR_PSI} bands)"))
     for line in record.text():

@@ -159,16 +159,13 @@ class DriftRecord(BaseModel):
     baseline: str  # what was compared with, for people
     lines: list[DriftLine]
     max_psi: float | None
+    only_baseline: list[str] = []  # columns the baseline has and this run has not
+    only_current: list[str] = []
 
     def text(self) -> list[str]:
         """For the log and the CLI summary: what drifted, or one line saying nothing did."""
         moving = [d for d in self.lines if d.psi is not None and d.psi >= MODERATE_PSI]
-        gone = [d.column for d in self.lines if d.psi is None and d.current_mean is None
-                and d.current_null_share == 1.0 and d.baseline_null_share < 1.0]
-        new = [d.column for d in self.lines if d.psi is None and d.baseline_mean is None
-               and d.baseline_null_share == 1.0 and d.current_null_share < 1.0]
-        unmatched = ([f"not in this run: {', '.join(gone)}"] if gone else []) + (
-            [f"new in this run: {', '.join(new)}"] if new else [])
+        unmatched = self.unmatched()
         if moving:
             return render_drift_text(moving) + unmatched
         top = next((d for d in self.lines if d.psi is not None), None)
@@ -176,6 +173,15 @@ class DriftRecord(BaseModel):
             return ["no column to compare", *unmatched]
         return [f"nothing drifted (largest PSI {top.psi:.3f}, {top.column}; bands "
                 f"{MODERATE_PSI} / {MAJOR_PSI})", *unmatched]
+
+    def unmatched(self) -> list[str]:
+        return ([f"not in this run: {', '.join(self.only_baseline)}"]
+                if self.only_baseline else []) + (
+            [f"new in this run: {', '.join(self.only_current)}"] if self.only_current else [])
+
+    def unmatched_markdown(self) -> str:
+        lines = self.unmatched()
+        return "\n" + "\n".join(f"- {line}" for line in lines) + "\n" if lines else ""
 
 
 class RunRecord(BaseModel):

@@ -114,6 +114,25 @@ def sketch_columns(names: Sequence[str], sample: np.ndarray, rows: int
         ValueError: The sample's shape does not match ``names``, names repeat, or
             ``rows`` is negative.
     """
+    matrix = _checked_sample(names, sample, rows)
+    n = matrix.shape[0]
+    finite = np.isfinite(matrix)
+    counts = finite.sum(axis=0)
+    values = np.where(finite, matrix, np.nan).astype(np.float64)
+    quantiles = _column_quantiles(values, counts)
+    mean, std = _column_moments(values, finite, counts)
+    return {
+        name: ColumnSketch(
+            rows=rows, sampled=n, nulls=n - int(counts[j]),
+            mean=_json_float(mean[j]) if counts[j] else None,
+            std=_json_float(std[j]) if counts[j] else None,
+            quantiles=quantiles[j] if counts[j] else [],
+        )
+        for j, name in enumerate(names)
+    }
+
+
+def _checked_sample(names: Sequence[str], sample: np.ndarray, rows: int) -> np.ndarray:
     matrix = np.asarray(sample)
     if matrix.ndim != 2 or matrix.shape[1] != len(names):
         raise ValueError(f"sample has shape {matrix.shape}, expected (n, {len(names)}): one "
@@ -122,47 +141,38 @@ def sketch_columns(names: Sequence[str], sample: np.ndarray, rows: int
         raise ValueError(f"column names repeat in {list(names)}; each column needs its own")
     if rows < 0:
         raise ValueError(f"rows is {rows}; give the number of rows the sample stands for")
-    n, k = matrix.shape
-    finite = np.isfinite(matrix)
-    counts = finite.sum(axis=0)
-    values = np.where(finite, matrix, np.nan).astype(np.float64)
-    quantiles: list[list[float]] = [[] for _ in range(k)]
-    mean = np.full(k, np.nan)
-    std = np.full(k, np.nan)
-    if n:
-        ordered = np.sort(values, axis=0)
-        last = np.maximum(counts - 1, 0)
-        pos = _LEVELS[:, None] * last[None, :]
-        lo = np.floor(pos).astype(np.intp)
-        hi = np.minimum(lo + 1, last[None, :])
-        frac = pos - lo
-        below = np.take_along_axis(ordered, lo, axis=0)
-        above = np.take_along_axis(ordered, hi, axis=0)
-        # Blending (not a + (b - a) * t) cannot overflow, and keeps ties exact so a
-        # constant column has one distinct quantile.
-        with np.errstate(invalid="ignore"):
-            q = np.where(below == above, below, below * (1.0 - frac) + above * frac)
-            q = np.clip(q, below, above)
-        q = np.maximum.accumulate(q, axis=0)
-        by_column = q.T.tolist()
-        for col in np.flatnonzero(counts).tolist():
-            quantiles[col] = by_column[col]
-        safe = np.maximum(counts, 1)
-        zeroed = np.where(finite, values, 0.0)
-        with np.errstate(over="ignore", invalid="ignore"):
-            mean = zeroed.sum(axis=0) / safe
-            deviation = np.where(finite, values - mean, 0.0)
-            std = np.sqrt((deviation * deviation).sum(axis=0) / safe)
-    result = {}
-    for j, name in enumerate(names):
-        c = int(counts[j])
-        result[name] = ColumnSketch(
-            rows=rows, sampled=n, nulls=n - c,
-            mean=_json_float(mean[j]) if c else None,
-            std=_json_float(std[j]) if c else None,
-            quantiles=quantiles[j],
-        )
-    return result
+    return matrix
+
+
+def _column_quantiles(values: np.ndarray, counts: np.ndarray) -> list[list[float]]:
+    """Each column's finite values at ``QUANTILE_LEVELS`` (NaN where there are none)."""
+    if not len(values):
+        return [[] for _ in range(values.shape[1])]
+    ordered = np.sort(values, axis=0)  # NaN last: the first counts[j] rows are finite
+    last = np.maximum(counts - 1, 0)
+    pos = _LEVELS[:, None] * last[None, :]
+    lo = np.floor(pos).astype(np.intp)
+    hi = np.minimum(lo + 1, last[None, :])
+    frac = pos - lo
+    below = np.take_along_axis(ordered, lo, axis=0)
+    above = np.take_along_axis(ordered, hi, axis=0)
+    # Blending (not a + (b - a) * t) cannot overflow, and keeps ties exact so a constant
+    # column has one distinct quantile.
+    with np.errstate(invalid="ignore"):
+        q = np.where(below == above, below, below * (1.0 - frac) + above * frac)
+        q = np.clip(q, below, above)
+    return np.maximum.accumulate(q, axis=0).T.tolist()  # type: ignore[no-any-return]
+
+
+def _column_moments(values: np.ndarray, finite: np.ndarray, counts: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Each column's mean and population std over its finite values."""
+    safe = np.maximum(counts, 1)
+    with np.errstate(over="ignore", invalid="ignore"):
+        mean = np.where(finite, values, 0.0).sum(axis=0) / safe
+        deviation = np.where(finite, values - mean, 0.0)
+        std = np.sqrt((deviation * deviation).sum(axis=0) / safe)
+    return mean, std
 
 
 def sketch_values(values: np.ndarray, rows: int) -> ColumnSketch:

@@ -25,7 +25,13 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from loaders.base import Scorer
-from loaders.errors import DataError, GoldenMismatch, ManifestError, ModelLoadError
+from loaders.errors import (
+    DataError,
+    GoldenMismatch,
+    ManifestError,
+    ModelLoadError,
+    OutputError,
+)
 from loaders.manifest import Manifest
 from tasks.batch import ids_text
 from tasks.features import find_bad_rows, to_matrix
@@ -117,8 +123,6 @@ def bless(manifest: Manifest, sample: pa.Table, scorers: Mapping[str, Scorer],
     Raises:
         OutputError: ``out`` is a link or a file ``bless`` did not write, or unwritable.
     """
-    from loaders.errors import OutputError
-
     if out.is_symlink() or (out.exists() and _golden_metadata(out) is None):
         raise OutputError(f"{out} exists and is not a golden file written by bless; give "
                           "another --out, or move it away")

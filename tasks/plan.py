@@ -7,11 +7,14 @@ the others still run (it is reported, and the run ends failed).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel
 
 from loaders.errors import DataError
 from loaders.inspect import digest_files, resolve_model
 from loaders.manifest import Manifest
+from tasks.fs import is_s3
 from tasks.partitions import Partition, check_partition, discover_partitions
 from tasks.storage import check_output_apart, store_for
 
@@ -73,7 +76,12 @@ def make_plan(manifest: Manifest, input_path: str, output_dir: str, *,
     store.check_writable()
     partitions = discover_partitions(input_path, exclude=store.root)
     if manifest.golden is not None:  # blessed rows kept beside the data are not data
-        partitions = [p for p in partitions if p.path != manifest.golden] or partitions
+        golden = Path(manifest.golden)
+        partitions = [p for p in partitions
+                      if is_s3(p.path) or Path(p.path).resolve() != golden]
+        if not partitions:
+            raise DataError(f"the only Parquet file at {input_path} is the manifest's golden "
+                            f"file {golden}; point --input at the data")
     unreadable: dict[str, str] = {}
     good = []
     for part in partitions:

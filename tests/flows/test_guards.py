@@ -367,3 +367,35 @@ def _weights(path: Path) -> list[tuple[np.ndarray, np.ndarray]]:
     layers = mlp_weights(seed, N_FEATURES, (8,))
     layers[0][0][0] *= 4.0
     return layers
+
+
+def test_columns_in_one_run_only_are_listed() -> None:
+    from flows.guards import compare_with_baseline
+    from flows.records import Sketches
+    from tasks.drift import sketch_values
+
+    x = np.random.default_rng(0).standard_normal(1000)
+    before = Sketches(features={"f05": sketch_values(x, 1000), "a": sketch_values(x, 1000)})
+    now = Sketches(features={"g05": sketch_values(x * 1000, 1000),
+                             "a": sketch_values(x, 1000)})
+    record = compare_with_baseline(now, (before, "previous run"), [])
+    assert record is not None and [d.column for d in record.lines] == ["a"]
+    assert record.text()[1:] == ["not in this run: f05", "new in this run: g05"]
+    assert "- new in this run: g05" in record.unmatched_markdown()
+
+
+def test_the_golden_file_is_not_a_partition_whatever_the_input_path(
+        tmp_path: Path, checkpoints: list[Path], features: list[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from loaders.manifest import load_manifest
+    from tasks.plan import make_plan
+
+    _data(tmp_path / "data", features)
+    manifest = _tf1_manifest(tmp_path / "m.yaml", checkpoints, features,
+                             golden="data/golden.parquet")
+    shutil.copy(tmp_path / "data" / "part-0.parquet", tmp_path / "data" / "golden.parquet")
+    monkeypatch.chdir(tmp_path)
+    plan = make_plan(load_manifest(manifest), "data", str(tmp_path / "out"))
+    assert sorted(p.relpath for p in plan.partitions) == ["part-0.parquet", "part-1.parquet"]
+    with pytest.raises(DataError, match=r"only Parquet file .* is the manifest's golden"):
+        make_plan(load_manifest(manifest), "data/golden.parquet", str(tmp_path / "out"))
