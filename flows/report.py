@@ -369,43 +369,41 @@ def _member_cells(m: MemberFigures) -> list[str]:
 
 
 def member_table(report: RunReport) -> list[dict[str, Any]]:
-    """Rows of the members table artifact: numbers stay numbers, so the API gives them back."""
+    """Rows of the members table artifact, formatted as the summary formats them: the UI
+    shows the cells as given, and the figures as numbers are in ``_run.json``."""
     return [
         {
             "member": m.name,
-            "rows": m.rows,
-            "mean": None if m.mean is None else round(m.mean, 6),
-            "std": None if m.std is None else round(m.std, 6),
-            "seconds": round(m.seconds, 3),
-            "rows/s": None if m.rows_per_second is None else round(m.rows_per_second),
-            "reused partitions": m.reused_partitions,
+            "rows": f"{m.rows:,}",
+            "mean": _num(m.mean),
+            "std": _num(m.std),
+            "seconds": f"{m.seconds:.2f}",
+            "rows/s": _rate(m.rows_per_second),
+            "reused partitions": f"{m.reused_partitions:,}",
             "digest": m.digest[:16],
-            "load s": round(m.load_seconds, 3),
+            "load s": f"{m.load_seconds:.2f}",
         }
         for m in report.members
     ]
 
 
-def figures_table(report: RunReport) -> list[dict[str, Any]]:
-    """Rows of the ensemble figures table artifact."""
-    rows: list[tuple[str, Any]] = [
-        ("rows", report.rows),
-        ("partitions committed", report.partitions),
-        ("quarantined rows", report.quarantined_rows),
-        ("failed partitions", len(report.failed_partitions)),
-        ("rows in failed partitions", report.failed_rows),
-        ("ensemble_score mean", report.ensemble_mean),
-        ("ensemble_score std", report.ensemble_std),
-        ("ensemble_score min", report.ensemble_min),
-        ("ensemble_score max", report.ensemble_max),
-        ("ensemble_std mean (member disagreement)", report.disagreement_mean),
-        ("member outputs reused", report.reused_member_outputs),
-        ("seconds", round(report.seconds, 2)),
-        ("scoring seconds", round(report.scoring_seconds, 2)),
-        ("rows/s while scoring", round(report.rows_per_second)),
+def figures_table(report: RunReport) -> list[dict[str, str]]:
+    """Rows of the ensemble figures table artifact: ten, one page of the UI's table."""
+    rows = [
+        ("rows", f"{report.rows:,}"),
+        ("partitions committed", f"{report.partitions:,}"),
+        ("quarantined rows", f"{report.quarantined_rows:,}"),
+        ("failed partitions", f"{len(report.failed_partitions):,} "
+                              f"({report.failed_rows:,} rows)"),
+        ("ensemble_score mean ± std",
+         f"{_num(report.ensemble_mean)} ± {_num(report.ensemble_std)}"),
+        ("ensemble_score range", f"{_num(report.ensemble_min)} to {_num(report.ensemble_max)}"),
+        ("member disagreement (mean ensemble_std)", _num(report.disagreement_mean)),
+        ("member outputs reused", f"{report.reused_member_outputs:,}"),
+        ("time", f"{report.seconds:.1f} s in the flow, {report.scoring_seconds:.1f} s scoring"),
+        ("rows/s while scoring", _rate(report.rows_per_second)),
     ]
-    return [{"figure": k, "value": round(v, 6) if isinstance(v, float) else v}
-            for k, v in rows]
+    return [{"figure": k, "value": v} for k, v in rows]
 
 
 def _md_table(header: Sequence[str], rows: Iterable[Sequence[str]],

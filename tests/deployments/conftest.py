@@ -196,7 +196,8 @@ def adhoc_run(stack: PrefectStack, tmp_path_factory: pytest.TempPathFactory
     data = tmp_path_factory.mktemp("adhoc")
     manifest = build_demo(data / "demo", partitions=DEMO_PARTITIONS, rows=DEMO_ROWS)
     stack.cli("work-pool", "create", POOL, "--type", "process")
-    stack.cli("--no-prompt", "deploy", "--all", "--prefect-file", PREFECT_FILE)
+    deployed = stack.cli("--no-prompt", "deploy", "--all", "--prefect-file", PREFECT_FILE)
+    assert "Warning" not in deployed.stdout + deployed.stderr, deployed.stderr
     stack.start("worker", prefect_cli(), "worker", "start", "--pool", POOL,
                 cwd=data)  # not the repo root: the pull step has to take it there
     deployment = stack.api("GET", "/deployments/name/ensemble-score/adhoc").json()

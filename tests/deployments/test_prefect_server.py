@@ -61,11 +61,11 @@ def test_adhoc_run_through_a_worker(stack: PrefectStack, adhoc_run: dict[str, An
     assert set(ARTIFACT_KEYS.values()) <= set(artifacts), sorted(artifacts)
     members = artifacts[ARTIFACT_KEYS["members"]]
     assert [m["member"] for m in members] == names
-    assert all(m["rows"] == table.num_rows and len(m["digest"]) == 16 for m in members)
+    assert all(m["rows"] == f"{table.num_rows:,}" and len(m["digest"]) == 16 for m in members)
     assert artifacts[ARTIFACT_KEYS["progress"]] == pytest.approx(100.0)
     assert str(adhoc_run["output"]) in artifacts[ARTIFACT_KEYS["summary"]]
     figures = {f["figure"]: f["value"] for f in artifacts[ARTIFACT_KEYS["figures"]]}
-    assert figures["rows"] == table.num_rows and figures["quarantined rows"] == 0
+    assert figures["rows"] == f"{table.num_rows:,}" and figures["quarantined rows"] == "0"
 
     # One INFO line per partition, through the run logger, stored by the server (logs are
     # shipped in batches: the last ones may land after the state turns Completed).

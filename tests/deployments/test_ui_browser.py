@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -108,8 +109,15 @@ def test_custom_run_filled_by_label_like_a_person(
     _shot(page, "custom-run-filled.png")
     runs_before = _flow_runs(stack, deployment_id)
     page.get_by_role("button", name="Submit").click()
-    page.wait_for_url(re.compile(r"tab=Runs"))  # the UI goes on to the deployment's runs
-    assert _flow_runs(stack, deployment_id) == runs_before + 1
+    # The run is created through the API the UI calls; on a busy machine the UI's move on
+    # to the deployment's runs can take long after that, so the run itself is waited for.
+    deadline = time.monotonic() + 90
+    while _flow_runs(stack, deployment_id) == runs_before and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if _flow_runs(stack, deployment_id) != runs_before + 1:
+        _shot(page, "custom-run-not-submitted.png")
+        raise AssertionError(f"no run created from the form; the page at {page.url} says:\n"
+                             f"{page.inner_text('body')[:2000]}")
     [created] = [r for r in stack.api("POST", "/flow_runs/filter", json={
         "deployments": {"id": {"any_": [deployment_id]}}}).json()
         if r["parameters"]["params"].get("output") == str(out)]
@@ -138,3 +146,15 @@ def test_run_artifacts_show_the_member_table(page: Any, stack: PrefectStack,
     for name in ("seed0", "seed1", "seed2"):
         expect(table.get_by_role("cell", name=name, exact=True)).to_be_visible()
     _shot(page, "member-table.png")
+    # Formatted as the summary formats them (6,000 rows, not 6000).
+    expect(table.get_by_role("cell", name="6,000", exact=True).first).to_be_visible()
+
+    # The figures table fits one page of the UI's table: its last row shows with its first.
+    page.goto(f"{stack.url}/v2/runs/flow-run/{run_id}?tab=Artifacts")
+    page.get_by_text(ARTIFACT_KEYS["figures"], exact=True).click()
+    page.wait_for_url(re.compile(r"/artifacts/artifact/"))
+    table = page.get_by_role("table")
+    for figure in ("rows", "rows/s while scoring", "ensemble_score mean ± std"):
+        expect(table.get_by_role("cell", name=figure, exact=True)).to_be_visible()
+    expect(page.get_by_text("Page 1 of 1")).to_be_visible()
+    _shot(page, "figures-table.png")
