@@ -240,6 +240,13 @@ def write_table(path: Path, columns: dict[str, Any]) -> Path:
     return path
 
 
+def ckpt_member(name: str, path: Path | str, **extra: Any) -> dict[str, Any]:
+    """A manifest entry for a checkpoint of ``flows.demo.build_mlp_checkpoint``, with the
+    tensor names its graph uses."""
+    return {"name": name, "path": str(path), "input": "features:0", "output": "score:0",
+            **extra}
+
+
 def write_manifest(path: Path, data: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(data, sort_keys=False))

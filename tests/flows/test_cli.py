@@ -18,6 +18,7 @@ import pytest
 
 from flows.score import main
 from tests.helpers import (
+    ckpt_member,
     prefect_free_env,
     prefect_servers,
     read_only_folder,
@@ -40,7 +41,7 @@ def setup(tmp_path: Path, checkpoints: list[Path], features: list[str]) -> dict[
     for f in features:
         cols[f] = np.ones(10, np.float32)
     write_table(tmp_path / "in" / "p.parquet", cols)
-    models = [{"name": f"m{i}", "path": str(p), "input": "features:0", "output": "score:0"}
+    models = [ckpt_member(f"m{i}", p)
               for i, p in enumerate(checkpoints)]
     return {"tmp": tmp_path, "features": features, "models": models}
 
@@ -59,35 +60,25 @@ def _run(setup: dict[str, object], capsys: pytest.CaptureFixture[str], **manifes
     return code, err
 
 
-def test_missing_checkpoint_file(setup, capsys) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("member", "key", "value", "message"), [
+    (1, "path", "/nowhere/model.ckpt", "model 'm1': no checkpoint at /nowhere/model.ckpt"),
+    (2, "output", "logits:0", "model 'm2': output tensor 'logits:0' is not in the graph"),
+    (2, "name", "m0", "duplicate model names: ['m0']"),
+], ids=["missing checkpoint", "unknown tensor", "duplicate names"])
+def test_a_wrong_model_entry_is_exit_2(setup, capsys, member: int, key: str, value: str,  # type: ignore[no-untyped-def]
+                                       message: str) -> None:
     models = [dict(m) for m in setup["models"]]
-    models[1]["path"] = "/nowhere/model.ckpt"
+    models[member][key] = value
     code, err = _run(setup, capsys, models=models)
     assert code == 2
-    assert "model 'm1': no checkpoint at /nowhere/model.ckpt" in err
+    assert message in err
     assert "Traceback" not in err
-
-
-def test_unknown_tensor(setup, capsys) -> None:  # type: ignore[no-untyped-def]
-    models = [dict(m) for m in setup["models"]]
-    models[2]["output"] = "logits:0"
-    code, err = _run(setup, capsys, models=models)
-    assert code == 2
-    assert "model 'm2': output tensor 'logits:0' is not in the graph" in err
 
 
 def test_missing_feature_column(setup, capsys) -> None:  # type: ignore[no-untyped-def]
     code, err = _run(setup, capsys, features=[*setup["features"], "income"])
     assert code == 2
     assert "partition p.parquet lacks column(s) ['income']" in err
-
-
-def test_duplicate_model_names(setup, capsys) -> None:  # type: ignore[no-untyped-def]
-    models = [dict(m) for m in setup["models"]]
-    models[2]["name"] = "m0"
-    code, err = _run(setup, capsys, models=models)
-    assert code == 2
-    assert "duplicate model names: ['m0']" in err
 
 
 def _main(setup: dict[str, object], capsys: pytest.CaptureFixture[str], inp: Path, out: Path

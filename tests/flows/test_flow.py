@@ -15,6 +15,7 @@ from flows.params import ScoreParams
 from loaders.errors import PartitionsFailed
 from tests.helpers import (
     N_FEATURES,
+    ckpt_member,
     read_dataset,
     save_tf2_saved_model,
     write_manifest,
@@ -49,8 +50,7 @@ def test_mixed_formats_hive_string_ids(tmp_path: Path, checkpoints: list[Path],
         "id_column": "customer",
         "features": features,
         "models": [
-            {"name": "ckpt_a", "path": str(checkpoints[0]), "input": "features:0",
-             "output": "score:0"},
+            ckpt_member("ckpt_a", checkpoints[0]),
             {"name": "ckpt_b", "path": str(checkpoints[1]), "input": "features",
              "output": "score"},
             {"name": "saved", "path": "tf2"},  # relative to the manifest's folder

@@ -24,7 +24,7 @@ from loaders.errors import (
     ManifestError,
     ModelLoadError,
 )
-from tests.helpers import N_FEATURES, read_dataset, write_manifest, write_table
+from tests.helpers import N_FEATURES, ckpt_member, read_dataset, write_manifest, write_table
 from tests.helpers import save_tf2_saved_model as save_saved_model
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -49,8 +49,7 @@ def _tf1_manifest(path: Path, checkpoints: list[Path], features: list[str],
                   **extra: Any) -> Path:
     return write_manifest(path, {
         "id_column": "id", "features": features,
-        "models": [{"name": f"m{i}", "path": str(c), "input": "features:0",
-                    "output": "score:0"} for i, c in enumerate(checkpoints)],
+        "models": [ckpt_member(f"m{i}", c) for i, c in enumerate(checkpoints)],
         **extra,
     })
 
@@ -76,8 +75,7 @@ def test_tf1_and_saved_model_bless_and_pass(tmp_path: Path, checkpoints: list[Pa
     save_saved_model(tmp_path / "models" / "saved", mlp_weights(99, N_FEATURES))
     manifest = write_manifest(tmp_path / "models" / "m.yaml", {
         "id_column": "id", "features": features,
-        "models": [{"name": "ckpt", "path": str(checkpoints[0]), "input": "features:0",
-                    "output": "score:0"},
+        "models": [ckpt_member("ckpt", checkpoints[0]),
                    {"name": "saved", "path": "saved"}],
     })
     _data(tmp_path / "data", features)

@@ -32,6 +32,7 @@ from loaders.manifest import ModelSpec, parse_manifest
 from tests.helpers import (
     KERAS_CUSTOM_MODULE,
     N_FEATURES,
+    ckpt_member,
     keras_mlp,
     keras_predict,
     read_dataset,
@@ -326,8 +327,7 @@ def test_flow_mixes_keras_members_with_a_checkpoint(
         "id_column": "id",
         "features": features,
         "models": [
-            {"name": "ckpt", "path": str(checkpoints[0]), "input": "features:0",
-             "output": "score:0"},
+            ckpt_member("ckpt", checkpoints[0]),
             {"name": "functional", "path": specs["functional"].path},
             {"name": "subclassed", "path": specs["subclassed"].path, "format": "keras",
              "custom_objects": specs["subclassed"].custom_objects},

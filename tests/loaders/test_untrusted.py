@@ -42,6 +42,12 @@ def _edit_meta(prefix: Path, edit: Callable[[Any], None]) -> None:
     Path(f"{prefix}.meta").write_bytes(meta.SerializeToString())
 
 
+def _input_and_weights() -> tuple[Any, Any]:
+    """The 8-feature input and a (8, 1) variable of ones, in the graph being built."""
+    x = tf.compat.v1.placeholder(tf.float32, [None, 8], name="features")
+    return x, tf.compat.v1.get_variable("w", initializer=np.ones((8, 1), np.float32))
+
+
 def _spec(prefix: Path, **extra: Any) -> ModelSpec:
     return ModelSpec(name="m", path=str(prefix), input="features:0", output="score:0",
                      **extra)
@@ -124,8 +130,7 @@ def test_internal_fused_kernels_and_loops_are_not_allowed(tmp_path: Path, op: st
 
 def test_a_constant_that_explodes_at_import_is_refused(tmp_path: Path) -> None:
     def build() -> None:
-        x = tf.compat.v1.placeholder(tf.float32, [None, 8], name="features")
-        w = tf.compat.v1.get_variable("w", initializer=np.ones((8, 1), np.float32))
+        x, w = _input_and_weights()
         big = tf.constant(0.0, shape=[1 << 29], name="big")  # one value, 2 GiB expanded
         tf.identity(tf.matmul(x, w) + tf.reduce_sum(big), name="score")
 
@@ -208,8 +213,7 @@ def test_other_spellings_of_one_variable_are_refused(tmp_path: Path, how: str) -
 
 def test_a_function_that_calls_itself_is_refused(tmp_path: Path) -> None:
     def build() -> None:
-        x = tf.compat.v1.placeholder(tf.float32, [None, 8], name="features")
-        w = tf.compat.v1.get_variable("w", initializer=np.ones((8, 1), np.float32))
+        x, w = _input_and_weights()
 
         @tf.function
         def leaf(v: Any) -> Any:
@@ -243,8 +247,7 @@ def test_tensors_that_ask_for_gigabytes_are_refused(tmp_path: Path, how: str) ->
     n = 1 << 29  # 2 GiB of float32, from a few bytes of graph
 
     def build() -> None:
-        x = tf.compat.v1.placeholder(tf.float32, [None, 8], name="features")
-        w = tf.compat.v1.get_variable("w", initializer=np.ones((8, 1), np.float32))
+        x, w = _input_and_weights()
         one = tf.reduce_sum(x) * 0.0 + 1.0  # depends on the input: nothing folds
         big = {"Fill": lambda: tf.fill([n], one),
                "BroadcastTo": lambda: tf.broadcast_to(tf.reshape(one, [1]), [n]),
