@@ -17,8 +17,13 @@ from tests.helpers import N_FEATURES, SEEDS
 
 @pytest.fixture(scope="session")
 def prefect_harness() -> Iterator[None]:
+    from prefect.logging.configuration import ensure_logging_setup
     from prefect.testing.utilities import prefect_test_harness
 
+    # Prefect configures its logging on first use of its API; done here, its console
+    # handler writes to the session's stderr, not to the capture of the first test that
+    # happens to run a flow (closed after that test, and written to at teardown).
+    ensure_logging_setup()
     with prefect_test_harness(server_startup_timeout=120):
         yield
 
