@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -224,6 +225,15 @@ def prefect_servers(home: Path) -> list[int]:
             if f"PREFECT_HOME={home}".encode() in environ and state not in ("Z", "X"):
                 found.append(int(entry.name))
     return found
+
+
+def wait_until_no_servers(home: Path, timeout: float = 15.0) -> list[int]:
+    """The servers of ``home`` still alive after up to ``timeout`` s: a CLI that exits
+    has told its server to stop, and the server's own graceful shutdown takes a moment."""
+    deadline = time.monotonic() + timeout
+    while (alive := prefect_servers(home)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return alive
 
 
 def prefect_free_env(home: Path, **extra: str) -> dict[str, str]:

@@ -20,8 +20,8 @@ from flows.score import main
 from tests.helpers import (
     ckpt_member,
     prefect_free_env,
-    prefect_servers,
     read_only_folder,
+    wait_until_no_servers,
     write_manifest,
     write_table,
 )
@@ -204,7 +204,7 @@ def test_demo_runs_in_ephemeral_mode(tmp_path: Path) -> None:
     assert "Members:        3 (seed0, seed1, seed2)" in proc.stdout
     assert "ensemble_score" in proc.stdout
     assert len(list((tmp_path / ".demo" / "output" / "ensemble").glob("*.parquet"))) == 4
-    assert not prefect_servers(tmp_path / "prefect-home")  # its server stopped with it
+    assert not wait_until_no_servers(tmp_path / "prefect-home")  # stopped with the CLI
 
 
 @pytest.mark.slow
@@ -257,10 +257,7 @@ def test_ctrl_c_stops_the_run_and_its_server(setup: dict[str, object]) -> None:
         p.name for p in committed]
     assert set(states.values()) == {"committed", "pending"}
     assert not (out / ".lock").exists()
-    deadline = time.monotonic() + 15  # the server's own shutdown
-    while prefect_servers(tmp / "prefect-home") and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not prefect_servers(tmp / "prefect-home")
+    assert not wait_until_no_servers(tmp / "prefect-home")
 
 
 def _default_sigint() -> None:
