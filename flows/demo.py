@@ -180,3 +180,37 @@ def build_demo(folder: Path = DEMO_DIR, *, members: int = 3, partitions: int = 4
     manifest_path.write_text(yaml.safe_dump(manifest, sort_keys=False), encoding="utf-8")
     marker.write_text(json.dumps(wanted))
     return manifest_path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m flows.demo``: build demo data of any size, to try a deployment or the
+    UI on a run that takes a while (``python -m flows.score`` builds the default one)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.demo",
+        description="Build demo checkpoints (one MLP, several seeds, identical variable "
+        "names) and Parquet partitions, with their manifest; prints the manifest's path. "
+        "Score them with: python -m flows.score --models FOLDER/manifest.yaml --input "
+        "FOLDER/data --output OUT")
+    parser.add_argument("folder", nargs="?", type=Path, default=DEMO_DIR,
+                        help=f"where to build (default {DEMO_DIR})")
+    parser.add_argument("--members", type=int, default=3, help="checkpoints (default 3)")
+    parser.add_argument("--partitions", type=int, default=4,
+                        help="Parquet files (default 4)")
+    parser.add_argument("--rows", type=int, default=50_000,
+                        help="rows per file (default 50,000)")
+    parser.add_argument("--features", type=int, default=32, help="features (default 32)")
+    args = parser.parse_args(argv)
+    if min(args.members, args.partitions, args.rows, args.features) < 1:
+        parser.error("every count must be at least 1")
+    from tasks.runtime import set_up
+
+    set_up()  # TensorFlow's start-up chatter off, as in the scoring command
+    print(build_demo(args.folder, members=args.members, partitions=args.partitions,
+                     rows=args.rows, n_features=args.features))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -187,6 +187,8 @@ def _run(args: argparse.Namespace, server: Any, started: float,
     from tasks.runtime import set_up
 
     set_up(debug=args.debug)  # TensorFlow imports here, while the server starts
+    if server is None and (why := _configured_server_unreachable()):
+        return _fail(f"{why}\nNothing was scored.", EXIT_USAGE)
     try:
         params = _checked_params(args, stack)
     except ValidationError as err:
@@ -209,6 +211,17 @@ def _run(args: argparse.Namespace, server: Any, started: float,
                      EXIT_USAGE if isinstance(exc, _refusals()) else EXIT_FAILED)
     print_summary(state.result(), time.perf_counter() - started)
     return EXIT_OK
+
+
+def _configured_server_unreachable() -> str | None:
+    """Why the server PREFECT_API_URL names does not answer (None if it does, or if none
+    is configured): said before the output folder is touched."""
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.server import unreachable
+
+    url = PREFECT_API_URL.value()
+    return unreachable(url) if url else None
 
 
 def _refusals() -> tuple[type[BaseException], ...]:

@@ -147,6 +147,11 @@ def main(argv: list[str]) -> int:
               "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api",
               file=sys.stderr)
         return 2
+    from flows.server import unreachable
+
+    if why := unreachable(str(get_current_settings().api.url)):
+        print(f"error: {why}", file=sys.stderr)
+        return 2
     scheduled, taken = _deployed(names)
     if taken:
         print(f"error: the server already has work-pool deployment(s) "

@@ -26,11 +26,12 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import IO
 
-__all__ = ["LocalServer"]
+__all__ = ["LocalServer", "unreachable"]
 
 # Services a one-run server has no use for, turned off with Prefect's public settings and
 # flags (each can be turned back on by setting the variable in the environment): the
@@ -47,6 +48,26 @@ _QUIET_SERVICES = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_UI_ENABLED": "false",
 }
+
+
+def unreachable(api_url: str, timeout: float = 10.0) -> str | None:
+    """Why the Prefect API at ``api_url`` cannot be reached, or None if it answers.
+
+    Any HTTP answer counts as reachable (Prefect Cloud answers ``/health`` under a
+    workspace URL with an error status): what is caught here is the server that is not
+    running, a wrong host or port, or a name that does not resolve, before the run
+    creates anything and before Prefect's client retries it with a long traceback.
+    """
+    try:
+        urllib.request.urlopen(f"{api_url.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return None
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "reason", None) or err
+        return (f"the Prefect server at {api_url} (PREFECT_API_URL) cannot be reached: "
+                f"{reason}. Start it, or unset PREFECT_API_URL to run with a private server "
+                "of the run's own")
+    return None
 
 
 def _free_port() -> int:

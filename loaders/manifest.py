@@ -205,8 +205,8 @@ def load_manifest(path: str | Path) -> Manifest:
     try:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError as err:
-        raise ManifestError(f"manifest {file} does not exist; check the manifest path (models, "
-                            f"--models)") from err
+        raise ManifestError(f"manifest {file} does not exist; check the manifest path "
+                            f"(params.models, --models)") from err
     except OSError as err:
         raise ManifestError(f"manifest {file} cannot be read: {err}") from err
     try:

@@ -147,7 +147,8 @@ def _discover_s3(uri: str, exclude: Path | S3Path | None) -> list[Partition]:
                          and not i.base_name.startswith((".", "_"))
                          and i.base_name.lower().endswith(PARQUET_SUFFIXES)]
             else:
-                raise DataError(f"input {uri} does not exist; check the input (--input)")
+                raise DataError(f"input {uri} does not exist; check the input "
+                                "(params.input, --input)")
     except OSError as err:
         raise DataError(
             f"cannot list input {uri} ({err}); check the bucket and the AWS_* environment "
@@ -157,8 +158,8 @@ def _discover_s3(uri: str, exclude: Path | S3Path | None) -> list[Partition]:
         infos = [i for i in infos if not i.path.startswith(exclude.key + "/")]
     if not infos:
         raise DataError(
-            f"no Parquet files found at {uri}; the input (--input) takes a .parquet object, a "
-            f"prefix "
+            f"no Parquet files found at {uri}; the input (params.input, --input) takes a "
+            f".parquet object, a prefix "
             f"of them (searched recursively for {', '.join(PARQUET_SUFFIXES)}) or a glob"
         )
     infos.sort(key=lambda i: i.path)
@@ -198,14 +199,16 @@ def discover_partitions(input_path: str, *,
             root = path
             files = sorted(p for p in path.rglob("*") if _is_data_file(p))
         else:
-            raise DataError(f"input {input_path} does not exist; check the input (--input)")
+            raise DataError(f"input {input_path} does not exist; check the input "
+                            "(params.input, --input)")
     if isinstance(exclude, Path):
         ex = exclude.resolve()
         files = [f for f in files if ex not in f.resolve().parents]
     if not files:
         raise DataError(
-            f"no Parquet files found at {input_path}; the input (--input) takes a .parquet file, a "
-            f"folder of them (searched recursively for {', '.join(PARQUET_SUFFIXES)}) or a glob"
+            f"no Parquet files found at {input_path}; the input (params.input, --input) takes "
+            f"a .parquet file, a folder of them (searched recursively for "
+            f"{', '.join(PARQUET_SUFFIXES)}) or a glob"
         )
     return [_partition(f, root) for f in files]
 

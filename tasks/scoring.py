@@ -264,7 +264,7 @@ def _stream(job: _Job, ctx: ScoringContext, writer: PartitionWriter, stats: Ense
         old = previous.take(len(ids))
         if not old.column(0).combine_chunks().equals(ids):
             raise DataError(f"partition {job.partition.relpath}: the previous table's ids "
-                            "differ from the input's; re-run with force (--force)")
+                            "differ from the input's; re-run with force (params.force, --force)")
         return {k: old.column(j + 1).to_numpy() for j, k in enumerate(reused)}
 
     try:

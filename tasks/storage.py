@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import fnmatch
 import glob
 import json
 import os
@@ -188,7 +189,7 @@ class Store(ABC):
         except OSError as err:
             raise OutputError(
                 f"cannot create output folder {self.uri(parent)}: {err}; choose a writable "
-                "output folder (--output)"
+                "output folder (params.output, --output)"
             ) from err
 
     def write_json(self, rel: str, data: Any) -> None:
@@ -214,7 +215,7 @@ class Store(ABC):
 
     def _unwritable(self, err: OSError) -> str:
         return (f"output folder {self.uri()} is not writable ({err.strerror or err}); choose "
-                "another output folder (--output) or fix its permissions")
+                "another output folder (params.output, --output) or fix its permissions")
 
     def remove_stale_staging(self) -> int:
         """Delete staging files left by a killed run; call only while holding the lock.
@@ -311,7 +312,7 @@ class LocalStore(Store):
                     raise OutputError(
                         f"{node} is a symbolic link; the tool writes, moves and deletes only "
                         "in folders it creates. Remove the link or choose another output folder "
-                        "(--output)"
+                        "(params.output, --output)"
                     )
         return path
 
@@ -324,7 +325,7 @@ class LocalStore(Store):
                 raise OutputError(
                     f"{self.root / sub} is a symbolic link; the tool writes and cleans up "
                     "only in folders it creates. Remove the link or choose another output folder "
-                    "(--output)"
+                    "(params.output, --output)"
                 )
         super().check_writable()
         for sub in (ENSEMBLE_DIR, QUARANTINE_DIR):  # a read-only mount below the root
@@ -336,9 +337,8 @@ class LocalStore(Store):
                 except OSError as err:
                     raise OutputError(
                         f"output folder {self.root / sub} is not writable "
-                        f"({err.strerror or err}); choose another output folder (--output) or "
-                        f"fix its "
-                        "permissions"
+                        f"({err.strerror or err}); choose another output folder "
+                        "(params.output, --output) or fix its permissions"
                     ) from err
 
     @contextlib.contextmanager
@@ -356,7 +356,7 @@ class LocalStore(Store):
             if (self.root / LOCK_FILE).is_symlink():
                 raise OutputError(
                     f"{self.root / LOCK_FILE} is a symbolic link, not this tool's lock file; "
-                    "remove it or choose another output folder (--output)"
+                    "remove it or choose another output folder (params.output, --output)"
                 ) from err
             raise OutputError(self._unwritable(err)) from err
         try:
@@ -365,7 +365,7 @@ class LocalStore(Store):
                 raise OutputError(
                     f"{self.root / LOCK_FILE} is not this tool's lock file (a "
                     f"{'hard link' if stat.S_ISREG(st.st_mode) else 'special file'}); "
-                    "remove it or choose another output folder (--output)"
+                    "remove it or choose another output folder (params.output, --output)"
                 )
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -373,7 +373,7 @@ class LocalStore(Store):
                 holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
                 raise OutputLocked(
                     f"output folder {self.root} is in use by another run ({holder}); wait "
-                    "for it to finish, or choose another output folder (--output)"
+                    "for it to finish, or choose another output folder (params.output, --output)"
                 ) from err
             if os.stat(self.root / LOCK_FILE, follow_symlinks=False).st_ino != st.st_ino:
                 # The holder finished and removed the file between our open and our lock:
@@ -499,8 +499,8 @@ class S3Store(Store):
             holder = "unknown"
         raise OutputLocked(
             f"output folder {self.uri()} is in use by another run ({holder}); wait for it to "
-            f"finish, or choose another output folder (--output) (a run killed with kill -9 leaves "
-            f"{live[0].base_name}, taken over after {_S3_LOCK_TTL:.0f} s)"
+            f"finish, or choose another output folder (params.output, --output) (a run killed "
+            f"with kill -9 leaves {live[0].base_name}, taken over after {_S3_LOCK_TTL:.0f} s)"
         )
 
 
@@ -556,29 +556,48 @@ def write_json_atomic(final: str | os.PathLike[str], data: Any) -> None:
 
 
 def check_output_apart(input_path: str, output_dir: str) -> None:
-    """Refuse an output folder that is the input, or holds it: the run would write among
-    the user's data (and clean up there). An output inside the input is fine: its files
-    are left out of the input.
+    """Refuse an output folder that is the input, holds it, or lies inside it.
+
+    Holding it, the run would write among the user's data (and clean up there). Inside
+    it, this run leaves its own files out, but every later run on that input, into another
+    output, would take the ensemble table for input partitions.
 
     Raises:
         OutputError: naming both, before any lock or file is created.
     """
-    def parts(location: str) -> tuple[str, ...]:
-        uri = s3_uri(location)
-        if uri is not None:
-            return ("s3:", *[p for p in uri[len("s3://"):].split("/") if p])
-        return Path(location).expanduser().resolve().parts
-
-    inp, out = parts(input_path), parts(output_dir)
+    inp, out = _location_parts(input_path), _location_parts(output_dir)
     where = ("is the input" if inp == out else "holds the input"
-             if inp[:len(out)] == out else _holds_matches(input_path, output_dir))
+             if inp[:len(out)] == out else _holds_matches(input_path, output_dir)
+             or _inside(input_path, inp, out))
     if where:
         raise OutputError(
             f"the output folder {output_dir} {where} ({input_path}); the ensemble table, run "
-            f"record "
-            "and lock would be written among your data. Choose an output folder outside the "
-            "input, for example a sibling folder"
+            "record and lock would be written among your data, where later runs would read "
+            "them as input. Choose an output folder outside the input, for example a "
+            "sibling folder (params.output, --output)"
         )
+
+
+def _location_parts(location: str) -> tuple[str, ...]:
+    uri = s3_uri(location)
+    if uri is not None:
+        return ("s3:", *[p for p in uri[len("s3://"):].split("/") if p])
+    return Path(location).expanduser().resolve().parts
+
+
+def _inside(input_path: str, inp: tuple[str, ...], out: tuple[str, ...]) -> str:
+    """Whether the input would find files inside the output folder: an input folder that
+    holds it, or a glob that reaches into it (``**``, or components matching the output's
+    path and going deeper)."""
+    folder = not any(set(p) & set("*?[") for p in inp)  # discovery walks all below it
+    for i, part in enumerate(out):
+        if i >= len(inp):
+            return "is inside the input" if folder else ""
+        if inp[i] == "**":
+            return "is inside the input"
+        if not fnmatch.fnmatchcase(part, inp[i]):
+            return ""
+    return "is inside the input" if len(inp) > len(out) else ""
 
 
 def _holds_matches(input_path: str, output_dir: str) -> str:

@@ -75,6 +75,24 @@ def test_a_wrong_model_entry_is_exit_2(setup, capsys, member: int, key: str, val
     assert "Traceback" not in err
 
 
+def test_unreachable_server_is_exit_2_before_the_output_exists(setup: dict[str, object]
+                                                               ) -> None:
+    from flows.server import _free_port
+
+    tmp = setup["tmp"]
+    assert isinstance(tmp, Path)
+    manifest = write_manifest(tmp / "manifest.yaml", {
+        "id_column": "id", "features": setup["features"], "models": setup["models"]})
+    url = f"http://127.0.0.1:{_free_port()}/api"  # nothing listens there
+    env = prefect_free_env(tmp / "prefect-home", PREFECT_API_URL=url)
+    proc = subprocess.run([sys.executable, "-m", "flows.score", "--models", str(manifest),
+                           "--input", str(tmp / "in"), "--output", str(tmp / "out")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"the Prefect server at {url} (PREFECT_API_URL) cannot be reached" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp / "out").exists()
+
+
 def test_missing_feature_column(setup, capsys) -> None:  # type: ignore[no-untyped-def]
     code, err = _run(setup, capsys, features=[*setup["features"], "income"])
     assert code == 2

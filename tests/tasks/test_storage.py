@@ -50,7 +50,13 @@ def test_output_that_is_or_holds_the_input_is_refused_before_any_file(tmp_path: 
             check_output_apart(str(data), str(output))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]
     check_output_apart(str(data), str(tmp_path / "out"))  # a sibling: fine
-    check_output_apart(str(data), str(data / "out"))  # inside: its files are left out
+    with pytest.raises(OutputError, match=r"is inside the input .*later runs would read"):
+        check_output_apart(str(data), str(data / "out"))  # later runs would read its table
+    with pytest.raises(OutputError, match="is inside the input"):
+        check_output_apart(str(data / "**" / "*.parquet"), str(data / "out"))
+    check_output_apart(str(data / "*.parquet"), str(data / "out"))  # the glob stops above it
+    with pytest.raises(OutputError, match="is inside the input"):
+        check_output_apart("s3://bucket/data", "s3://bucket/data/out")
     with pytest.raises(OutputError, match="holds the input"):
         check_output_apart("s3://bucket/data/day=01", "s3://bucket/data")
     check_output_apart("s3://bucket/data", "s3://bucket/data-out")
@@ -125,7 +131,8 @@ def test_a_glob_input_inside_the_output_is_refused(tmp_path: Path, monkeypatch: 
     with pytest.raises(OutputError, match=r"holds input files the glob matches, such as "
                                           r"data/p\.parquet"):
         check_output_apart("dat?/*.parquet", "data")
-    check_output_apart("dat?/ensemble/*.parquet", "data")  # only the tool's own files
+    with pytest.raises(OutputError, match="is inside the input"):  # later runs would
+        check_output_apart("dat?/ensemble/*.parquet", "data")  # read the table as input
     check_output_apart("dat?/*.parquet", "out")
 
 
