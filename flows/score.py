@@ -12,7 +12,9 @@ import atexit
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from typing import Any
 __all__ = ["build_parser", "cli", "main"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_TERMINATED = 128 + 15  # as a shell reports a command ended by SIGTERM
 
 EPILOG = """\
 examples:
@@ -34,7 +37,8 @@ output: <output>/ensemble/ mirrors the input's relative paths, one Parquet file 
 partition, with the id column, score_<member>, ensemble_score, ensemble_std and n_members.
 exit codes: 0 success, 1 some partitions failed (the rest are committed) or drift beyond
 max_psi with 'drift: fail', 2 bad arguments, manifest, models or data, or the golden check
-failed (nothing was scored).
+failed (nothing was scored), 130 Ctrl-C, 143 SIGTERM (committed partitions are kept and
+the run record says what is pending).
 """
 
 
@@ -375,10 +379,38 @@ def main(argv: list[str] | None = None) -> int:
         return bless_main(argv[1:])
     args = build_parser().parse_args(argv)
     _configure(args)
+    previous = _stop_on_sigterm()
     try:
         return run(args)
     except KeyboardInterrupt:
         return _fail("interrupted; committed partitions are kept, re-run to finish", 130)
+    except _Terminated:
+        return _fail("terminated (SIGTERM); committed partitions are kept, re-run to finish",
+                     EXIT_TERMINATED)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised where the command is, so that it unwinds like Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated
+
+
+def _stop_on_sigterm() -> Any:
+    """Make SIGTERM unwind the command like Ctrl-C (its lock removed, a message, exit 143)
+    instead of killing it where it stands; returns the handler it replaced.
+
+    During the flow Prefect's own handler is in place, the flow records what it
+    committed, and Prefect then hands the signal back to the handler it replaced: this
+    one. Only in the main thread (where Python delivers signals), else None.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 class _ExitWithoutTeardown:

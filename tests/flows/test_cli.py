@@ -226,11 +226,14 @@ def test_demo_runs_in_ephemeral_mode(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_ctrl_c_stops_the_run_and_its_server(setup: dict[str, object]) -> None:
-    """Ctrl-C (SIGINT to the terminal's whole process group) mid-run: the CLI reports
-    the run as interrupted and exits within seconds, keeps the committed partitions, and
-    leaves no Prefect server behind. The server used to get the SIGINT too and stop, and
-    the CLI then retried it for minutes before exiting."""
+@pytest.mark.parametrize("how", ["Ctrl-C", "SIGTERM"])
+def test_ctrl_c_stops_the_run_and_its_server(setup: dict[str, object], how: str) -> None:
+    """Ctrl-C (SIGINT to the terminal's whole process group) or SIGTERM (to the CLI's pid,
+    as ``kill`` or a supervisor sends it) mid-run: the CLI reports the run as stopped and
+    exits within seconds, keeps the committed partitions, removes its lock and leaves no
+    Prefect server behind. The server used to get the SIGINT too and stop, and the CLI
+    then retried it for minutes before exiting; SIGTERM used to kill the CLI before it
+    removed its lock."""
     tmp, features = setup["tmp"], setup["features"]
     assert isinstance(tmp, Path) and isinstance(features, list)
     rng = np.random.default_rng(0)
@@ -253,23 +256,29 @@ def test_ctrl_c_stops_the_run_and_its_server(setup: dict[str, object]) -> None:
         while not list((out / "ensemble").glob("*.parquet")):  # a partition is committed
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr
             time.sleep(0.2)
-        os.killpg(proc.pid, signal.SIGINT)
+        if how == "Ctrl-C":
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGTERM)
         interrupted = time.monotonic()
         _, err = proc.communicate(timeout=120)
         took = time.monotonic() - interrupted
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, err[-3000:]
-    assert "interrupted; committed partitions are kept" in err
-    assert took < 60, f"took {took:.0f} s to exit after Ctrl-C"
+    assert proc.returncode == (130 if how == "Ctrl-C" else 143), err[-3000:]
+    assert ("interrupted" if how == "Ctrl-C" else "terminated (SIGTERM)") in err
+    assert "committed partitions are kept" in err
+    assert took < 60, f"took {took:.0f} s to exit after {how}"
     committed = sorted((out / "ensemble").glob("*.parquet"))
     assert 1 <= len(committed) < 40
     for path in committed:
         assert pq.read_metadata(path).num_rows == 50_000
     # The run record says what was kept, agreeing with the files; the lock is gone.
     record = json.loads((out / "_run.json").read_text())
-    assert record["status"] == "interrupted" and record["stopped_by"] == "KeyboardInterrupt"
+    assert (record["status"], record["stopped_by"]) == (
+        ("interrupted", "KeyboardInterrupt") if how == "Ctrl-C" else
+        ("stopped", "TerminationSignal"))
     states = {rel: p["status"] for rel, p in record["partitions"].items()}
     assert sorted(r for r, st in states.items() if st == "committed") == [
         p.name for p in committed]
