@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from loaders.cache import MODEL_CACHE
-from loaders.errors import ScoringError
+from loaders.errors import ModelFetchError, ScoringError
 from loaders.inspect import resolve_model
 from loaders.manifest import Manifest, ModelSpec
 from tasks.golden import GoldenCheck, check_golden
@@ -33,10 +33,11 @@ R = TypeVar("R")
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Worth another try: I/O and network trouble, but not our own explained errors nor
-    Arrow's complaints about file contents (which reading again will not change)."""
-    if isinstance(exc, ScoringError):
-        return False
+    """Worth another try: I/O and network trouble (a model download cut short included),
+    but not our other explained errors nor Arrow's complaints about file contents (which
+    reading again will not change)."""
+    if isinstance(exc, ScoringError):  # explained: deterministic, but a failed download
+        return isinstance(exc, ModelFetchError)
     if isinstance(exc, pa.ArrowInvalid):
         return False
     return isinstance(exc, (OSError, TimeoutError, ConnectionError))
