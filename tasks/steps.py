@@ -67,7 +67,9 @@ def _load_member(spec: ModelSpec, n_features: int) -> MemberInfo:
     """Load one member into this process's cache (its own graph and session)."""
     set_up()  # idempotent; a worker process's first task does it
     scorer = MODEL_CACHE.get(spec, n_features)
-    return MemberInfo(name=spec.name, format=resolve_model(spec).format, location=scorer.source,
+    # An s3:// member is named by its URI, not by its entry in this host's model cache.
+    location = spec.path if spec.path.startswith("s3://") else scorer.source
+    return MemberInfo(name=spec.name, format=resolve_model(spec).format, location=location,
                       digest=scorer.digest, load_seconds=scorer.load_seconds,
                       fused_bias_adds=scorer.fused_bias_adds,
                       export_seconds=scorer.export_seconds)
