@@ -6,6 +6,7 @@ against the real moto server of ``tests/conftest.py``; downloads counted with
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -128,3 +129,41 @@ def test_flow_scores_s3_members_once_and_rescores_only_a_replaced_one(
     assert downloads == 1 and third.skipped_member_partitions == 4
     table = read_dataset(setup["out"] / "ensemble")
     assert_matches_reference(table, _reference(setup, other), COLUMNS)
+
+
+def _worker_downloads() -> dict[str, int]:
+    """Run on each Dask worker: the downloads that process made."""
+    from loaders import remote as worker_remote
+
+    return dict(worker_remote.DOWNLOADS)
+
+
+@pytest.mark.slow
+def test_dask_workers_share_one_cache_folder(setup: dict[str, Any], dask_cluster: str) -> None:
+    """Two worker processes (the ``dask_cluster`` fixture of ``tests/flows/conftest.py``, started
+    after ``bucket`` set the AWS variables) load every member once from the cache folder
+    the run names; one download per model in all processes."""
+    from distributed import Client
+
+    from flows.ensemble import score_ensemble
+    from flows.params import ScoreParams
+
+    before = sum(remote.DOWNLOADS.values())
+    summary = score_ensemble(ScoreParams(
+        models=setup["models"], input=str(setup["data"]), output=str(setup["out"]),
+        model_cache=str(setup["cache"]), batch_size=128, runner="dask", address=dask_cluster))
+    assert not summary.failed and summary.rows == 800
+    assert_matches_reference(read_dataset(setup["out"] / "ensemble"),
+                             _reference(setup, setup["ckpt"]), COLUMNS)
+    with Client(dask_cluster, timeout=60) as client:
+        per_worker = client.run(_worker_downloads)
+    downloads = sum(remote.DOWNLOADS.values()) - before + sum(
+        n for counts in per_worker.values() for n in counts.values())
+    assert downloads == 2
+    entries = [p for p in setup["cache"].iterdir() if p.name.startswith("s3-")]
+    assert len(entries) == 2
+    loads = json.loads((setup["out"] / "_run.json").read_text())["model_loads"]
+    workers = {proc: per for proc, per in loads.items()
+               if per and proc.split(":")[1] != str(os.getpid())}
+    assert workers, "no partition was scored on a Dask worker"
+    assert all(count == 1 for per in workers.values() for count in per.values())
