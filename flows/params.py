@@ -96,13 +96,14 @@ class ScoreParams(BaseModel):
     )
     model_cache: str | None = Field(
         None, min_length=1, title="Model cache folder",
-        description="Where s3:// models are downloaded, once per host (on every worker "
-        "host: an absolute path). Empty: $ENSEMBLE_MODEL_CACHE, else "
+        description="Where s3:// models are downloaded, once per host; used on every "
+        "worker host. Empty: each host's $ENSEMBLE_MODEL_CACHE, else "
         "~/.cache/ensemble-scoring/models.")
     model_cache_size: int | None = Field(
         None, ge=1, title="Model cache size limit (bytes)",
         description="Least recently used models beyond this size are deleted from the "
-        "cache (never one in use). Empty: $ENSEMBLE_MODEL_CACHE_MAX_BYTES, else 10 GiB.")
+        "cache (never one in use). Empty: each host's $ENSEMBLE_MODEL_CACHE_MAX_BYTES, "
+        "else 10 GiB.")
     workers: int | None = Field(
         None, ge=1, le=256, title="Worker processes",
         description="With runner 'processes': how many worker processes (default: the "

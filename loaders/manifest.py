@@ -58,8 +58,8 @@ class RemoteSource(BaseModel):
     files: tuple[tuple[str, int, str], ...]  # (relative key, size, ETag or mtime tag)
     local: str  # the member's path inside the cache entry ("" for the entry itself)
     key: str  # the cache entry's name, derived from ``files``
-    cache_dir: str  # absolute
-    max_bytes: int
+    cache_dir: str  # absolute; "": each host's own (loaders.remote.cache_settings)
+    max_bytes: int  # 0: each host's own
 
 
 class ModelSpec(BaseModel):

@@ -274,9 +274,12 @@ def _tag(fs: pafs.FileSystem, path: str, info: pafs.FileInfo) -> str:
     return f"etag:{etag}" if etag else f"mtime:{info.mtime_ns}"
 
 
-def pin_model(spec: ModelSpec, *, cache_dir: Path, max_bytes: int) -> ModelSpec:
+def pin_model(spec: ModelSpec, *, cache_dir: Path | None = None, max_bytes: int = 0
+              ) -> ModelSpec:
     """``spec`` with its ``remote`` set: its objects found, checked and tagged (one
-    listing per prefix, one HEAD per object); nothing is downloaded.
+    listing per prefix, one HEAD per object); nothing is downloaded. Without
+    ``cache_dir`` / ``max_bytes``, each process that fetches it uses its own
+    ``cache_settings()`` (each host's environment).
 
     Raises:
         ManifestError: an object is missing, a key is unsafe, or S3 cannot be read.
@@ -296,22 +299,25 @@ def pin_model(spec: ModelSpec, *, cache_dir: Path, max_bytes: int) -> ModelSpec:
             "and the AWS variables (credentials, AWS_REGION, AWS_ENDPOINT_URL)") from err
     key = "s3-" + hashlib.sha256(json.dumps([_MARKER, files]).encode()).hexdigest()
     return spec.model_copy(update={"remote": RemoteSource(
-        root=f"s3://{root}", files=files, local=local, key=key, cache_dir=str(cache_dir),
-        max_bytes=max_bytes)})
+        root=f"s3://{root}", files=files, local=local, key=key,
+        cache_dir=str(cache_dir.absolute()) if cache_dir else "", max_bytes=max_bytes)})
 
 
 def pin_manifest(manifest: Manifest, *, cache_dir: str | os.PathLike[str] | None = None,
                  max_bytes: int | None = None) -> Manifest:
     """The manifest with every ``s3://`` member pinned (``pin_model``) to the objects
-    there now and to the cache folder and limit given (else ``cache_settings``'s).
+    there now, and to the cache folder and limit given: those of the run, used on every
+    host. Not given, each host uses its own (``cache_settings``: its environment).
 
     Raises:
         ManifestError: as ``pin_model``, naming the member and the key.
     """
     if not any(m.path.startswith("s3://") for m in manifest.models):
         return manifest
-    folder, limit = cache_settings(cache_dir, max_bytes)
-    models = tuple(pin_model(m, cache_dir=folder, max_bytes=limit)
+    if max_bytes is None and os.environ.get(MAX_BYTES_ENV):
+        cache_settings()  # a bad size in this host's environment fails planning, not a task
+    folder = Path(cache_dir).expanduser().absolute() if cache_dir else None
+    models = tuple(pin_model(m, cache_dir=folder, max_bytes=max_bytes or 0)
                    if m.path.startswith("s3://") else m for m in manifest.models)
     return manifest.model_copy(update={"models": models})
 
@@ -326,11 +332,8 @@ def localize(spec: ModelSpec) -> ModelSpec:
         ModelLoadError: the cache entry cannot be trusted, or the objects changed since
             the run was planned.
     """
-    pin = spec.remote
-    if pin is None:
-        folder, limit = cache_settings()
-        pin = pin_model(spec, cache_dir=folder, max_bytes=limit).remote
-        assert pin is not None
+    pin = spec.remote or pin_model(spec).remote
+    assert pin is not None
     entry = ensure_entry(spec.name, pin)
     target = entry / _FILES / pin.local if pin.local else entry / _FILES
     return spec.model_copy(update={"path": str(target), "remote": None})
@@ -343,7 +346,7 @@ def ensure_entry(name: str, pin: RemoteSource) -> Path:
     Raises:
         ModelFetchError, ModelLoadError: as ``localize``.
     """
-    cache = Path(pin.cache_dir)
+    cache, limit = cache_settings(pin.cache_dir or None, pin.max_bytes or None)
     final = cache / pin.key
     if not _usable(name, final, pin):
         try:
@@ -356,7 +359,7 @@ def ensure_entry(name: str, pin: RemoteSource) -> Path:
             if not _usable(name, final, pin):
                 _download(name, pin, final)
         _usable(name, final, pin)  # verifies what was just renamed into place
-        evict(cache, pin.max_bytes, keep=pin.key)
+        evict(cache, limit, keep=pin.key)
     with contextlib.suppress(OSError):
         os.utime(final)  # the least recently used entries are evicted first
     return final

@@ -305,3 +305,16 @@ def test_two_processes_fetching_at_once_download_each_model_once(
     for key in keys:
         info = json.loads((cache / key / "entry.json").read_text())
         assert info["key"] == key and info["bytes"] > 0
+
+
+def test_without_a_run_setting_each_host_uses_its_environment(
+        tmp_path: Path, models: dict[str, Any], bucket: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = remote.pin_manifest(_manifest(bucket)).models[2]
+    assert spec.remote is not None and spec.remote.cache_dir == ""
+    monkeypatch.setenv(remote.CACHE_ENV, str(tmp_path / "host-cache"))
+    assert Path(resolve_model(spec).location).parent == tmp_path / "host-cache" / spec.remote.key
+    assert remote.parse_size("20G") == 20 * 2**30 and remote.parse_size("512MiB") == 2**29
+    monkeypatch.setenv(remote.MAX_BYTES_ENV, "lots")
+    with pytest.raises(ManifestError, match="ENSEMBLE_MODEL_CACHE_MAX_BYTES"):
+        remote.pin_manifest(_manifest(bucket))
