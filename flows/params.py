@@ -94,6 +94,16 @@ class ScoreParams(BaseModel):
         "PREFECT_API_URL pointing at the same Prefect server.",
         examples=["tcp://127.0.0.1:8786"],
     )
+    model_cache: str | None = Field(
+        None, min_length=1, title="Model cache folder",
+        description="Where s3:// models are downloaded, once per host; used on every "
+        "worker host. Empty: each host's $ENSEMBLE_MODEL_CACHE, else "
+        "~/.cache/ensemble-scoring/models.")
+    model_cache_size: int | None = Field(
+        None, ge=1, title="Model cache size limit (bytes)",
+        description="Least recently used models beyond this size are deleted from the "
+        "cache (never one in use). Empty: each host's $ENSEMBLE_MODEL_CACHE_MAX_BYTES, "
+        "else 10 GiB.")
     workers: int | None = Field(
         None, ge=1, le=256, title="Worker processes",
         description="With runner 'processes': how many worker processes (default: the "
@@ -113,11 +123,23 @@ class ScoreParams(BaseModel):
         return self
 
     def load_manifest(self) -> Manifest:
-        """The manifest, with model paths resolved to absolute ones."""
+        """The manifest, with model paths resolved to absolute ones and ``s3://`` members
+        checked and pinned to their objects and this run's model cache
+        (``loaders.remote``), so every worker fetches the same files into it.
+
+        Raises:
+            ManifestError: invalid manifest, or a member's objects are missing.
+        """
+        from loaders.remote import pin_manifest
+
         if self.models.strip():
-            return load_manifest(self.models)
-        assert self.manifest is not None
-        return parse_manifest(self.manifest.model_dump(), Path.cwd(), source="inline manifest")
+            manifest = load_manifest(self.models)
+        else:
+            assert self.manifest is not None
+            manifest = parse_manifest(self.manifest.model_dump(exclude={"models": {"__all__": {
+                "remote"}}}), Path.cwd(), source="inline manifest")
+        cache = None if self.model_cache is None else str(Path(self.model_cache).absolute())
+        return pin_manifest(manifest, cache_dir=cache, max_bytes=self.model_cache_size)
 
     def policy(self, manifest: Manifest) -> BadRowPolicy:
         return self.bad_rows or manifest.bad_rows

@@ -93,12 +93,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decide what is unchanged since the last run by hashing every local "
                    "input file whole, not by size, mtime and Parquet footer (reads the "
                    "input once more)")
+    p.add_argument("--model-cache", metavar="DIR", default=None,
+                   help="where s3:// models are downloaded, once per host (default: "
+                   "$ENSEMBLE_MODEL_CACHE, else ~/.cache/ensemble-scoring/models)")
+    p.add_argument("--model-cache-size", metavar="BYTES", default=None, type=_size,
+                   help="size limit of the model cache, e.g. 20G; least recently used "
+                   "models not in use are deleted beyond it (default: "
+                   "$ENSEMBLE_MODEL_CACHE_MAX_BYTES, else 10G)")
     p.add_argument("--demo-dir", metavar="DIR", default=".demo",
                    help="where the demo is built when no --models is given (default: .demo)")
     p.add_argument("--quiet", action="store_true", help="only warnings and the final summary")
     p.add_argument("--debug", action="store_true",
                    help="show tracebacks and TensorFlow's own logs")
     return p
+
+
+def _size(text: str) -> int:
+    from loaders.remote import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def _fail(message: str, code: int) -> int:
@@ -265,7 +281,8 @@ def _checked_params(args: argparse.Namespace, stack: contextlib.ExitStack) -> An
         batch_size=args.batch_size, retries=args.retries, force=args.force,
         min_members=args.min_members, baseline=args.baseline,
         verify_inputs=args.verify_inputs, runner=args.runner, address=args.address,
-        workers=args.workers,
+        workers=args.workers, model_cache=args.model_cache,
+        model_cache_size=args.model_cache_size,
     )
     # Taken before models load so a second run on the folder fails in a second; the
     # flow takes it again (re-entrant) and holds it to the end.

@@ -12,6 +12,7 @@ __all__ = [
     "DriftExceeded",
     "GoldenMismatch",
     "ManifestError",
+    "ModelFetchError",
     "ModelLoadError",
     "OutputError",
     "OutputLocked",
@@ -31,6 +32,12 @@ class ManifestError(ScoringError, ValueError):
 
 class ModelLoadError(ScoringError, RuntimeError):
     """A checkpoint or SavedModel cannot be loaded, or does not fit the manifest."""
+
+
+class ModelFetchError(ScoringError, OSError):
+    """A member's files could not be downloaded whole from object storage (a lost
+    connection, a short read). The only explained error worth another try: nothing
+    incomplete was kept, so the retry starts clean."""
 
 
 class DataError(ScoringError, ValueError):

@@ -19,8 +19,8 @@ from typing import Any, Literal
 from loaders.errors import ManifestError
 from loaders.manifest import ModelSpec
 
-__all__ = ["KERAS_SUFFIXES", "ResolvedModel", "digest_files", "file_sha256", "keras_kind",
-           "module_file", "resolve_model"]
+__all__ = ["KERAS_SUFFIXES", "ResolvedModel", "checkpoint_state_path", "digest_files",
+           "file_sha256", "keras_kind", "module_file", "resolve_model"]
 
 # Suffixes that make a path a Keras file under ``format: auto``.
 KERAS_SUFFIXES = (".keras", ".h5", ".hdf5")
@@ -48,14 +48,23 @@ def _latest_prefix(folder: Path) -> Path | None:
     state = folder / "checkpoint"
     if not state.is_file():
         return None
-    for line in state.read_text(encoding="utf-8", errors="replace").splitlines():
+    value = checkpoint_state_path(state.read_text(encoding="utf-8", errors="replace"))
+    if value is None:
+        return None
+    named = Path(value)
+    candidate = (folder / named).resolve()
+    if not named.is_absolute() and candidate.is_relative_to(folder.resolve()):
+        return folder / named
+    return folder / named.name
+
+
+def checkpoint_state_path(text: str) -> str | None:
+    """The ``model_checkpoint_path`` a ``checkpoint`` state file names, as written (its
+    caller keeps it inside the model's folder); None when it names none."""
+    for line in text.splitlines():
         key, _, value = line.partition(":")
         if key.strip() == "model_checkpoint_path":
-            named = Path(value.strip().strip('"'))
-            candidate = (folder / named).resolve()
-            if not named.is_absolute() and candidate.is_relative_to(folder.resolve()):
-                return folder / named
-            return folder / named.name
+            return value.strip().strip('"')
     return None
 
 
@@ -150,11 +159,17 @@ def _resolve_keras(spec: ModelSpec, path: Path) -> ResolvedModel:
 
 
 def resolve_model(spec: ModelSpec) -> ResolvedModel:
-    """Locate the member's files and check the ones scoring needs are present.
+    """Locate the member's files and check the ones scoring needs are present. An
+    ``s3://`` member's files are those of its entry in the local model cache
+    (``loaders.remote``), downloaded first when this host has none.
 
     Raises:
         ManifestError: nothing usable at ``spec.path``, with what was expected there.
     """
+    if spec.path.startswith("s3://"):  # fetched into the local cache once, then as local
+        from loaders.remote import localize
+
+        return resolve_model(localize(spec))
     path = Path(spec.path)
     fmt = spec.format
     if fmt == "keras" or (fmt == "auto" and path.suffix.lower() in KERAS_SUFFIXES):

@@ -7,12 +7,14 @@ boundaries; the loaded graph and session never do (see :mod:`loaders.cache`).
 from __future__ import annotations
 
 import math
+import posixpath
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.json_schema import SkipJsonSchema
 
 from loaders.errors import ManifestError
 
@@ -22,6 +24,7 @@ __all__ = [
     "Manifest",
     "ModelFormat",
     "ModelSpec",
+    "RemoteSource",
     "load_manifest",
     "parse_manifest",
 ]
@@ -37,6 +40,28 @@ _NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 _MODULE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$"
 
 
+# Largest manifest read from S3: a manifest is a few kB; anything far larger is a mistake.
+_MAX_MANIFEST_BYTES = 16 * 2**20
+
+
+class RemoteSource(BaseModel):
+    """An ``s3://`` member's files as found when the run was planned (``loaders.remote``).
+
+    Set by the tool, never by a manifest: it travels with the :class:`ModelSpec` to every
+    worker so each fetches exactly the objects planning checked (or finds them in its
+    cache by ``key`` without asking S3), into the cache folder the run was given.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    root: str  # s3://bucket/prefix that ``files`` are relative to
+    files: tuple[tuple[str, int, str], ...]  # (relative key, size, ETag or mtime tag)
+    local: str  # the member's path inside the cache entry ("" for the entry itself)
+    key: str  # the cache entry's name, derived from ``files``
+    cache_dir: str  # absolute; "": each host's own (loaders.remote.cache_settings)
+    max_bytes: int  # 0: each host's own
+
+
 class ModelSpec(BaseModel):
     """One ensemble member, as configured (never the loaded model)."""
 
@@ -46,7 +71,7 @@ class ModelSpec(BaseModel):
         pattern=_NAME_PATTERN, description="Unique member name; becomes score_<name>."
     )
     path: str = Field(description="TF1 checkpoint prefix or folder, SavedModel folder, or "
-                      "Keras file (.keras, legacy .h5).")
+                      "Keras file (.keras, legacy .h5); local, or an s3:// URI.")
     format: ModelFormat = Field("auto", description="Detected from the files (a Keras file "
                                 "by its .keras/.h5 suffix) when 'auto'.")
     input: str | None = Field(None, description="TF1: input tensor name. SavedModel: input "
@@ -66,6 +91,8 @@ class ModelSpec(BaseModel):
         "whose CUSTOM_OBJECTS dict, or else its public classes, Keras may deserialize. "
         "Importing it runs its code (in the export process). Only for code you trust."
     )
+    # Set by loaders.remote when the run is planned; refused in a manifest (parse_manifest).
+    remote: SkipJsonSchema[RemoteSource | None] = None
 
 
 class Manifest(BaseModel):
@@ -158,10 +185,35 @@ class Manifest(BaseModel):
         return tuple(w / total for w in scaled)
 
 
+_S3 = "s3://"
+
+
+def _member_path(base: Path | str, path: str) -> str:
+    """A model path as the members will use it: an ``s3://`` URI as given, an absolute
+    local path as given, a relative one taken from the manifest's folder (``base``), a
+    local folder or an ``s3://`` prefix when the manifest was read from S3.
+
+    Raises:
+        ManifestError: a relative path climbs above the manifest's bucket.
+    """
+    if path.startswith(_S3):
+        return path
+    local = Path(path).expanduser()
+    if isinstance(base, Path) or local.is_absolute():
+        return str((base / local).resolve()) if isinstance(base, Path) else str(local)
+    bucket, _, prefix = base[len(_S3):].partition("/")
+    joined = posixpath.normpath(posixpath.join(prefix, path))
+    if joined == "." or joined.split("/", 1)[0] == "..":
+        raise ManifestError(f"model path {path!r} leads out of bucket {bucket!r} from the "
+                            f"manifest's folder {base}; name a model inside the bucket")
+    return f"{_S3}{bucket}/{joined}"
+
+
 def parse_manifest(
-    data: Any, base_dir: Path | None = None, *, source: str = "manifest"
+    data: Any, base_dir: Path | str | None = None, *, source: str = "manifest"
 ) -> Manifest:
-    """Validate manifest data and resolve model paths against ``base_dir``.
+    """Validate manifest data and resolve model paths against ``base_dir`` (a local folder
+    or, for a manifest read from S3, its ``s3://`` prefix).
 
     Raises:
         ManifestError: with every problem pydantic found, each with its location.
@@ -184,33 +236,68 @@ def parse_manifest(
                        for o in locs)
         )
         raise ManifestError(f"{source} is invalid: {problems}") from err
+    pinned = [m.name for m in manifest.models if m.remote is not None]
+    if pinned:
+        raise ManifestError(f"{source} is invalid: models {pinned} set 'remote', which the "
+                            "tool sets itself when it plans a run; remove it")
     if base_dir is None:
         return manifest
-    resolved = tuple(
-        m.model_copy(update={"path": str((base_dir / Path(m.path).expanduser()).resolve())})
-        for m in manifest.models
-    )
-    golden = (None if manifest.golden is None
-              else str((base_dir / Path(manifest.golden).expanduser()).resolve()))
+    resolved = tuple(m.model_copy(update={"path": _member_path(base_dir, m.path)})
+                     for m in manifest.models)
+    golden = manifest.golden
+    if golden is not None and isinstance(base_dir, str) and not Path(golden).is_absolute():
+        raise ManifestError(f"{source}: golden {golden!r} is relative, but the manifest is "
+                            "on S3; give the golden file's absolute local path")
+    if golden is not None and isinstance(base_dir, Path):
+        golden = str((base_dir / Path(golden).expanduser()).resolve())
     return manifest.model_copy(update={"models": resolved, "golden": golden})
 
 
+def _read_s3_manifest(uri: str) -> str:
+    """The text of a manifest object, read with the AWS settings the data uses.
+
+    Raises:
+        ManifestError: no such object, unreadable, or larger than a manifest can be.
+    """
+    from tasks.fs import S3Path, s3_filesystem
+
+    try:
+        with s3_filesystem().open_input_stream(S3Path.from_uri(uri).key) as f:
+            raw = f.read(_MAX_MANIFEST_BYTES + 1)
+    except FileNotFoundError as err:
+        raise ManifestError(f"manifest {uri} does not exist; check the manifest path (models, "
+                            "--models) and the AWS variables (endpoint, region)") from err
+    except (OSError, ValueError) as err:
+        raise ManifestError(f"manifest {uri} cannot be read: {err}") from err
+    if len(raw) > _MAX_MANIFEST_BYTES:
+        raise ManifestError(f"manifest {uri} is larger than {_MAX_MANIFEST_BYTES >> 20} MB; "
+                            "is it the manifest?")
+    return raw.decode("utf-8", errors="replace")
+
+
 def load_manifest(path: str | Path) -> Manifest:
-    """Read a YAML manifest; relative model paths are taken from the manifest's folder.
+    """Read a YAML manifest, a local file or an ``s3://`` object; relative model paths are
+    taken from the manifest's folder (its prefix, on S3).
 
     Raises:
         ManifestError: the file is missing, is not YAML, or does not validate.
     """
-    file = Path(path).expanduser()
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError as err:
-        raise ManifestError(f"manifest {file} does not exist; check the manifest path "
-                            f"(params.models, --models)") from err
-    except OSError as err:
-        raise ManifestError(f"manifest {file} cannot be read: {err}") from err
+    base: Path | str
+    if isinstance(path, str) and path.startswith(_S3):
+        uri = path.rstrip("/")
+        text, base, shown = _read_s3_manifest(uri), uri.rsplit("/", 1)[0], uri
+    else:
+        file = Path(path).expanduser()
+        try:
+            text = file.read_text(encoding="utf-8")
+        except FileNotFoundError as err:
+            raise ManifestError(f"manifest {file} does not exist; check the manifest path "
+                                "(params.models, --models)") from err
+        except OSError as err:
+            raise ManifestError(f"manifest {file} cannot be read: {err}") from err
+        base, shown = file.resolve().parent, str(file)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise ManifestError(f"manifest {file} is not valid YAML: {err}") from err
-    return parse_manifest(data, file.resolve().parent, source=f"manifest {file}")
+        raise ManifestError(f"manifest {shown} is not valid YAML: {err}") from err
+    return parse_manifest(data, base, source=f"manifest {shown}")

@@ -57,7 +57,7 @@ def resolve_members(manifest: Manifest) -> list[MemberInfo]:
     for spec in manifest.models:
         resolved = resolve_model(spec)
         infos.append(MemberInfo(name=spec.name, format=resolved.format,
-                                location=resolved.location,
+                                location=spec.path if is_s3(spec.path) else resolved.location,
                                 digest=digest_files(resolved.files)))
     return infos
 

@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from loaders.cache import MODEL_CACHE
-from loaders.errors import ScoringError
+from loaders.errors import ModelFetchError, ScoringError
 from loaders.inspect import resolve_model
 from loaders.manifest import Manifest, ModelSpec
 from tasks.golden import GoldenCheck, check_golden
@@ -33,10 +33,11 @@ R = TypeVar("R")
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Worth another try: I/O and network trouble, but not our own explained errors nor
-    Arrow's complaints about file contents (which reading again will not change)."""
-    if isinstance(exc, ScoringError):
-        return False
+    """Worth another try: I/O and network trouble (a model download cut short included),
+    but not our other explained errors nor Arrow's complaints about file contents (which
+    reading again will not change)."""
+    if isinstance(exc, ScoringError):  # explained: deterministic, but a failed download
+        return isinstance(exc, ModelFetchError)
     if isinstance(exc, pa.ArrowInvalid):
         return False
     return isinstance(exc, (OSError, TimeoutError, ConnectionError))
@@ -66,7 +67,9 @@ def _load_member(spec: ModelSpec, n_features: int) -> MemberInfo:
     """Load one member into this process's cache (its own graph and session)."""
     set_up()  # idempotent; a worker process's first task does it
     scorer = MODEL_CACHE.get(spec, n_features)
-    return MemberInfo(name=spec.name, format=resolve_model(spec).format, location=scorer.source,
+    # An s3:// member is named by its URI, not by its entry in this host's model cache.
+    location = spec.path if spec.path.startswith("s3://") else scorer.source
+    return MemberInfo(name=spec.name, format=resolve_model(spec).format, location=location,
                       digest=scorer.digest, load_seconds=scorer.load_seconds,
                       fused_bias_adds=scorer.fused_bias_adds,
                       export_seconds=scorer.export_seconds)

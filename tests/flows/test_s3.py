@@ -1,8 +1,9 @@
 """Input and output on S3, against a real S3-compatible server (moto's server mode) bound to
 127.0.0.1 and started here: scoring, resume, hiding of stale results, and the lock.
 
-Models stay on local disk; only the data in and out goes through S3. The AWS_* variables
-are set with monkeypatch, for these tests only.
+Models stay on local disk here (models on S3: ``test_s3_models.py``); only the data in and
+out goes through S3. The server and the ``bucket`` fixture (which sets the AWS_* variables
+with monkeypatch, for these tests only) are in ``tests/conftest.py``.
 """
 
 from __future__ import annotations
@@ -14,10 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -36,62 +34,11 @@ from tasks.scoring import committed_metadata, score_partition
 from tasks.storage import check_writable, output_lock, store_for
 from tests.helpers import N_FEATURES, assert_matches_reference
 
-REGION = "us-east-1"
-
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """moto's S3 server on a free 127.0.0.1 port, stopped by its pid whatever happens."""
-    port = _free_port()
-    log = tmp_path_factory.mktemp("moto") / "server.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"moto server exited: {log.read_text()[-2000:]}"
-            try:
-                with urllib.request.urlopen(url + "/moto-api/data.json", timeout=2):
-                    break
-            except (urllib.error.URLError, OSError):
-                assert time.monotonic() < deadline, "moto server did not answer in 60 s"
-                time.sleep(0.1)
-        yield url
-    finally:
-        os.kill(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-@pytest.fixture
-def bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    """A fresh bucket, with the AWS_* variables pointing at the local server."""
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3", "AWS_CONFIG_FILE",
-                 "AWS_SHARED_CREDENTIALS_FILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-    monkeypatch.setenv("AWS_REGION", REGION)
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    name = f"test-{uuid.uuid4().hex[:12]}"
-    admin = pafs.S3FileSystem(endpoint_override=s3_endpoint.split("://", 1)[1], scheme="http",
-                              region=REGION, allow_bucket_creation=True)
-    admin.create_dir(name)
-    return name
 
 
 def _upload(local: Path, fs: pafs.FileSystem, key: str) -> None:
