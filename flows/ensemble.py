@@ -12,7 +12,7 @@ import os
 import platform
 import socket
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any
 
@@ -257,7 +257,10 @@ def _run(params: ScoreParams) -> RunSummary:
         removed = store.remove_stale_staging()
         if removed:
             logger.info(f"Removed {removed} staging file(s) left by an interrupted run")
-        guards = _Guards(quorum, members, golden, _baseline(params, store, logger))
+        guards = _Guards(quorum, members, golden, _baseline(params, store, logger),
+                         f"the previous run ({killed}) did not finish: it was killed"
+                         if killed else "")
+        _record_running(params, plan, guards, started_at)
         return _score(params, manifest, plan, guards, logger, started, started_at)
 
 
@@ -270,6 +273,7 @@ class _Guards:
     members: list[MemberInfo]
     golden: str
     baseline: tuple[Sketches, str] | None
+    previous_run: str = ""  # how the previous run into this output ended, if badly
 
     @property
     def absent(self) -> tuple[str, ...]:
@@ -360,45 +364,91 @@ def _score(params: ScoreParams, manifest: Manifest, plan: Plan, guards: _Guards,
     return summary
 
 
+def _record_running(params: ScoreParams, plan: Plan, guards: _Guards, started_at: float
+                    ) -> None:
+    """Replace the previous run's record, before anything is written, with one that says
+    a run is under way: a reader of ``_run.json`` never takes a re-run in progress, or
+    one killed midway, for the completed run before it. The drift sketches of the
+    previous run are carried over when they are this run's baseline, so that a run
+    killed midway leaves the next one its baseline."""
+    empty = _Scored({}, {}, {}, 0.0)
+    summary = _summarize(plan, guards, empty, "", None, 0.0)
+    record = _run_record(params, plan, guards, empty, None, started_at, summary)
+    record.status = "running"
+    for part in record.partitions.values():
+        part.status = "pending"
+    if guards.baseline is not None and params.baseline is None:
+        record.sketches = guards.baseline[0]
+    store_for(plan.output_dir).write_json(RUN_RECORD, record.model_dump(mode="json"))
+
+
 def _record_stopped(params: ScoreParams, plan: Plan, guards: _Guards, run: _Scored,
                     started_at: float, stop: BaseException, logger: Any) -> None:
     """The run record of a run stopped before its end: what is committed (as the files
     on disk say) and what is pending. Best effort: the stop itself is what is raised."""
     name = type(stop).__name__
     status = ("interrupted" if isinstance(stop, KeyboardInterrupt)
-              else "failed" if isinstance(stop, Exception) else "stopped")
+              else "failed" if isinstance(stop, Exception)
+              else "cancelled" if _cancel_requested() else "stopped")
     try:
-        committed = _committed_on_disk(plan, run)
+        committed = _committed_on_disk(plan, run, started_at)
         summary = _summarize(plan, guards, run, "", None, time.time() - started_at)
+        summary.report = report_run(summary, run.scored, run.merged, plan.partitions,
+                                    logger, status=status.capitalize())
         record = _run_record(params, plan, guards, run, None, started_at, summary)
         record.status = status
         record.stopped_by = name
         for rel, part in record.partitions.items():
-            if rel in committed and part.status != "committed":
-                part.status = "committed"
-            elif rel not in committed and rel not in run.failed:
+            if rel in run.merged or rel in run.failed:
+                continue
+            if rel in committed:
+                part.rows, by_this_run = committed[rel]
+                part.status = "committed" if by_this_run else "kept"
+            else:
                 part.status = "pending"
         store_for(plan.output_dir).write_json(RUN_RECORD, record.model_dump(mode="json"))
-        pending = sum(p.status == "pending" for p in record.partitions.values())
-        logger.warning(f"run {status} ({name}): {len(committed)} partition(s) committed, "
-                       f"{pending} pending; the run record says which. A re-run scores "
-                       "only what is pending")
+        count = Counter(p.status for p in record.partitions.values())
+        kept = f" ({count['kept']} kept from an earlier run)" if count["kept"] else ""
+        logger.warning(f"run {status} ({name}): {count['committed']} partition(s) committed"
+                       f"{kept}, {count['pending']} pending; the run record says which. A "
+                       "re-run scores only what is pending")
     except Exception as exc:  # the record is a report: never hide the stop itself
         logger.warning(f"could not write the run record of the stopped run: {exc!r}")
 
 
-def _committed_on_disk(plan: Plan, run: _Scored) -> set[str]:
-    """Partitions whose committed file is this input's: those this run saw finish, and
-    those a task committed after the flow stopped listening."""
+def _cancel_requested() -> bool:
+    """Whether this flow run's state says a cancel (UI, API, ``prefect flow-run cancel``)
+    is what stopped it: a worker or ``serve`` delivers a cancel as SIGTERM, which alone
+    looks like any other SIGTERM. Best effort: False when the API cannot tell."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(runtime.flow_run.id).state
+    except Exception:
+        return False
+    return state is not None and state.type in (StateType.CANCELLING, StateType.CANCELLED)
+
+
+def _committed_on_disk(plan: Plan, run: _Scored, started_at: float
+                       ) -> dict[str, tuple[int | None, bool]]:
+    """Partitions this run did not see finish whose committed file is this input's: their
+    rows, and whether this run wrote it (a task that committed after the flow stopped
+    listening) or an earlier one did (a ``force`` re-run stopped before replacing it)."""
     store = store_for(plan.output_dir)
-    done = set(run.merged)
+    found: dict[str, tuple[int | None, bool]] = {}
     for part in plan.partitions:
-        if part.relpath in done or part.relpath in run.failed:
+        if part.relpath in run.merged or part.relpath in run.failed:
             continue
-        meta = committed_metadata(store, f"{ENSEMBLE_DIR}/{part.relpath}")
+        rel = f"{ENSEMBLE_DIR}/{part.relpath}"
+        meta = committed_metadata(store, rel)
         if meta is not None and meta.get("fingerprint") == part.fingerprint:
-            done.add(part.relpath)
-    return done
+            rows = (meta.get("stats") or {}).get("rows")
+            written = store.modified(rel)
+            found[part.relpath] = (rows if isinstance(rows, int) else None,
+                                   written is not None and written >= started_at)
+    return found
 
 
 def _drift_breach(manifest: Manifest, drift: DriftRecord | None) -> bool:
@@ -456,9 +506,7 @@ def _check_repeated_ids(params: ScoreParams, manifest: Manifest, run: _Scored, l
         text = _describe_repeats(repeated)
     except Exception as exc:  # a report, not the table: the committed work stands
         text = f"ids across partitions could not be checked: {_error_text(exc)}"
-    if text:
-        logger.warning(text)
-    return repeated, text
+    return repeated, text  # logged with the report's warnings
 
 
 def _summarize(plan: Plan, guards: _Guards, run: _Scored, repeated_text: str,
@@ -484,6 +532,7 @@ def _summarize(plan: Plan, guards: _Guards, run: _Scored, repeated_text: str,
         missing_members={m.name: m.missing for m in guards.members if m.missing},
         drift=[] if drift is None else drift.text(),
         drift_baseline="" if drift is None else drift.baseline,
+        previous_run=guards.previous_run,
     )
 
 

@@ -118,6 +118,7 @@ class RunSummary(BaseModel):
     missing_members: dict[str, str] = {}  # member -> why it could not be loaded
     drift: list[str] = []  # the largest drifts from the baseline, for people
     drift_baseline: str = ""
+    previous_run: str = ""  # how the previous run into this output ended, if it did not
     report: RunReport | None = None  # the run report, as published in the artifacts
 
     @property
@@ -129,7 +130,10 @@ class PartitionRecord(BaseModel):
     fingerprint: str
     rows: int | None  # None when it failed
     bad_rows: int | None
-    status: str  # "committed", "failed" or (a run stopped early) "pending"
+    # "committed", "failed" or, in the record of a run stopped early, "pending" (not
+    # scored) or "kept" (a force re-run had not replaced the earlier run's file yet);
+    # "pending" everywhere in the record of a run under way ("running").
+    status: str
 
 
 class RepeatedIdsRecord(BaseModel):
@@ -187,8 +191,10 @@ class DriftRecord(BaseModel):
 class RunRecord(BaseModel):
     """``OUTPUT/_run.json``: the run's parameters, members, partitions and figures."""
 
-    # completed, failed (some partitions or the drift check), interrupted (Ctrl-C) or
-    # stopped (SIGTERM, a cancel); a stopped run's partitions are committed or pending.
+    # running (written as the run starts; left so by a run that was killed), completed,
+    # failed (some partitions or the drift check), interrupted (Ctrl-C), cancelled (from
+    # the UI or the API) or stopped (SIGTERM); a run stopped early has its partitions
+    # committed, kept or pending.
     status: str = "completed"
     stopped_by: str | None = None  # the exception that stopped the run early
     flow_run_id: str

@@ -149,6 +149,9 @@ def build_report(
         warnings.append(summary.repeated_ids)
     if summary.missing_members:
         warnings.insert(0, missing_text(summary.members))
+    if summary.previous_run:
+        warnings.insert(0, f"{summary.previous_run}; its committed partitions were kept and "
+                        "this run scored the rest.")
     warnings += _partial_members(figures, rows, summary.missing_members)
     return RunReport(
         status=status or ("Failed" if summary.failed else "Completed"),
@@ -537,13 +540,16 @@ def report_run(
     merged: Mapping[str, PartitionMerged],
     partitions: Sequence[Partition],
     logger: Any,
+    *,
+    status: str | None = None,
 ) -> RunReport | None:
     """Build and publish the report; returns it, or None if it could not be built.
+    ``status`` titles the summary of a run stopped early (default: Completed or Failed).
 
     Never raises: the table is committed by now and a report problem must not fail it.
     """
     try:
-        report = build_report(summary, scored, merged, partitions)
+        report = build_report(summary, scored, merged, partitions, status=status)
     except Exception as exc:
         logger.warning(f"could not build the run report ({type(exc).__name__}: {exc}); the "
                        "scoring run is not affected")

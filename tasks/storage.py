@@ -124,6 +124,11 @@ class Store(ABC):
     def exists(self, rel: str) -> bool:
         return bool(self.fs.get_file_info(self._path(rel)).type != pafs.FileType.NotFound)
 
+    def modified(self, rel: str) -> float | None:
+        """When ``rel`` was last written (Unix seconds); None if it is not there."""
+        info = self.fs.get_file_info(self._path(rel))
+        return None if info.mtime is None else info.mtime.timestamp()
+
     def open_input(self, rel: str) -> pa.NativeFile:
         """A random-access file, for ``pq.ParquetFile`` (the caller closes it)."""
         return self.fs.open_input_file(self._path(rel))

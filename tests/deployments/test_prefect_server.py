@@ -242,7 +242,9 @@ def test_cancel_through_the_api_leaves_a_truthful_record(
     assert run["state_type"] == "CANCELLED", f"{run['state']}\n{stack.logs()}"
     assert took < 45, f"took {took:.0f} s to cancel"
     record = json.loads((out / "_run.json").read_text())
-    assert record["status"] == "stopped" and record["flow_run_id"] == run_id
+    assert record["status"] == "cancelled" and record["flow_run_id"] == run_id
+    summary = _artifacts(stack, run_id)[ARTIFACT_KEYS["summary"]]
+    assert "# Ensemble run: Cancelled" in summary, summary[:500]
     committed = sorted(p.name for p in (out / "ensemble").glob("*.parquet"))
     states = record["partitions"]
     assert sorted(r for r, p in states.items() if p["status"] == "committed") == committed

@@ -291,3 +291,53 @@ def _default_sigint() -> None:
     """In the child: SIGINT as in a terminal's foreground job. A test run started in the
     background (``nohup``, ``&``) inherits it ignored, and so would the CLI."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.mark.slow
+def test_a_stopped_force_rerun_says_which_files_are_still_the_earlier_runs(
+        setup: dict[str, object]) -> None:
+    """A ``--force`` re-run stopped midway: the files it replaced are committed, the ones
+    it had not reached yet are the earlier run's ("kept", with their rows), and the rows
+    on disk add up."""
+    tmp, features = setup["tmp"], setup["features"]
+    assert isinstance(tmp, Path) and isinstance(features, list)
+    rng = np.random.default_rng(1)
+    for i in range(8):
+        cols: dict[str, object] = {"id": np.arange(50_000) + i * 50_000}
+        for f in features:
+            cols[f] = rng.standard_normal(50_000).astype(np.float32)
+        write_table(tmp / "data" / f"part-{i}.parquet", cols)
+    manifest = write_manifest(tmp / "manifest.yaml", {
+        "id_column": "id", "features": features, "models": setup["models"]})
+    env = prefect_free_env(tmp / "prefect-home")
+    out = tmp / "out"
+    args = [sys.executable, "-m", "flows.score", "--models", str(manifest), "--input",
+            str(tmp / "data"), "--output", str(out), "--quiet"]
+    first = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = {p: p.stat().st_mtime_ns for p in (out / "ensemble").glob("*.parquet")}
+    rerun = subprocess.Popen([*args, "--force", "--concurrency", "1", "--batch-size", "256"],
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not any(p.stat().st_mtime_ns != t for p, t in before.items() if p.exists()):
+            assert rerun.poll() is None and time.monotonic() < deadline, rerun.stderr
+            time.sleep(0.1)
+        os.kill(rerun.pid, signal.SIGTERM)
+        _, err = rerun.communicate(timeout=120)
+    finally:
+        if rerun.poll() is None:
+            rerun.kill()
+    assert rerun.returncode == 143, err[-3000:]
+    record = json.loads((out / "_run.json").read_text())
+    assert record["status"] == "stopped"
+    states = {rel: p["status"] for rel, p in record["partitions"].items()}
+    replaced = {p.name for p, t in before.items() if p.stat().st_mtime_ns != t}
+    assert {r for r, st in states.items() if st == "committed"} == replaced
+    assert "kept" in states.values() and set(states.values()) <= {"committed", "kept",
+                                                                   "pending"}
+    on_disk = {p.name: pq.read_metadata(p).num_rows
+               for p in (out / "ensemble").glob("*.parquet")}
+    for rel, part in record["partitions"].items():
+        if part["status"] in ("committed", "kept"):
+            assert part["rows"] == on_disk[rel] == 50_000, rel

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -151,11 +152,17 @@ def test_kill_9_at_several_points_then_rerun(tmp_path: Path) -> None:
             ids = table.column("id").to_pylist()
             assert all(i in ref for i in ids), what
     assert "pid" in (out / ".lock").read_text()  # left by the killed run
+    if (out / "_run.json").exists():  # written as a run starts: never a stale "completed"
+        assert json.loads((out / "_run.json").read_text())["status"] == "running"
     proc = _cli(manifest, out, env)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
     assert "Reused:" in stdout
     assert "did not finish: it was killed" in stdout + stderr
+    record = json.loads((out / "_run.json").read_text())
+    assert record["status"] == "completed"
+    assert "did not finish: it was killed" in record["summary"]["previous_run"]
+    assert "did not finish: it was killed" in record["summary"]["report"]["warnings"][0]
     assert not (out / ".lock").exists()
     assert_output_matches(out, ref)
     assert sorted(p for p in out.rglob(".*.tmp") if p not in user_files) == []
