@@ -139,12 +139,23 @@ def _run_partitions(plan: Plan, manifest: Manifest, params: ScoreParams, guards:
         pending.clear()
         deadline = time.monotonic() + STOP_GRACE_SECONDS
         for fut, part in list(inflight.items()):
-            with contextlib.suppress(Exception):
-                fut.wait(timeout=max(0.0, deadline - time.monotonic()))
+            _wait_through_signals(fut, deadline)
             if fut.state.is_final():
                 with contextlib.suppress(Exception):
                     collect(fut, part)
         raise
+
+
+def _wait_through_signals(fut: PrefectFuture[Any], deadline: float) -> None:
+    """Wait for ``fut`` until ``deadline``, through further stop signals: a Ctrl-C on
+    ``serve`` reaches the run as SIGINT and then as the runner's SIGTERM, and a grace cut
+    short by the second let a partition commit after the run record was written."""
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            fut.wait(timeout=left)
+            return
+        except BaseException:  # a second signal: the stop is already under way
+            continue
 
 
 def _describe_repeats(repeated: RepeatedIds) -> str:

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -82,10 +84,15 @@ def build_deployments(path: Path = PREFECT_FILE, *, scheduled_elsewhere: frozens
     return out
 
 
+# A served deployment polled this recently, and not paused, has a live ``serve``.
+LIVE_POLL_SECONDS = 60.0
+
+
 def _deployed(names: list[str]) -> tuple[frozenset[str], list[str]]:
     """Which of the file's deployments run an active schedule on the server through a
-    work pool, and which ``<name>-local`` names a work-pool deployment already holds
-    (serving would overwrite it)."""
+    work pool, and which ``<name>-local`` names are held: by a work-pool deployment
+    (serving would overwrite it) or by another ``serve`` still running (stopping either
+    would pause the other's deployments)."""
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
 
@@ -98,12 +105,20 @@ def _deployed(names: list[str]) -> tuple[frozenset[str], list[str]]:
                 except ObjectNotFound:
                     continue
                 if found.work_pool_name is None:
-                    continue  # a served deployment: ours to replace
+                    if local and _served_now(found):
+                        taken.append(f"{full} (served by another process right now)")
+                    continue  # a served deployment that nobody serves: ours to replace
                 if local:
                     taken.append(full)
                 elif not found.paused and any(s.active for s in found.schedules):
                     scheduled.add(name)
     return frozenset(scheduled), taken
+
+
+def _served_now(deployment: Any) -> bool:
+    polled = deployment.last_polled
+    return (not deployment.paused and polled is not None
+            and time.time() - polled.timestamp() < LIVE_POLL_SECONDS)
 
 
 def _describe(deployment: Any) -> str:
@@ -154,10 +169,11 @@ def main(argv: list[str]) -> int:
         return 2
     scheduled, taken = _deployed(names)
     if taken:
-        print(f"error: the server already has work-pool deployment(s) "
+        print(f"error: the server already has deployment(s) "
               f"{', '.join(f'{FLOW_NAME}/{t}' for t in taken)}, the names serve uses; "
-              "rename or delete them first (serve never overwrites a deployment it did not "
-              "create)", file=sys.stderr)
+              "stop that serve, or rename or delete work-pool deployments first (serve "
+              "never overwrites a deployment it did not create, and one serve per server "
+              "serves these names)", file=sys.stderr)
         return 2
     deployments = build_deployments(scheduled_elsewhere=scheduled)
     for name in sorted(scheduled):
@@ -166,8 +182,20 @@ def main(argv: list[str]) -> int:
               "each run happens once", flush=True)
     for d in deployments:
         print(f"serving {_describe(d)}", flush=True)
+    signal.signal(signal.SIGINT, _stop_gracefully)
     try:
         serve(*deployments, limit=args.limit)
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _stop_gracefully(signum: int, frame: Any) -> None:
+    """Ctrl-C: stop the way Prefect's runner stops on SIGTERM, cancelling the runs in
+    flight and waiting for them (each writes its run record), instead of tearing down
+    at once, which killed a run's process while it was still recording. A second Ctrl-C
+    exits at once."""
+    print("stopping: runs in flight are cancelled and record what they committed "
+          "(Ctrl-C again to exit at once)", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    os.kill(os.getpid(), signal.SIGTERM)

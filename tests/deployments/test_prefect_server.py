@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
 import time
 from datetime import datetime
@@ -158,6 +159,17 @@ def test_serve_beside_the_deployed_deployments(stack: PrefectStack,
         # The deployed nightly runs the schedule: the served one keeps it paused.
         assert not any(s["active"] for s in local.json()["schedules"])
         assert "schedule paused" in serving.log.read_text()
+        # A second serve on the same server is refused while the first one polls: stopping
+        # either would pause the other's deployments.
+        for _ in range(120):
+            if stack.api("GET", "/deployments/name/ensemble-score/adhoc-local").json().get(
+                    "last_polled"):
+                break
+            time.sleep(0.5)
+        second = subprocess.run([sys.executable, "-m", "flows.score", "serve"],
+                                env=stack.env, capture_output=True, text=True, timeout=180)
+        assert second.returncode == 2, second.stdout + second.stderr
+        assert "served by another process right now" in second.stderr
     finally:
         serving.stop()
     for name in ("adhoc", "nightly"):
@@ -251,3 +263,47 @@ def test_cancel_through_the_api_leaves_a_truthful_record(
     assert 1 <= len(committed) < 40
     assert {p["status"] for p in states.values()} == {"committed", "pending"}
     assert not (out / ".lock").exists()
+
+
+def test_ctrl_c_on_serve_cancels_its_run_with_a_record(tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to serve's process group, run processes included) while a served
+    run scores: serve stops the way it does on SIGTERM, the run ends Cancelled, and its
+    record agrees with the files, with no lock left. Serve used to tear down at once and
+    kill the run's process mid-record, leaving it Running with a stale lock."""
+    from flows.demo import build_demo
+
+    manifest = build_demo(tmp_path / "demo", partitions=40, rows=40_000)
+    out = tmp_path / "out"
+    stack = PrefectStack(tmp_path / "stack")
+    try:
+        stack.start_server()
+        serving = stack.start("serve", sys.executable, "-m", "flows.score", "serve")
+        for _ in range(240):
+            resp = stack.api("GET", "/deployments/name/ensemble-score/adhoc-local")
+            if resp.status_code == 200:
+                break
+            time.sleep(0.5)
+        else:
+            raise AssertionError(f"serve registered nothing\n{stack.logs()}")
+        created = stack.api("POST", f"/deployments/{resp.json()['id']}/create_flow_run",
+                            json={"parameters": {"params": {
+                                "models": str(manifest), "input": str(manifest.parent / "data"),
+                                "output": str(out), "concurrency": 1, "batch_size": 1024}}})
+        assert created.status_code == 201, created.text
+        deadline = time.monotonic() + 300
+        while not list((out / "ensemble").glob("*.parquet")):
+            assert time.monotonic() < deadline, stack.logs()
+            time.sleep(0.5)
+        serving.stop(timeout=90)
+        assert serving.popen.returncode is not None and serving.popen.returncode >= 0
+        run = stack.wait_for_run(created.json()["id"], timeout=60)
+        assert run["state_type"] == "CANCELLED", f"{run['state']}\n{stack.logs()}"
+        record = json.loads((out / "_run.json").read_text())
+        assert record["status"] in ("cancelled", "stopped", "interrupted"), record["status"]
+        committed = sorted(p.name for p in (out / "ensemble").glob("*.parquet"))
+        assert sorted(r for r, p in record["partitions"].items()
+                      if p["status"] == "committed") == committed
+        assert 1 <= len(committed) < 40
+        assert not (out / ".lock").exists()
+    finally:
+        stack.stop_all()
