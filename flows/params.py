@@ -130,7 +130,7 @@ class ScoreParams(BaseModel):
         Raises:
             ManifestError: invalid manifest, or a member's objects are missing.
         """
-        from loaders.remote import pin_manifest
+        from loaders.remote import check_cache_folder, pin_manifest
 
         if self.models.strip():
             manifest = load_manifest(self.models)
@@ -139,7 +139,11 @@ class ScoreParams(BaseModel):
             manifest = parse_manifest(self.manifest.model_dump(exclude={"models": {"__all__": {
                 "remote"}}}), Path.cwd(), source="inline manifest")
         cache = None if self.model_cache is None else str(Path(self.model_cache).absolute())
-        return pin_manifest(manifest, cache_dir=cache, max_bytes=self.model_cache_size)
+        pinned = pin_manifest(manifest, cache_dir=cache, max_bytes=self.model_cache_size)
+        if pinned is not manifest:  # members on S3: their cache must be usable here
+            check_cache_folder(cache, apart_from={"input": self.input,
+                                                  "output": self.output})
+        return pinned
 
     def policy(self, manifest: Manifest) -> BadRowPolicy:
         return self.bad_rows or manifest.bad_rows

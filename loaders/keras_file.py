@@ -50,8 +50,8 @@ from loaders.errors import ModelLoadError
 from loaders.inspect import ResolvedModel, file_sha256, keras_kind
 from loaders.manifest import ModelSpec
 
-__all__ = ["CACHE_ENV", "EXPORTS", "EXPORT_TIMEOUT", "cache_root", "export_key",
-           "keras_export", "load_keras"]
+__all__ = ["CACHE_ENV", "EXPORTS", "EXPORT_TIMEOUT", "cache_root", "distrust",
+           "export_key", "keras_export", "load_keras"]
 
 CACHE_ENV = "ENSEMBLE_SCORING_CACHE_DIR"
 # An export that takes longer is stopped (its process killed) and the member fails to
@@ -97,7 +97,7 @@ def export_key(spec: ModelSpec, resolved: ResolvedModel) -> str:
     return key
 
 
-def _trusted(folder: Path) -> str | None:
+def distrust(folder: Path) -> str | None:
     """Why a cache entry cannot be trusted, or None. An entry is a model this process
     will run: a link (pointing anywhere) or a folder another user owns or others may
     write to could hold any graph of allowed ops, so it is refused, not scored."""
@@ -124,9 +124,9 @@ def _complete(folder: Path, key: str) -> dict[str, Any] | None:
     """The export's description when ``folder`` holds a complete export of ``key``.
 
     Raises:
-        ModelLoadError: the entry exists but cannot be trusted (see ``_trusted``).
+        ModelLoadError: the entry exists but cannot be trusted (see ``distrust``).
     """
-    why = _trusted(folder)
+    why = distrust(folder)
     if why is not None:
         raise ModelLoadError(
             f"the Keras export cache entry {folder} {why}; refusing it, since it would be "

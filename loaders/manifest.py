@@ -70,7 +70,8 @@ class ModelSpec(BaseModel):
     name: str = Field(
         pattern=_NAME_PATTERN, description="Unique member name; becomes score_<name>."
     )
-    path: str = Field(description="TF1 checkpoint prefix or folder, SavedModel folder, or "
+    path: str = Field(min_length=1, description="TF1 checkpoint prefix or folder, "
+                      "SavedModel folder, or "
                       "Keras file (.keras, legacy .h5); local, or an s3:// URI.")
     format: ModelFormat = Field("auto", description="Detected from the files (a Keras file "
                                 "by its .keras/.h5 suffix) when 'auto'.")
@@ -189,18 +190,23 @@ _S3 = "s3://"
 
 
 def _member_path(base: Path | str, path: str) -> str:
-    """A model path as the members will use it: an ``s3://`` URI as given, an absolute
-    local path as given, a relative one taken from the manifest's folder (``base``), a
-    local folder or an ``s3://`` prefix when the manifest was read from S3.
+    """A model path as the members will use it: an ``s3://`` URI as given; from a local
+    manifest, a local path taken from its folder (``base``); from a manifest read from S3
+    (``base`` its prefix), a path relative to that prefix.
 
     Raises:
-        ManifestError: a relative path climbs above the manifest's bucket.
+        ManifestError: a path from an S3 manifest is local (absolute, ``~``) or climbs
+            above the manifest's bucket.
     """
     if path.startswith(_S3):
         return path
-    local = Path(path).expanduser()
-    if isinstance(base, Path) or local.is_absolute():
-        return str((base / local).resolve()) if isinstance(base, Path) else str(local)
+    if isinstance(base, Path):
+        return str((base / Path(path).expanduser()).resolve())
+    if path.startswith(("/", "~")):
+        # Whoever can write the bucket must not point every worker at its local files.
+        raise ManifestError(f"model path {path!r} in the manifest {base}/...: a manifest "
+                            "read from S3 names models on S3 only; give an s3:// URI or a "
+                            "path relative to the manifest's prefix")
     bucket, _, prefix = base[len(_S3):].partition("/")
     joined = posixpath.normpath(posixpath.join(prefix, path))
     if joined == "." or joined.split("/", 1)[0] == "..":
@@ -265,10 +271,13 @@ def _read_s3_manifest(uri: str) -> str:
         with s3_filesystem().open_input_stream(S3Path.from_uri(uri).key) as f:
             raw = f.read(_MAX_MANIFEST_BYTES + 1)
     except FileNotFoundError as err:
-        raise ManifestError(f"manifest {uri} does not exist; check the manifest path (models, "
-                            "--models) and the AWS variables (endpoint, region)") from err
+        raise ManifestError(f"manifest {uri} does not exist; check the manifest path "
+                            "(params.models, --models) and the AWS variables (endpoint, "
+                            "region)") from err
     except (OSError, ValueError) as err:
-        raise ManifestError(f"manifest {uri} cannot be read: {err}") from err
+        raise ManifestError(f"manifest {uri} cannot be read: {err}; check the URI, the bucket "
+                            "and the AWS variables (credentials, AWS_REGION, "
+                            "AWS_ENDPOINT_URL)") from err
     if len(raw) > _MAX_MANIFEST_BYTES:
         raise ManifestError(f"manifest {uri} is larger than {_MAX_MANIFEST_BYTES >> 20} MB; "
                             "is it the manifest?")

@@ -60,11 +60,12 @@ import pyarrow.fs as pafs
 
 from loaders.errors import ManifestError, ModelFetchError, ModelLoadError
 from loaders.inspect import KERAS_SUFFIXES, checkpoint_state_path, file_sha256
-from loaders.keras_file import _trusted, cache_root
+from loaders.keras_file import cache_root, distrust
 from loaders.manifest import Manifest, ModelSpec, RemoteSource
 from tasks.fs import S3Path, s3_filesystem
 
 __all__ = ["CACHE_ENV", "DEFAULT_MAX_BYTES", "DOWNLOADS", "MAX_BYTES_ENV", "cache_settings",
+           "check_cache_folder",
            "ensure_entry", "evict", "fetch_object", "localize", "parse_size", "pin_manifest",
            "pin_model"]
 
@@ -77,6 +78,7 @@ EVICT_GRACE_SECONDS = 300.0
 # A temporary folder older than this was left by a killed download.
 STALE_TMP_SECONDS = 86_400.0
 _MAX_STATE_BYTES = 1 << 20
+_MAX_NAME_BYTES = 255  # a file name's limit on Linux file systems
 _CHUNK = 8 << 20
 _MARKER = "ensemble-scoring model cache entry, v1"
 _ENTRY = re.compile(r"^s3-[0-9a-f]{64}$")
@@ -102,7 +104,11 @@ def parse_size(text: str) -> int:
     if found is None:
         raise ValueError(f"{text!r} is not a size (bytes, or a number with K, M, G or T)")
     power = "KMGT".index(found.group(2).upper()) + 1 if found.group(2) else 0
-    return int(float(found.group(1)) * 1024**power)
+    size = int(float(found.group(1)) * 1024**power)
+    if size < 1:
+        raise ValueError(f"{text!r} is not a size limit: give at least 1 byte (a limit the "
+                         "models in use exceed keeps them and evicts the others)")
+    return size
 
 
 def cache_settings(cache_dir: str | os.PathLike[str] | None = None,
@@ -125,6 +131,37 @@ def cache_settings(cache_dir: str | os.PathLike[str] | None = None,
     return path, max_bytes
 
 
+def check_cache_folder(cache_dir: str | None, *, apart_from: dict[str, str]) -> Path:
+    """The model cache folder on this host, created, checked before anything is scored:
+    writable, and not inside a local folder of ``apart_from`` (the run's input and
+    output: a cache there would be read as data, or written among the ensemble table).
+
+    Raises:
+        ManifestError: naming the folder and what it is inside of, or why it is unusable.
+    """
+    folder, _ = cache_settings(cache_dir)
+    resolved = folder.resolve()
+    for what, location in apart_from.items():
+        if location.startswith("s3://"):
+            continue
+        parts = Path(location).expanduser().absolute().parts
+        fixed = [p for p in parts[:next((i for i, p in enumerate(parts)
+                                          if set(p) & set("*?[")), len(parts))]]
+        if fixed and resolved.is_relative_to(Path(*fixed).resolve()):
+            raise ManifestError(f"the model cache {folder} is inside the {what} "
+                                f"({location}); choose a cache folder outside it "
+                                f"(params.model_cache, --model-cache, or {CACHE_ENV})")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115 - closed at once
+        probe.close()
+    except OSError as err:
+        raise ManifestError(f"the model cache {folder} cannot be written ({err}); choose "
+                            f"another folder (params.model_cache, --model-cache, or "
+                            f"{CACHE_ENV})") from err
+    return folder
+
+
 def _checked_rel(name: str, rel: str, where: str) -> str:
     """``rel`` (an object key below the member's prefix) as a path that stays inside a
     cache entry. Keys are the bucket owner's input: absolute ones, ``..`` and empty parts
@@ -138,7 +175,30 @@ def _checked_rel(name: str, rel: str, where: str) -> str:
         raise ManifestError(f"model {name!r}: refusing object {where}/{rel}: its key leads "
                             "outside the model's prefix (absolute, '.', '..' or empty parts); "
                             "rename it or move the model to a clean prefix")
+    if any(len(p.encode()) > _MAX_NAME_BYTES for p in parts):
+        raise ManifestError(f"model {name!r}: refusing object {where}/{rel}: a part of its key "
+                            f"is longer than {_MAX_NAME_BYTES} bytes, which no local file name "
+                            "can hold; rename it or move the model to a clean prefix")
     return rel
+
+
+def _check_names(name: str, root: str, rels: list[str]) -> None:
+    """Refuse keys that cannot all be files of one folder: ``a`` beside ``a/b`` (S3 holds
+    both; a disk cannot).
+
+    Raises:
+        ManifestError: naming both keys.
+    """
+    keys = set(rels)
+    for rel in sorted(keys):
+        parts = rel.split("/")
+        for i in range(1, len(parts)):
+            folder = "/".join(parts[:i])
+            if folder in keys:
+                raise ManifestError(
+                    f"model {name!r}: objects s3://{root}/{folder} and s3://{root}/{rel} "
+                    "cannot both be downloaded (one would be a file and a folder); delete "
+                    "or rename one of them")
 
 
 def _list(fs: pafs.FileSystem, path: str, *, recursive: bool) -> dict[str, pafs.FileInfo]:
@@ -162,10 +222,13 @@ def _check_checkpoint(spec: ModelSpec, root: str, files: dict[str, Any], prefix:
             f"{where}/{prefix}.index is missing; upload the whole checkpoint (.index, "
             ".meta and every .data-* shard), or fix 'path'")
     pattern = re.compile(re.escape(prefix) + _SHARD + "$")
-    counts = {int(m.group(2)) for k in files if (m := pattern.match(k))}
-    total = max(counts, default=1)
-    missing = [f"{prefix}.data-{i:05d}-of-{total:05d}" for i in range(total)
-               if f"{prefix}.data-{i:05d}-of-{total:05d}" not in files]
+    counts = {int(m.group(2)) for k in files if (m := pattern.match(k))} or {1}
+    # A shard left by an earlier save with another shard count is ignored, as TensorFlow
+    # does (its .index names the count it uses): one complete set is enough.
+    gaps = {total: [f"{prefix}.data-{i:05d}-of-{total:05d}" for i in range(total)
+                    if f"{prefix}.data-{i:05d}-of-{total:05d}" not in files]
+            for total in sorted(counts)}
+    total, missing = min(gaps.items(), key=lambda item: (len(item[1]), -item[0]))
     if missing:
         raise ManifestError(
             f"model {spec.name!r}: checkpoint {where}/{prefix} is incomplete: object "
@@ -207,7 +270,7 @@ def _state_prefix(spec: ModelSpec, fs: pafs.FileSystem, root: str) -> str:
         raise ManifestError(f"model {spec.name!r}: s3://{root}/checkpoint names no "
                             "model_checkpoint_path; point 'path' at a checkpoint prefix")
     named = PurePosixPath(value)
-    if named.is_absolute() or ".." in named.parts:
+    if named.is_absolute() or ".." in named.parts or "://" in value:  # it leads elsewhere
         return named.name
     return str(named)
 
@@ -297,7 +360,11 @@ def pin_model(spec: ModelSpec, *, cache_dir: Path | None = None, max_bytes: int 
         raise ManifestError(
             f"model {spec.name!r}: cannot read {spec.path} ({err}); check the URI, the bucket "
             "and the AWS variables (credentials, AWS_REGION, AWS_ENDPOINT_URL)") from err
-    key = "s3-" + hashlib.sha256(json.dumps([_MARKER, files]).encode()).hexdigest()
+    _check_names(spec.name, root, [rel for rel, _, _ in files])
+    # The root is part of the key: where a server gives no ETag the tag is a time to the
+    # second, and two folds of one network have files of the same sizes.
+    key = "s3-" + hashlib.sha256(json.dumps([_MARKER, f"s3://{root}", files]).encode()
+                                 ).hexdigest()
     return spec.model_copy(update={"remote": RemoteSource(
         root=f"s3://{root}", files=files, local=local, key=key,
         cache_dir=str(cache_dir.absolute()) if cache_dir else "", max_bytes=max_bytes)})
@@ -383,7 +450,7 @@ def _usable(name: str, final: Path, pin: RemoteSource) -> bool:
     """
     if not os.path.lexists(final):
         return False
-    why = _trusted(final)
+    why = distrust(final)
     info = _read_info(final) if why is None else None
     if why is None and (info is None or info.get("key") != pin.key
                         or [tuple(f) for f in info.get("files", [])] != list(pin.files)):
@@ -472,7 +539,7 @@ def _fetch_all(name: str, pin: RemoteSource, tmp: Path) -> None:
 
 def _seal(pin: RemoteSource, tmp: Path) -> None:
     """Record what the entry holds (with each file's SHA-256) and make it readable by
-    all and writable by its owner only, as ``_trusted`` requires."""
+    all and writable by its owner only, as ``distrust`` requires."""
     sums = {rel: file_sha256(str(tmp / _FILES / rel)) for rel, _, _ in pin.files}
     info = {"marker": _MARKER, "key": pin.key, "root": pin.root, "files": pin.files,
             "sha256": sums, "bytes": sum(size for _, size, _ in pin.files),

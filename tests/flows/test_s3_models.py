@@ -1,5 +1,6 @@
-"""Models on S3 end to end: a manifest read from S3 whose relative paths name a TF1
-checkpoint and a SavedModel there, beside a local member, scored by the flow and the CLI
+"""Models on S3 end to end: a TF1 checkpoint and a SavedModel there, beside a local
+member, scored by the flow and the CLI (a manifest read from S3 is tested in
+``tests/loaders/test_remote.py``)
 against the real moto server of ``tests/conftest.py``; downloads counted with
 ``loaders.remote.DOWNLOADS`` (the flow's thread runner runs in this process)."""
 
@@ -46,7 +47,7 @@ def _upload(local: Path, key: str) -> None:
 @pytest.fixture
 def setup(tmp_path: Path, bucket: str, checkpoints: list[Path], features: list[str]
           ) -> dict[str, Any]:
-    """Data on local disk; on S3 a manifest in ``team/`` naming ``../models/...``."""
+    """Data and the manifest on local disk; a checkpoint and a SavedModel on S3."""
     from flows.demo import write_partitions
 
     data = tmp_path / "data"
@@ -56,16 +57,17 @@ def setup(tmp_path: Path, bucket: str, checkpoints: list[Path], features: list[s
     _upload(ckpt.parent, f"{bucket}/models/fold0")
     weights = mlp_weights(43, N_FEATURES, (16, 8))
     _upload(save_tf2_saved_model(tmp_path / "src" / "sm", weights), f"{bucket}/models/sm")
+    # A manifest on S3 names models on S3 only (loaders.manifest); this one, kept
+    # locally, mixes them with a local member.
     manifest = {"id_column": "id", "features": features, "models": [
-        {"name": "tf1", "path": "../models/fold0/model.ckpt-1200", "input": "features:0",
-         "output": "score:0"},
-        {"name": "sm", "path": "../models/sm"},
+        {"name": "tf1", "path": f"s3://{bucket}/models/fold0/model.ckpt-1200",
+         "input": "features:0", "output": "score:0"},
+        {"name": "sm", "path": f"s3://{bucket}/models/sm"},
         {"name": "local", "path": str(checkpoints[0]), "input": "features:0",
          "output": "score:0"}]}
-    with s3_filesystem().open_output_stream(f"{bucket}/team/models.yaml") as f:
-        f.write(yaml.safe_dump(manifest).encode())
+    (tmp_path / "models.yaml").write_text(yaml.safe_dump(manifest))
     return {"data": data, "ckpt": ckpt, "weights": weights, "local": checkpoints[0],
-            "features": features, "models": f"s3://{bucket}/team/models.yaml",
+            "features": features, "models": str(tmp_path / "models.yaml"),
             "cache": tmp_path / "cache", "out": tmp_path / "out"}
 
 

@@ -109,12 +109,12 @@ def test_manifest_read_from_s3_takes_relative_paths_from_its_prefix(
         {"name": "a", "path": "../models/fold0/model.ckpt-1200", "input": "features:0",
          "output": "score:0"},
         {"name": "b", "path": "../models/sm"},
-        {"name": "c", "path": str(tmp_path / "local.ckpt"), "input": "i", "output": "o"}]})
+        {"name": "c", "path": f"s3://{bucket}/models/sm"}]})
     _put(f"{bucket}/team/models.yaml", text.encode())
     manifest = load_manifest(f"s3://{bucket}/team/models.yaml")
     assert [m.path for m in manifest.models] == [
         f"s3://{bucket}/models/fold0/model.ckpt-1200", f"s3://{bucket}/models/sm",
-        str(tmp_path / "local.ckpt")]
+        f"s3://{bucket}/models/sm"]
     pinned = remote.pin_manifest(manifest, cache_dir=tmp_path / "cache")
     scorer = load_scorer(pinned.models[1], N_FEATURES)
     try:
@@ -318,3 +318,81 @@ def test_without_a_run_setting_each_host_uses_its_environment(
     monkeypatch.setenv(remote.MAX_BYTES_ENV, "lots")
     with pytest.raises(ManifestError, match="ENSEMBLE_MODEL_CACHE_MAX_BYTES"):
         remote.pin_manifest(_manifest(bucket))
+
+
+def test_keys_a_disk_cannot_hold_are_refused_at_planning(
+        tmp_path: Path, models: dict[str, Any], bucket: str) -> None:
+    """A key both a file and a folder (``assets`` beside ``assets/x``), or a part longer
+    than a file name can be: refused at planning, naming the keys, not after downloads."""
+    _put(f"{bucket}/models/sm/assets", b"a file where a folder is")
+    _put(f"{bucket}/models/sm/assets/x.txt", b"x")
+    spec = ModelSpec(name="sm", path=f"s3://{bucket}/models/sm")
+    with pytest.raises(ManifestError, match=r"model 'sm': objects .*/models/sm/assets and "
+                                            r".*/models/sm/assets/x\.txt cannot both"):
+        remote.pin_model(spec, cache_dir=tmp_path / "cache")
+    long_name = "model.ckpt-1200." + "L" * 300
+    _put(f"{bucket}/models/fold0/{long_name}", b"stray")
+    ckpt = ModelSpec(name="tf1", path=f"s3://{bucket}/models/fold0/model.ckpt-1200",
+                     input="features:0", output="score:0")
+    with pytest.raises(ManifestError, match="longer than 255 bytes"):
+        remote.pin_model(ckpt, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_stray_shard_of_an_earlier_save_does_not_fail_planning(
+        tmp_path: Path, models: dict[str, Any], bucket: str) -> None:
+    """As on local disk: one complete set of shards is enough (TensorFlow reads the count
+    its .index names)."""
+    _put(f"{bucket}/models/fold0/model.ckpt-1200.data-00000-of-00003", b"left over")
+    spec = ModelSpec(name="tf1", path=f"s3://{bucket}/models/fold0/model.ckpt-1200",
+                     input="features:0", output="score:0")
+    scorer = load_scorer(remote.pin_model(spec, cache_dir=tmp_path / "cache"), N_FEATURES)
+    try:
+        assert np.abs(scorer.predict(X).reshape(-1) - models["ckpt_ref"]).max() <= 1e-5
+    finally:
+        scorer.close()
+
+
+def test_same_sized_models_without_etags_get_their_own_entries(
+        tmp_path: Path, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two folds of one network have files of the same sizes; where a server gives no
+    ETag and Last-Modified agrees to the second, the prefix still tells them apart."""
+    for fold, seed in (("a", 1), ("b", 2)):
+        ckpt = build_mlp_checkpoint(tmp_path / "src" / fold / "model.ckpt", seed=seed,
+                                    n_features=N_FEATURES, hidden=(16, 8))
+        _upload(ckpt.parent, f"{bucket}/folds/{fold}")
+    monkeypatch.setattr(remote, "_tag", lambda fs, path, info: "mtime:0")  # no ETags
+    pins = [remote.pin_model(ModelSpec(name=f, path=f"s3://{bucket}/folds/{f}/model.ckpt",
+                                       input="features:0", output="score:0"),
+                             cache_dir=tmp_path / "cache") for f in ("a", "b")]
+    a, b = (p.remote for p in pins)
+    assert a is not None and b is not None
+    assert [size for _, size, _ in a.files] == [size for _, size, _ in b.files]
+    assert a.key != b.key
+
+
+def test_an_s3_manifest_names_no_local_files(bucket: str) -> None:
+    for path in ("/etc/models/m.ckpt", "~/models/m.ckpt"):
+        _put(f"{bucket}/team/m.yaml", yaml.safe_dump({
+            "id_column": "id", "features": ["f"], "models": [
+                {"name": "m", "path": path, "input": "x:0", "output": "y:0"}]}).encode())
+        with pytest.raises(ManifestError, match="names models on S3 only"):
+            load_manifest(f"s3://{bucket}/team/m.yaml")
+    with pytest.raises(ManifestError, match="path"):
+        parse_manifest({"id_column": "id", "features": ["f"], "models": [
+            {"name": "m", "path": ""}]})
+
+
+def test_a_cache_inside_the_output_or_unwritable_is_refused(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(ManifestError, match=r"model cache .* is inside the output"):
+        remote.check_cache_folder(str(out / "ensemble" / "cache"),
+                                  apart_from={"input": str(tmp_path / "in"), "output": str(out)})
+    with pytest.raises(ManifestError, match=r"model cache .* is inside the input"):
+        remote.check_cache_folder(str(tmp_path / "in" / "c"), apart_from={
+            "input": str(tmp_path / "in" / "**" / "*.parquet"), "output": str(out)})
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ManifestError, match="cannot be written"):
+        remote.check_cache_folder(str(tmp_path / "afile" / "c"), apart_from={})
+    assert remote.check_cache_folder(str(tmp_path / "c"), apart_from={
+        "input": str(tmp_path / "in"), "output": str(out)}) == tmp_path / "c"
