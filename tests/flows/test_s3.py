@@ -187,7 +187,8 @@ def test_failed_rescore_leaves_neither_partial_nor_stale_object(
 
 def test_missing_or_unreachable_storage_is_a_clear_error(
         bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    with pytest.raises(DataError, match=r"does not exist; check the input \(--input\)"):
+    with pytest.raises(DataError, match=r"does not exist; check the input "
+                                          r"\(params.input, --input\)"):
         discover_partitions(f"s3://{bucket}/nothing-here")
     with pytest.raises(DataError, match="no Parquet files found at s3://"):
         discover_partitions(f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/x/*.parquet")

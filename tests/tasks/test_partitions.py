@@ -51,7 +51,8 @@ def test_output_below_input_is_excluded(tmp_path: Path) -> None:
 
 
 def test_nothing_found(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"does not exist; check the input \(--input\)"):
+    with pytest.raises(DataError, match=r"does not exist; check the input "
+                                          r"\(params.input, --input\)"):
         discover_partitions(str(tmp_path / "missing"))
     with pytest.raises(DataError, match="no Parquet files found"):
         discover_partitions(str(tmp_path))
