@@ -93,6 +93,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decide what is unchanged since the last run by hashing every local "
                    "input file whole, not by size, mtime and Parquet footer (reads the "
                    "input once more)")
+    _add_model_cache_arguments(p)
+    p.add_argument("--demo-dir", metavar="DIR", default=".demo",
+                   help="where the demo is built when no --models is given (default: .demo)")
+    p.add_argument("--quiet", action="store_true", help="only warnings and the final summary")
+    p.add_argument("--debug", action="store_true",
+                   help="show tracebacks and TensorFlow's own logs")
+    return p
+
+
+def _add_model_cache_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-cache", metavar="DIR", default=None,
                    help="where s3:// models are downloaded, once per host (default: "
                    "$ENSEMBLE_MODEL_CACHE, else ~/.cache/ensemble-scoring/models)")
@@ -100,12 +110,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="size limit of the model cache, e.g. 20G; least recently used "
                    "models not in use are deleted beyond it (default: "
                    "$ENSEMBLE_MODEL_CACHE_MAX_BYTES, else 10G)")
-    p.add_argument("--demo-dir", metavar="DIR", default=".demo",
-                   help="where the demo is built when no --models is given (default: .demo)")
-    p.add_argument("--quiet", action="store_true", help="only warnings and the final summary")
-    p.add_argument("--debug", action="store_true",
-                   help="show tracebacks and TensorFlow's own logs")
-    return p
 
 
 def _size(text: str) -> int:

@@ -155,16 +155,8 @@ def main(argv: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     from prefect import serve
-    from prefect.settings import get_current_settings
 
-    if not get_current_settings().api.url:
-        print("error: serving needs a Prefect server that outlives this command: start "
-              "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api",
-              file=sys.stderr)
-        return 2
-    from flows.server import unreachable
-
-    if why := unreachable(str(get_current_settings().api.url)):
+    if why := _no_server():
         print(f"error: {why}", file=sys.stderr)
         return 2
     scheduled, taken = _deployed(names)
@@ -188,6 +180,19 @@ def main(argv: list[str]) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _no_server() -> str | None:
+    """Why there is no server to serve on, or None."""
+    from prefect.settings import get_current_settings
+
+    from flows.server import unreachable
+
+    url = get_current_settings().api.url
+    if not url:
+        return ("serving needs a Prefect server that outlives this command: start "
+                "`prefect server start` and set PREFECT_API_URL=http://127.0.0.1:4200/api")
+    return unreachable(str(url))
 
 
 def _stop_gracefully(signum: int, frame: Any) -> None:

@@ -188,6 +188,15 @@ def resolve_model(spec: ModelSpec) -> ResolvedModel:
         raise ManifestError(
             f"model {spec.name!r}: {path} is not a SavedModel folder (no saved_model.pb)"
         )
+    return _resolve_checkpoint(spec, path)
+
+
+def _resolve_checkpoint(spec: ModelSpec, path: Path) -> ResolvedModel:
+    """A TF1 checkpoint: ``path`` is its prefix, or a folder whose state file names it.
+
+    Raises:
+        ManifestError: no checkpoint there, or one that cannot be scored.
+    """
     prefix: Path | None = path
     if path.is_dir():
         prefix = _latest_prefix(path)
