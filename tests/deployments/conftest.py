@@ -75,14 +75,12 @@ class PrefectStack:
     port: int = field(default_factory=free_port)
     procs: list[Proc] = field(default_factory=list)
     database_url: str = ""  # the server's database; default a SQLite file of its own
+    url: str = field(init=False)  # the UI's, from the port
+    api_url: str = field(init=False)
 
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def api_url(self) -> str:
-        return f"{self.url}/api"
+    def __post_init__(self) -> None:
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.api_url = f"{self.url}/api"
 
     @property
     def env(self) -> dict[str, str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import httpx
 import numpy as np
 import pytest
 import yaml
@@ -142,6 +143,17 @@ def test_wrong_parameters_are_rejected_with_a_message(stack: PrefectStack,
         assert message in resp.json()["detail"]
 
 
+def _served(stack: PrefectStack, name: str, timeout: float = 120.0) -> httpx.Response:
+    """The deployment ``name`` once ``serve`` has registered it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        resp = stack.api("GET", f"/deployments/name/ensemble-score/{name}")
+        if resp.status_code == 200:
+            return resp
+        time.sleep(0.5)
+    raise AssertionError(f"serve registered nothing\n{stack.logs()}")
+
+
 def test_serve_beside_the_deployed_deployments(stack: PrefectStack,
                                                adhoc_run: dict[str, Any]) -> None:
     """Serve on the server that holds the deployed deployments, stop it, then run the
@@ -149,13 +161,7 @@ def test_serve_beside_the_deployed_deployments(stack: PrefectStack,
     before = stack.api("GET", "/deployments/name/ensemble-score/adhoc").json()
     serving = stack.start("serve-beside", sys.executable, "-m", "flows.score", "serve")
     try:
-        for _ in range(120):
-            local = stack.api("GET", "/deployments/name/ensemble-score/nightly-local")
-            if local.status_code == 200:
-                break
-            time.sleep(0.5)
-        else:
-            raise AssertionError(f"serve registered nothing\n{stack.logs()}")
+        local = _served(stack, "nightly-local")
         # The deployed nightly runs the schedule: the served one keeps it paused.
         assert not any(s["active"] for s in local.json()["schedules"])
         assert "schedule paused" in serving.log.read_text()
@@ -278,13 +284,7 @@ def test_ctrl_c_on_serve_cancels_its_run_with_a_record(tmp_path: Path) -> None:
     try:
         stack.start_server()
         serving = stack.start("serve", sys.executable, "-m", "flows.score", "serve")
-        for _ in range(240):
-            resp = stack.api("GET", "/deployments/name/ensemble-score/adhoc-local")
-            if resp.status_code == 200:
-                break
-            time.sleep(0.5)
-        else:
-            raise AssertionError(f"serve registered nothing\n{stack.logs()}")
+        resp = _served(stack, "adhoc-local")
         created = stack.api("POST", f"/deployments/{resp.json()['id']}/create_flow_run",
                             json={"parameters": {"params": {
                                 "models": str(manifest), "input": str(manifest.parent / "data"),

@@ -236,15 +236,8 @@ def test_ctrl_c_stops_the_run_and_its_server(setup: dict[str, object], how: str)
     removed its lock."""
     tmp, features = setup["tmp"], setup["features"]
     assert isinstance(tmp, Path) and isinstance(features, list)
-    rng = np.random.default_rng(0)
-    for i in range(40):  # far more than can be scored before the interrupt
-        cols: dict[str, object] = {"id": np.arange(50_000) + i * 50_000}
-        for f in features:
-            cols[f] = rng.standard_normal(50_000).astype(np.float32)
-        write_table(tmp / "big" / f"part-{i:02d}.parquet", cols)
-    manifest = write_manifest(tmp / "manifest.yaml", {
-        "id_column": "id", "features": features, "models": setup["models"]})
-    env = prefect_free_env(tmp / "prefect-home")
+    manifest = _partitions_and_manifest(setup, tmp / "big", 40)  # far more than can be
+    env = prefect_free_env(tmp / "prefect-home")  # scored before the interrupt
     out = tmp / "out"
     proc = subprocess.Popen(
         [sys.executable, "-m", "flows.score", "--models", str(manifest), "--input",
@@ -287,6 +280,20 @@ def test_ctrl_c_stops_the_run_and_its_server(setup: dict[str, object], how: str)
     assert not wait_until_no_servers(tmp / "prefect-home")
 
 
+def _partitions_and_manifest(setup: dict[str, object], folder: Path, count: int) -> Path:
+    """``count`` partitions of 50,000 random rows in ``folder``, and the setup's manifest."""
+    tmp, features = setup["tmp"], setup["features"]
+    assert isinstance(tmp, Path) and isinstance(features, list)
+    rng = np.random.default_rng(count)
+    for i in range(count):
+        cols: dict[str, object] = {"id": np.arange(50_000) + i * 50_000}
+        for f in features:
+            cols[f] = rng.standard_normal(50_000).astype(np.float32)
+        write_table(folder / f"part-{i:02d}.parquet", cols)
+    return write_manifest(tmp / "manifest.yaml", {
+        "id_column": "id", "features": features, "models": setup["models"]})
+
+
 def _default_sigint() -> None:
     """In the child: SIGINT as in a terminal's foreground job. A test run started in the
     background (``nohup``, ``&``) inherits it ignored, and so would the CLI."""
@@ -301,14 +308,7 @@ def test_a_stopped_force_rerun_says_which_files_are_still_the_earlier_runs(
     on disk add up."""
     tmp, features = setup["tmp"], setup["features"]
     assert isinstance(tmp, Path) and isinstance(features, list)
-    rng = np.random.default_rng(1)
-    for i in range(8):
-        cols: dict[str, object] = {"id": np.arange(50_000) + i * 50_000}
-        for f in features:
-            cols[f] = rng.standard_normal(50_000).astype(np.float32)
-        write_table(tmp / "data" / f"part-{i}.parquet", cols)
-    manifest = write_manifest(tmp / "manifest.yaml", {
-        "id_column": "id", "features": features, "models": setup["models"]})
+    manifest = _partitions_and_manifest(setup, tmp / "data", 8)
     env = prefect_free_env(tmp / "prefect-home")
     out = tmp / "out"
     args = [sys.executable, "-m", "flows.score", "--models", str(manifest), "--input",

@@ -48,6 +48,12 @@ def _input_and_weights() -> tuple[Any, Any]:
     return x, tf.compat.v1.get_variable("w", initializer=np.ones((8, 1), np.float32))
 
 
+def _refused(prefix: Path, match: str) -> None:
+    """Loading the checkpoint at ``prefix`` is refused with a message matching ``match``."""
+    with pytest.raises(ModelLoadError, match=match):
+        load_scorer(_spec(prefix), 8)
+
+
 def _spec(prefix: Path, **extra: Any) -> ModelSpec:
     return ModelSpec(name="m", path=str(prefix), input="features:0", output="score:0",
                      **extra)
@@ -124,8 +130,7 @@ def test_internal_fused_kernels_and_loops_are_not_allowed(tmp_path: Path, op: st
                     node.op = "_FusedMatMul"
 
         _edit_meta(prefix, fuse)
-    with pytest.raises(ModelLoadError, match=rf"{op} \(node "):
-        load_scorer(_spec(prefix), 8)
+    _refused(prefix, rf"{op} \(node ")
 
 
 def test_a_constant_that_explodes_at_import_is_refused(tmp_path: Path) -> None:
@@ -207,8 +212,7 @@ def test_other_spellings_of_one_variable_are_refused(tmp_path: Path, how: str) -
                     node.attr["container"].s = b"localhost" if node.name == "b" else b""
 
     _edit_meta(prefix, alias)
-    with pytest.raises(ModelLoadError, match=r"are the same variable"):
-        load_scorer(_spec(prefix), 8)
+    _refused(prefix, r"are the same variable")
 
 
 def test_a_function_that_calls_itself_is_refused(tmp_path: Path) -> None:
@@ -238,8 +242,7 @@ def test_a_function_that_calls_itself_is_refused(tmp_path: Path) -> None:
                         node.attr["f"].func.name = rec
 
     _edit_meta(prefix, recurse)
-    with pytest.raises(ModelLoadError, match=r"its functions call themselves \(.*rec.* -> "):
-        load_scorer(_spec(prefix), 8)
+    _refused(prefix, r"its functions call themselves \(.*rec.* -> ")
 
 
 @pytest.mark.parametrize("how", ["Fill", "BroadcastTo", "Tile", "Pad", "string constant"])
