@@ -419,7 +419,7 @@ def _record_stopped(params: ScoreParams, plan: Plan, guards: _Guards, run: _Scor
                 part.status = "pending"
         store_for(plan.output_dir).write_json(RUN_RECORD, record.model_dump(mode="json"))
         count = Counter(p.status for p in record.partitions.values())
-        kept = f" ({count['kept']} kept from an earlier run)" if count["kept"] else ""
+        kept = f", {count['kept']} kept from an earlier run" if count["kept"] else ""
         logger.warning(f"run {status} ({name}): {count['committed']} partition(s) committed"
                        f"{kept}, {count['pending']} pending; the run record says which. A "
                        "re-run scores only what is pending")
