@@ -591,18 +591,29 @@ def _location_parts(location: str) -> tuple[str, ...]:
 
 
 def _inside(input_path: str, inp: tuple[str, ...], out: tuple[str, ...]) -> str:
-    """Whether the input would find files inside the output folder: an input folder that
-    holds it, or a glob that reaches into it (``**``, or components matching the output's
-    path and going deeper)."""
-    folder = not any(set(p) & set("*?[") for p in inp)  # discovery walks all below it
+    """Whether the output lies where input is read: inside an input folder (discovery
+    walks all below it), or, for a glob, inside a folder its matches are read from
+    (``data/*.parquet`` reads ``data/``; a later run on ``data/`` would walk into the
+    output) or where the glob reaches (``**``, or components matching the output's path
+    and going deeper)."""
+    if not any(set(p) & set("*?[") for p in inp):
+        return "is inside the input" if out[:len(inp)] == inp else ""
     for i, part in enumerate(out):
-        if i >= len(inp):
-            return "is inside the input" if folder else ""
+        if i == len(inp) - 1:  # below a folder the glob reads its files from
+            return (f"is inside {_joined(out[:i])}, a folder the input's glob reads from "
+                    "(a later run on that folder would walk into it)")
         if inp[i] == "**":
             return "is inside the input"
         if not fnmatch.fnmatchcase(part, inp[i]):
             return ""
     return "is inside the input" if len(inp) > len(out) else ""
+
+
+def _joined(parts: tuple[str, ...]) -> str:
+    """A location from :func:`_location_parts`'s parts, for messages."""
+    if parts[:1] == ("s3:",):
+        return "s3://" + "/".join(parts[1:])
+    return str(Path(*parts))
 
 
 def _holds_matches(input_path: str, output_dir: str) -> str:

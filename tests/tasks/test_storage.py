@@ -54,7 +54,15 @@ def test_output_that_is_or_holds_the_input_is_refused_before_any_file(tmp_path: 
         check_output_apart(str(data), str(data / "out"))  # later runs would read its table
     with pytest.raises(OutputError, match="is inside the input"):
         check_output_apart(str(data / "**" / "*.parquet"), str(data / "out"))
-    check_output_apart(str(data / "*.parquet"), str(data / "out"))  # the glob stops above it
+    with pytest.raises(OutputError, match=rf"is inside {data}, a folder the input's glob "
+                                          r"reads from \(a later run on that folder"):
+        check_output_apart(str(data / "*.parquet"), str(data / "sub" / "out"))
+    with pytest.raises(OutputError, match="a folder the input's glob reads from"):
+        check_output_apart(str(data / "*.parquet"), str(data / "out"))
+    check_output_apart(str(data / "*.parquet"), str(tmp_path / "out"))  # a sibling: fine
+    with pytest.raises(OutputError, match=r"is inside s3://bucket/data, a folder the input"):
+        check_output_apart("s3://bucket/data/*.parquet", "s3://bucket/data/sub/out")
+    check_output_apart("s3://bucket/data/*.parquet", "s3://bucket/out")
     with pytest.raises(OutputError, match="is inside the input"):
         check_output_apart("s3://bucket/data", "s3://bucket/data/out")
     with pytest.raises(OutputError, match="holds the input"):
