@@ -8,16 +8,20 @@ partitions there are; each partition is scored, merged and committed in one task
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import platform
+import queue
 import socket
+import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from prefect import flow, get_run_logger, runtime
-from prefect.futures import PrefectFuture, as_completed
+from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import unmapped
 
@@ -37,11 +41,12 @@ from flows.records import (
     PartitionRecord,
     RepeatedIdsRecord,
     RunRecord,
+    RunReport,
     RunSummary,
     RunTiming,
     Sketches,
 )
-from flows.report import RunProgress, report_run
+from flows.report import RunProgress, publish_report, report_run
 from loaders.cache import MODEL_CACHE
 from loaders.cpu import cpu_path
 from loaders.errors import DataError, DriftExceeded, PartitionsFailed, ScoringError
@@ -58,6 +63,8 @@ from tasks.storage import ENSEMBLE_DIR, store_for
 from tasks.writer import committed_metadata
 
 __all__ = ["score_ensemble"]
+
+T = TypeVar("T")
 
 # How long a stopped run waits for the partitions in flight to commit before it writes
 # its record and ends (Prefect's process worker sends SIGKILL 30 s after SIGTERM).
@@ -76,7 +83,10 @@ class _Progress:
         self.start = time.perf_counter()
         self.artifact = RunProgress(total, logger)
 
-    def partition_done(self, merged: PartitionMerged, scored: PartitionScored) -> None:
+    def partition_done(self, merged: PartitionMerged, scored: PartitionScored,
+                       publish: bool = True) -> None:
+        """Log the partition; ``publish`` also updates the artifact (an API call, which a
+        stopping run does not wait on)."""
         self.done += 1
         self.rows += merged.rows
         elapsed = time.perf_counter() - self.start
@@ -88,7 +98,8 @@ class _Progress:
             f"[{self.done}/{self.total}] {merged.relpath}: {merged.rows:,} rows{note}; "
             f"{self.rows:,} rows so far at {rate:,.0f} rows/s, ETA {eta:.0f} s"
         )
-        self.artifact.update(self.done)
+        if publish:
+            self.artifact.update(self.done)
 
 
 def _run_partitions(plan: Plan, manifest: Manifest, params: ScoreParams, guards: _Guards,
@@ -102,6 +113,7 @@ def _run_partitions(plan: Plan, manifest: Manifest, params: ScoreParams, guards:
     score = score_partition_task.with_options(retries=params.retries)
     pending: deque[Partition] = deque(plan.partitions)
     inflight: dict[PrefectFuture[Any], Partition] = {}
+    finished = _Finished()
     progress = _Progress(len(plan.partitions), logger)
     policy = params.policy(manifest)
 
@@ -113,8 +125,9 @@ def _run_partitions(plan: Plan, manifest: Manifest, params: ScoreParams, guards:
                                force=params.force, min_members=guards.quorum,
                                absent=guards.absent)
             inflight[fut] = part
+            finished.watch(fut)
 
-    def collect(fut: PrefectFuture[Any], part: Partition) -> None:
+    def collect(fut: PrefectFuture[Any], part: Partition, publish: bool = True) -> None:
         try:
             result: PartitionResult = fut.result()
         except Exception as exc:
@@ -123,7 +136,7 @@ def _run_partitions(plan: Plan, manifest: Manifest, params: ScoreParams, guards:
             return
         run.scored[part.relpath] = result.scored
         run.merged[part.relpath] = result.merged
-        progress.partition_done(result.merged, result.scored)
+        progress.partition_done(result.merged, result.scored, publish=publish)
 
     # A bounded window rather than submitting everything: memory stays flat whatever the
     # number of partitions, and progress is reported in completion order.
@@ -131,31 +144,61 @@ def _run_partitions(plan: Plan, manifest: Manifest, params: ScoreParams, guards:
         submit_next()
     try:
         while inflight:
-            fut = next(as_completed(list(inflight)))
+            fut = finished.next()
             part = inflight.pop(fut)
             submit_next()
             collect(fut, part)
     except BaseException:
         pending.clear()
         deadline = time.monotonic() + STOP_GRACE_SECONDS
-        for fut, part in list(inflight.items()):
-            _wait_through_signals(fut, deadline)
-            if fut.state.is_final():
-                with contextlib.suppress(Exception):
-                    collect(fut, part)
+        while inflight and time.monotonic() < deadline:
+            # Through further signals: a Ctrl-C on ``serve`` reaches the run as SIGINT and
+            # then as the runner's SIGTERM, and a grace cut short by the second let a
+            # partition commit after the run record was written.
+            with contextlib.suppress(BaseException):
+                for fut in [f for f in inflight if f in finished.done]:
+                    collect(fut, inflight.pop(fut), publish=False)
+                if inflight:
+                    finished.until(deadline)  # a wake-up: the done set says which
         raise
 
 
-def _wait_through_signals(fut: PrefectFuture[Any], deadline: float) -> None:
-    """Wait for ``fut`` until ``deadline``, through further stop signals: a Ctrl-C on
-    ``serve`` reaches the run as SIGINT and then as the runner's SIGTERM, and a grace cut
-    short by the second let a partition commit after the run record was written."""
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            fut.wait(timeout=left)
-            return
-        except BaseException:  # a second signal: the stop is already under way
-            continue
+class _Finished:
+    """Futures as they finish, in order, fed by each future's done callback.
+
+    Waits are short slices, never one untimed wait: Python runs a signal's handler in
+    the main thread, and when the OS hands SIGTERM to one of TensorFlow's or the task
+    runner's threads while the main thread sleeps in an untimed wait, the stop waits
+    for whatever wakes it. Here a stop is seen within a slice, and a stop's grace ends
+    at its deadline whatever the futures do.
+    """
+
+    SLICE_SECONDS = 0.25
+
+    def __init__(self) -> None:
+        self.queue: queue.SimpleQueue[PrefectFuture[Any]] = queue.SimpleQueue()
+        # Also a set: a stop can land between taking a future off the queue and using it.
+        self.done: set[PrefectFuture[Any]] = set()
+
+    def watch(self, fut: PrefectFuture[Any]) -> None:
+        fut.add_done_callback(self._finished)
+
+    def _finished(self, fut: PrefectFuture[Any]) -> None:
+        self.done.add(fut)
+        self.queue.put(fut)
+
+    def next(self) -> PrefectFuture[Any]:
+        """The next finished future."""
+        while (fut := self.until(time.monotonic() + self.SLICE_SECONDS)) is None:
+            pass
+        return fut
+
+    def until(self, deadline: float) -> PrefectFuture[Any] | None:
+        """The next finished future; None once ``deadline`` (monotonic) has passed."""
+        while (left := min(self.SLICE_SECONDS, deadline - time.monotonic())) > 0:
+            with contextlib.suppress(queue.Empty):
+                return self.queue.get(timeout=left)
+        return None
 
 
 def _describe_repeats(repeated: RepeatedIds) -> str:
@@ -396,50 +439,112 @@ def _record_running(params: ScoreParams, plan: Plan, guards: _Guards, started_at
 def _record_stopped(params: ScoreParams, plan: Plan, guards: _Guards, run: _Scored,
                     started_at: float, stop: BaseException, logger: Any) -> None:
     """The run record of a run stopped before its end: what is committed (as the files
-    on disk say) and what is pending. Best effort: the stop itself is what is raised."""
+    on disk say) and what is pending. Best effort: the stop itself is what is raised.
+
+    The record is written from the disk alone first; the API (was it a cancel? the
+    report's artifacts) is asked after, within a bound, so that a server that is slow
+    or gone never holds the record and the lock hostage.
+    """
     name = type(stop).__name__
     status = ("interrupted" if isinstance(stop, KeyboardInterrupt)
-              else "failed" if isinstance(stop, Exception)
-              else "cancelled" if _cancel_requested() else "stopped")
+              else "failed" if isinstance(stop, Exception) else "stopped")
     try:
+        store = store_for(plan.output_dir)
         committed = _committed_on_disk(plan, run, started_at)
         summary = _summarize(plan, guards, run, "", None, time.time() - started_at)
+        record = _stopped_record(params, plan, guards, run, started_at, summary, committed)
+        record.status, record.stopped_by = status, name
+        store.write_json(RUN_RECORD, record.model_dump(mode="json"))
+        state = _flow_run_state(runtime.flow_run.id)
+        if status == "stopped" and state in ("CANCELLING", "CANCELLED"):
+            record.status = status = "cancelled"
         summary.report = report_run(summary, run.scored, run.merged, plan.partitions,
-                                    logger, status=status.capitalize())
-        record = _run_record(params, plan, guards, run, None, started_at, summary)
-        record.status = status
-        record.stopped_by = name
-        for rel, part in record.partitions.items():
-            if rel in run.merged or rel in run.failed:
-                continue
-            if rel in committed:
-                part.rows, by_this_run = committed[rel]
-                part.status = "committed" if by_this_run else "kept"
-            else:
-                part.status = "pending"
-        store_for(plan.output_dir).write_json(RUN_RECORD, record.model_dump(mode="json"))
+                                    logger, status=status.capitalize(), publish=False)
+        if (state is not None and summary.report is not None
+                and not _publish_within(summary.report, logger)):
+            state = None
+        record.summary = summary.model_dump(exclude={"members"})
+        store.write_json(RUN_RECORD, record.model_dump(mode="json"))
         count = Counter(p.status for p in record.partitions.values())
         kept = f", {count['kept']} kept from an earlier run" if count["kept"] else ""
         logger.warning(f"run {status} ({name}): {count['committed']} partition(s) committed"
                        f"{kept}, {count['pending']} pending; the run record says which. A "
                        "re-run scores only what is pending")
+        if state is None:
+            logger.warning("the Prefect API did not answer in time: the report's "
+                           "artifacts may be missing (the run record has the report)")
     except Exception as exc:  # the record is a report: never hide the stop itself
         logger.warning(f"could not write the run record of the stopped run: {exc!r}")
 
 
-def _cancel_requested() -> bool:
-    """Whether this flow run's state says a cancel (UI, API, ``prefect flow-run cancel``)
-    is what stopped it: a worker or ``serve`` delivers a cancel as SIGTERM, which alone
-    looks like any other SIGTERM. Best effort: False when the API cannot tell."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.objects import StateType
+def _stopped_record(params: ScoreParams, plan: Plan, guards: _Guards, run: _Scored,
+                    started_at: float, summary: RunSummary,
+                    committed: dict[str, tuple[int | None, bool]]) -> RunRecord:
+    """The record of a stopped run, each partition it did not see end marked as the
+    disk says: committed by this run, kept from an earlier one, or pending."""
+    record = _run_record(params, plan, guards, run, None, started_at, summary)
+    for rel, part in record.partitions.items():
+        if rel in run.merged or rel in run.failed:
+            continue
+        if rel in committed:
+            part.rows, by_this_run = committed[rel]
+            part.status = "committed" if by_this_run else "kept"
+        else:
+            part.status = "pending"
+    return record
 
-    try:
-        with get_client(sync_client=True) as client:
-            state = client.read_flow_run(runtime.flow_run.id).state
-    except Exception:
-        return False
-    return state is not None and state.type in (StateType.CANCELLING, StateType.CANCELLED)
+
+# How long a stopping run waits for the Prefect API: to say the flow run's state, and
+# to take the report's artifacts.
+API_ANSWER_SECONDS = 5.0
+API_PUBLISH_SECONDS = 15.0
+
+
+def _flow_run_state(flow_run_id: Any) -> str | None:
+    """The flow run's state type as the API has it (a cancel from the UI, the API or
+    ``prefect flow-run cancel`` reaches the run as a SIGTERM, which alone looks like any
+    other), or None when the API does not answer within ``API_ANSWER_SECONDS``. With a
+    client of its own (its own ``httpx_settings``), whatever the run's client is doing."""
+    from prefect.client.orchestration import get_client
+
+    def ask() -> str:
+        with get_client(sync_client=True,
+                        httpx_settings={"timeout": API_ANSWER_SECONDS}) as client:
+            state = client.read_flow_run(flow_run_id).state
+        return state.type.value if state is not None else ""
+
+    return _within(API_ANSWER_SECONDS, ask)
+
+
+def _publish_within(report: RunReport, logger: Any) -> bool:
+    """Publish the report's artifacts; False if the API did not take them in time."""
+    def publish() -> bool:
+        publish_report(report, logger)
+        return True
+
+    return _within(API_PUBLISH_SECONDS, publish) is not None
+
+
+def _within(seconds: float, call: Callable[[], T]) -> T | None:
+    """``call()`` on a daemon thread in this context (the flow run's, for artifacts),
+    given up after ``seconds`` and through further signals; None if it raised or did not
+    end in time. A stopping run's API calls must never hold its run record and lock
+    hostage to a server that is slow, gone, or a client that an interrupted call left
+    waiting."""
+    answer: list[T] = []
+
+    def run() -> None:
+        with contextlib.suppress(Exception):
+            answer.append(call())
+
+    worker = threading.Thread(target=contextvars.copy_context().run, args=(run,),
+                              name="ensemble-stop-api", daemon=True)
+    worker.start()
+    deadline = time.monotonic() + seconds
+    while worker.is_alive() and (left := deadline - time.monotonic()) > 0:
+        with contextlib.suppress(BaseException):  # a further signal: already stopping
+            worker.join(min(left, 0.25))
+    return answer[0] if answer else None
 
 
 def _committed_on_disk(plan: Plan, run: _Scored, started_at: float

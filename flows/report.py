@@ -542,9 +542,11 @@ def report_run(
     logger: Any,
     *,
     status: str | None = None,
+    publish: bool = True,
 ) -> RunReport | None:
     """Build and publish the report; returns it, or None if it could not be built.
-    ``status`` titles the summary of a run stopped early (default: Completed or Failed).
+    ``status`` titles the summary of a run stopped early (default: Completed or Failed);
+    ``publish=False`` builds and logs it only (the API is known not to answer).
 
     Never raises: the table is committed by now and a report problem must not fail it.
     """
@@ -556,7 +558,8 @@ def report_run(
         return None
     for w in report.warnings:
         logger.warning(w)
-    publish_report(report, logger)
+    if publish:
+        publish_report(report, logger)
     return report
 
 
