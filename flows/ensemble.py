@@ -8,12 +8,9 @@ partitions there are; each partition is scored, merged and committed in one task
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 import platform
-import queue
 import socket
-import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -47,9 +44,16 @@ from flows.records import (
     Sketches,
 )
 from flows.report import RunProgress, publish_report, report_run
+from flows.stopping import Finished, StopRequest, run_guarded, within
 from loaders.cache import MODEL_CACHE
 from loaders.cpu import cpu_path
-from loaders.errors import DataError, DriftExceeded, PartitionsFailed, ScoringError
+from loaders.errors import (
+    DataError,
+    DriftExceeded,
+    PartitionAbandoned,
+    PartitionsFailed,
+    ScoringError,
+)
 from loaders.manifest import Manifest
 from tasks.drift import render_drift_text
 from tasks.ids import RepeatedIds
@@ -57,7 +61,7 @@ from tasks.merge import PartitionMerged
 from tasks.partitions import Partition
 from tasks.plan import MemberInfo, Plan, make_plan
 from tasks.runtime import set_up
-from tasks.scoring import PartitionResult, PartitionScored
+from tasks.scoring import PartitionResult, PartitionScored, abandon, resume
 from tasks.steps import check_ids, golden_check, load_member, score_partition_task
 from tasks.storage import ENSEMBLE_DIR, store_for
 from tasks.writer import committed_metadata
@@ -67,8 +71,10 @@ __all__ = ["score_ensemble"]
 T = TypeVar("T")
 
 # How long a stopped run waits for the partitions in flight to commit before it writes
-# its record and ends (Prefect's process worker sends SIGKILL 30 s after SIGTERM).
+# its record and ends (Prefect's process worker sends SIGKILL 30 s after SIGTERM), and
+# then for those still scoring to stop at their next batch, uncommitted.
 STOP_GRACE_SECONDS = 20.0
+ABANDON_SECONDS = 5.0
 
 def _error_text(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, ScoringError) else f"{type(exc).__name__}: {exc}"
@@ -103,17 +109,18 @@ class _Progress:
 
 
 def _run_partitions(plan: Plan, manifest: Manifest, params: ScoreParams, guards: _Guards,
-                    logger: Any, run: _Scored) -> None:
+                    logger: Any, run: _Scored, stop: StopRequest) -> None:
     """Score every partition, a bounded number in flight, filling ``run`` as each ends.
 
     When the run is stopped (Ctrl-C, SIGTERM, a cancel), nothing more is submitted and
-    the partitions in flight get a short grace to commit, so what ``run`` holds is what
-    is on disk when the run record is written.
+    the partitions in flight get a short grace to commit; those still scoring after it
+    are abandoned at their next batch, uncommitted. So what ``run`` holds is what is on
+    disk when the run record is written.
     """
     score = score_partition_task.with_options(retries=params.retries)
     pending: deque[Partition] = deque(plan.partitions)
     inflight: dict[PrefectFuture[Any], Partition] = {}
-    finished = _Finished()
+    finished = Finished(stop)
     progress = _Progress(len(plan.partitions), logger)
     policy = params.policy(manifest)
 
@@ -127,9 +134,12 @@ def _run_partitions(plan: Plan, manifest: Manifest, params: ScoreParams, guards:
             inflight[fut] = part
             finished.watch(fut)
 
-    def collect(fut: PrefectFuture[Any], part: Partition, publish: bool = True) -> None:
+    def collect(fut: PrefectFuture[Any], publish: bool = True) -> None:
+        part = inflight.pop(fut)
         try:
             result: PartitionResult = fut.result()
+        except PartitionAbandoned:
+            return  # uncommitted: pending
         except Exception as exc:
             run.failed[part.relpath] = _error_text(exc)
             logger.error(f"partition {part.relpath} failed: {run.failed[part.relpath]}")
@@ -145,60 +155,27 @@ def _run_partitions(plan: Plan, manifest: Manifest, params: ScoreParams, guards:
     try:
         while inflight:
             fut = finished.next()
-            part = inflight.pop(fut)
             submit_next()
-            collect(fut, part)
+            collect(fut)
     except BaseException:
         pending.clear()
-        deadline = time.monotonic() + STOP_GRACE_SECONDS
-        while inflight and time.monotonic() < deadline:
-            # Through further signals: a Ctrl-C on ``serve`` reaches the run as SIGINT and
-            # then as the runner's SIGTERM, and a grace cut short by the second let a
-            # partition commit after the run record was written.
-            with contextlib.suppress(BaseException):
-                for fut in [f for f in inflight if f in finished.done]:
-                    collect(fut, inflight.pop(fut), publish=False)
-                if inflight:
-                    finished.until(deadline)  # a wake-up: the done set says which
+        _drain(inflight, finished, collect, STOP_GRACE_SECONDS)
+        if inflight:
+            abandon(plan.output_dir)
+            _drain(inflight, finished, collect, ABANDON_SECONDS)
         raise
 
 
-class _Finished:
-    """Futures as they finish, in order, fed by each future's done callback.
-
-    Waits are short slices, never one untimed wait: Python runs a signal's handler in
-    the main thread, and when the OS hands SIGTERM to one of TensorFlow's or the task
-    runner's threads while the main thread sleeps in an untimed wait, the stop waits
-    for whatever wakes it. Here a stop is seen within a slice, and a stop's grace ends
-    at its deadline whatever the futures do.
-    """
-
-    SLICE_SECONDS = 0.25
-
-    def __init__(self) -> None:
-        self.queue: queue.SimpleQueue[PrefectFuture[Any]] = queue.SimpleQueue()
-        # Also a set: a stop can land between taking a future off the queue and using it.
-        self.done: set[PrefectFuture[Any]] = set()
-
-    def watch(self, fut: PrefectFuture[Any]) -> None:
-        fut.add_done_callback(self._finished)
-
-    def _finished(self, fut: PrefectFuture[Any]) -> None:
-        self.done.add(fut)
-        self.queue.put(fut)
-
-    def next(self) -> PrefectFuture[Any]:
-        """The next finished future."""
-        while (fut := self.until(time.monotonic() + self.SLICE_SECONDS)) is None:
-            pass
-        return fut
-
-    def until(self, deadline: float) -> PrefectFuture[Any] | None:
-        """The next finished future; None once ``deadline`` (monotonic) has passed."""
-        while (left := min(self.SLICE_SECONDS, deadline - time.monotonic())) > 0:
-            with contextlib.suppress(queue.Empty):
-                return self.queue.get(timeout=left)
-        return None
+def _drain(inflight: dict[PrefectFuture[Any], Partition], finished: Finished,
+           collect: Callable[..., None], seconds: float) -> None:
+    """Collect the partitions in flight as they finish, for at most ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while inflight and time.monotonic() < deadline:
+        for fut in [f for f in inflight if f in finished.done]:
+            with contextlib.suppress(Exception):
+                collect(fut, publish=False)
+        if inflight:
+            finished.until(deadline)
 
 
 def _describe_repeats(repeated: RepeatedIds) -> str:
@@ -379,30 +356,37 @@ class _Scored:
 
 def _score(params: ScoreParams, manifest: Manifest, plan: Plan, guards: _Guards,
            logger: Any, started: float, started_at: float) -> RunSummary:
-    """The body of the flow, run while this run holds the output folder's lock."""
+    """The body of the flow, run while this run holds the output folder's lock, on a
+    thread of its own (``run_guarded``): a stop signal lands in the main thread's wait,
+    and the body stops at its next checkpoint, records what the disk holds and ends."""
     for relpath, why in plan.unreadable.items():
         logger.error(f"partition {relpath} set aside: {why}")
-    scoring_start = time.perf_counter()
-    run = _Scored({}, {}, dict(plan.unreadable), 0.0)
-    try:
-        _run_partitions(plan, manifest, params, guards, logger, run)
-    except BaseException as stop:
-        run.seconds = time.perf_counter() - scoring_start
-        _record_stopped(params, plan, guards, run, started_at, stop, logger)
-        raise
-    run.seconds = time.perf_counter() - scoring_start
-    repeated, repeated_text = _check_repeated_ids(params, manifest, run, logger)
-    sketches = run_sketches(run.merged)
-    drift = compare_with_baseline(sketches, guards.baseline, manifest.member_names)
-    summary = _summarize(plan, guards, run, repeated_text, drift,
-                         time.perf_counter() - started)
-    summary.report = report_run(summary, run.scored, run.merged, plan.partitions, logger)
-    if drift is not None:
-        publish_drift(drift, logger)
-    record = _run_record(params, plan, guards, run, repeated, started_at, summary)
-    record.sketches, record.drift = sketches, drift
-    record.status = "failed" if run.failed or _drift_breach(manifest, drift) else "completed"
-    store_for(plan.output_dir).write_json(RUN_RECORD, record.model_dump(mode="json"))
+    resume(plan.output_dir)  # an earlier run of this process into it may have abandoned it
+
+    stops: list[StopRequest] = []
+
+    def body(stop: StopRequest) -> tuple[RunSummary, DriftRecord | None, _Scored]:
+        stops.append(stop)
+        scoring_start = time.perf_counter()
+        run = _Scored({}, {}, dict(plan.unreadable), 0.0)
+        try:
+            _run_partitions(plan, manifest, params, guards, logger, run, stop)
+            run.seconds = time.perf_counter() - scoring_start
+            repeated, repeated_text = _check_repeated_ids(params, manifest, run, logger)
+            stop.check()  # until the record is written, a stop leaves a stopped run's
+            summary, drift = _finish(params, manifest, plan, guards, logger, run,
+                                     repeated, repeated_text, started, started_at)
+            return summary, drift, run
+        except BaseException as exc:
+            run.seconds = run.seconds or time.perf_counter() - scoring_start
+            _record_stopped(params, plan, guards, run, started_at, stop.signal or exc,
+                            logger)
+            raise
+
+    summary, drift, run = run_guarded(body, STOP_BOUND_SECONDS)
+    if stops and stops[0]:
+        logger.warning(f"a stop signal ({type(stops[0].signal).__name__}) came as the run "
+                       "was completing; it completed, and its record says so")
     logger.info(
         f"Done: {run.rows:,} rows in {len(run.merged)} partition(s) in {summary.seconds:.1f} s "
         f"({summary.rows_per_second:,.0f} rows/s while scoring); table at {summary.ensemble_dir}"
@@ -416,6 +400,25 @@ def _score(params: ScoreParams, manifest: Manifest, plan: Plan, guards: _Guards,
         )
     _check_drift(manifest, drift)
     return summary
+
+
+def _finish(params: ScoreParams, manifest: Manifest, plan: Plan, guards: _Guards,
+            logger: Any, run: _Scored, repeated: RepeatedIds | None, repeated_text: str,
+            started: float, started_at: float) -> tuple[RunSummary, DriftRecord | None]:
+    """After the last partition: sketches and drift, the report, the run record (its
+    status failed when partitions failed or drift breached ``max_psi``)."""
+    sketches = run_sketches(run.merged)
+    drift = compare_with_baseline(sketches, guards.baseline, manifest.member_names)
+    summary = _summarize(plan, guards, run, repeated_text, drift,
+                         time.perf_counter() - started)
+    summary.report = report_run(summary, run.scored, run.merged, plan.partitions, logger)
+    if drift is not None:
+        publish_drift(drift, logger)
+    record = _run_record(params, plan, guards, run, repeated, started_at, summary)
+    record.sketches, record.drift = sketches, drift
+    record.status = "failed" if run.failed or _drift_breach(manifest, drift) else "completed"
+    store_for(plan.output_dir).write_json(RUN_RECORD, record.model_dump(mode="json"))
+    return summary, drift
 
 
 def _record_running(params: ScoreParams, plan: Plan, guards: _Guards, started_at: float
@@ -497,7 +500,10 @@ def _stopped_record(params: ScoreParams, plan: Plan, guards: _Guards, run: _Scor
 # How long a stopping run waits for the Prefect API: to say the flow run's state, and
 # to take the report's artifacts.
 API_ANSWER_SECONDS = 5.0
-API_PUBLISH_SECONDS = 15.0
+API_PUBLISH_SECONDS = 10.0
+# How long the main thread waits, once stopped, for the run to record and end.
+STOP_BOUND_SECONDS = STOP_GRACE_SECONDS + ABANDON_SECONDS + API_ANSWER_SECONDS \
+    + API_PUBLISH_SECONDS + 5.0
 
 
 def _flow_run_state(flow_run_id: Any) -> str | None:
@@ -513,7 +519,7 @@ def _flow_run_state(flow_run_id: Any) -> str | None:
             state = client.read_flow_run(flow_run_id).state
         return state.type.value if state is not None else ""
 
-    return _within(API_ANSWER_SECONDS, ask)
+    return within(API_ANSWER_SECONDS, ask)
 
 
 def _publish_within(report: RunReport, logger: Any) -> bool:
@@ -522,29 +528,7 @@ def _publish_within(report: RunReport, logger: Any) -> bool:
         publish_report(report, logger)
         return True
 
-    return _within(API_PUBLISH_SECONDS, publish) is not None
-
-
-def _within(seconds: float, call: Callable[[], T]) -> T | None:
-    """``call()`` on a daemon thread in this context (the flow run's, for artifacts),
-    given up after ``seconds`` and through further signals; None if it raised or did not
-    end in time. A stopping run's API calls must never hold its run record and lock
-    hostage to a server that is slow, gone, or a client that an interrupted call left
-    waiting."""
-    answer: list[T] = []
-
-    def run() -> None:
-        with contextlib.suppress(Exception):
-            answer.append(call())
-
-    worker = threading.Thread(target=contextvars.copy_context().run, args=(run,),
-                              name="ensemble-stop-api", daemon=True)
-    worker.start()
-    deadline = time.monotonic() + seconds
-    while worker.is_alive() and (left := deadline - time.monotonic()) > 0:
-        with contextlib.suppress(BaseException):  # a further signal: already stopping
-            worker.join(min(left, 0.25))
-    return answer[0] if answer else None
+    return within(API_PUBLISH_SECONDS, publish) is not None
 
 
 def _committed_on_disk(plan: Plan, run: _Scored, started_at: float

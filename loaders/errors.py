@@ -61,6 +61,10 @@ class DriftExceeded(ScoringError, RuntimeError):
     the table is committed, the run is marked failed."""
 
 
+class PartitionAbandoned(ScoringError, RuntimeError):
+    """A partition left uncommitted because its run stopped and its grace was over."""
+
+
 class PartitionsFailed(ScoringError, RuntimeError):
     """Some partitions failed; the others are committed and a re-run finishes the rest."""
 

@@ -19,9 +19,10 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
-__all__ = ["S3_SCHEME", "S3Path", "is_s3", "s3_filesystem", "s3_uri"]
+__all__ = ["PARQUET_SUFFIXES", "S3_SCHEME", "S3Path", "is_s3", "s3_filesystem", "s3_uri"]
 
 S3_SCHEME = "s3://"
+PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")  # what discovery takes for data files
 
 
 def s3_uri(location: str | os.PathLike[str] | S3Path) -> str | None:

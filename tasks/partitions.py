@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict
 
 from loaders.errors import DataError
 from loaders.manifest import Manifest
-from tasks.fs import S3_SCHEME, S3Path, s3_filesystem, s3_uri
+from tasks.fs import PARQUET_SUFFIXES, S3_SCHEME, S3Path, s3_filesystem, s3_uri
 from tasks.storage import open_input
 
 __all__ = [
@@ -34,7 +34,6 @@ __all__ = [
     "is_numeric",
 ]
 
-PARQUET_SUFFIXES = (".parquet", ".parq", ".pq")
 _GLOB_CHARS = set("*?[")
 
 

@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel
 
 from loaders.cache import MODEL_CACHE
-from loaders.errors import DataError
+from loaders.errors import DataError, PartitionAbandoned
 from loaders.inspect import digest_files, resolve_model
 from loaders.manifest import BadRowPolicy, Manifest
 from tasks.batch import ScoringContext, score_batch
@@ -80,6 +80,29 @@ class PartitionResult(BaseModel):
     merged: PartitionMerged
 
 
+# Output folders whose stopped run's grace is over, in this process: a partition of
+# theirs still scoring stops at its next batch, uncommitted, so the run record written
+# next stays true and the process does not wait out a long partition before it exits.
+# By folder: one run at a time holds a folder's lock.
+_ABANDONED: set[str] = set()
+
+
+def abandon(output_dir: str) -> None:
+    """Stop this process's partitions into ``output_dir`` at their next batch."""
+    _ABANDONED.add(output_dir)
+
+
+def resume(output_dir: str) -> None:
+    """Undo :func:`abandon`, once the run that called it has ended."""
+    _ABANDONED.discard(output_dir)
+
+
+def _check_abandoned(job: _Job) -> None:
+    if job.output_dir in _ABANDONED:
+        raise PartitionAbandoned(f"partition {job.partition.relpath}: the run stopped "
+                                 "before it was committed; a re-run scores it")
+
+
 @dataclass
 class _Job:
     """One partition's scoring: where it goes and what produced it."""
@@ -89,6 +112,7 @@ class _Job:
     store: Store
     provenance: dict[str, Any]  # what produces the file, as its footer records it
     batch_size: int
+    output_dir: str
     start: float = field(default_factory=time.perf_counter)
 
     @property
@@ -147,7 +171,7 @@ def score_partition(
         "members": digests,  # the members scored: absent ones are left out
         "min_members": min_members or len(manifest.models),
         "absent": list(absent),
-    }, batch_size)
+    }, batch_size, output_dir)
     previous = None if force else committed_metadata(job.store, job.table)
     reuse = plan_reuse(previous, job.provenance, force=force)
     if reuse.whole and previous is not None:
@@ -225,6 +249,7 @@ def _score(job: _Job, reuse: Reuse, hidden: str | None) -> PartitionResult:
             job, ctx, writer, stats, previous, reused,
             read_ahead(batches_by_row_group(reader, columns, job.batch_size), pool))
         _check_unique(job.partition, id_chunks)
+        _check_abandoned(job)
         merged = stats.result(job.partition.relpath, job.store.uri(job.table),
                               job.manifest.features, names)
         writer.commit(job.provenance | {"bad_row_count": writer.set_aside_rows,
@@ -269,6 +294,7 @@ def _stream(job: _Job, ctx: ScoringContext, writer: PartitionWriter, stats: Ense
 
     try:
         for batch in batches:
+            _check_abandoned(job)
             rows += batch.num_rows
             matrix = to_matrix(batch, job.manifest.features, buffer)
             buffer = matrix.base if matrix.base is not None else matrix

@@ -44,7 +44,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from loaders.errors import OutputError, OutputLocked
-from tasks.fs import S3Path, s3_filesystem, s3_uri
+from tasks.fs import PARQUET_SUFFIXES, S3Path, s3_filesystem, s3_uri
 
 __all__ = [
     "ENSEMBLE_DIR",
@@ -592,21 +592,30 @@ def _location_parts(location: str) -> tuple[str, ...]:
 
 def _inside(input_path: str, inp: tuple[str, ...], out: tuple[str, ...]) -> str:
     """Whether the output lies where input is read: inside an input folder (discovery
-    walks all below it), or, for a glob, inside a folder its matches are read from
-    (``data/*.parquet`` reads ``data/``; a later run on ``data/`` would walk into the
-    output) or where the glob reaches (``**``, or components matching the output's path
-    and going deeper)."""
-    if not any(set(p) & set("*?[") for p in inp):
+    walks all below it), or, for a glob or a single file, inside a folder its files are
+    read from (``data/*.parquet`` and ``data/a.parquet`` read ``data/``; a later run on
+    ``data/`` would walk into the output) or where a glob reaches (``**``)."""
+    single = _names_a_file(input_path)
+    if not single and not any(set(p) & set("*?[") for p in inp):
         return "is inside the input" if out[:len(inp)] == inp else ""
+    reader = "the input file" if single else "the input's glob"
     for i, part in enumerate(out):
-        if i == len(inp) - 1:  # below a folder the glob reads its files from
-            return (f"is inside {_joined(out[:i])}, a folder the input's glob reads from "
-                    "(a later run on that folder would walk into it)")
+        if i == len(inp) - 1:  # below a folder the input's files are read from
+            return (f"is inside {_joined(out[:i])}, the folder {reader} reads from (a "
+                    "later run on that folder would walk into it)")
         if inp[i] == "**":
             return "is inside the input"
-        if not fnmatch.fnmatchcase(part, inp[i]):
+        if not (part == inp[i] if single else fnmatch.fnmatchcase(part, inp[i])):
             return ""
-    return "is inside the input" if len(inp) > len(out) else ""
+    return (f"is the folder {reader} reads from" if len(out) == len(inp) - 1
+            else f"holds the folder {reader} reads from")
+
+
+def _names_a_file(input_path: str) -> bool:
+    """A single file: an existing local file, or an S3 key with a Parquet suffix."""
+    if s3_uri(input_path) is not None:
+        return input_path.rstrip("/").endswith(PARQUET_SUFFIXES)
+    return Path(input_path).expanduser().is_file()
 
 
 def _joined(parts: tuple[str, ...]) -> str:

@@ -54,15 +54,26 @@ def test_output_that_is_or_holds_the_input_is_refused_before_any_file(tmp_path: 
         check_output_apart(str(data), str(data / "out"))  # later runs would read its table
     with pytest.raises(OutputError, match="is inside the input"):
         check_output_apart(str(data / "**" / "*.parquet"), str(data / "out"))
-    with pytest.raises(OutputError, match=rf"is inside {data}, a folder the input's glob "
+    # A glob or a single file: not below the folder its files are read from, which a
+    # later run on that folder would walk into.
+    with pytest.raises(OutputError, match=rf"is inside {data}, the folder the input's glob "
                                           r"reads from \(a later run on that folder"):
         check_output_apart(str(data / "*.parquet"), str(data / "sub" / "out"))
-    with pytest.raises(OutputError, match="a folder the input's glob reads from"):
+    with pytest.raises(OutputError, match="the folder the input's glob reads from"):
         check_output_apart(str(data / "*.parquet"), str(data / "out"))
     check_output_apart(str(data / "*.parquet"), str(tmp_path / "out"))  # a sibling: fine
-    with pytest.raises(OutputError, match=r"is inside s3://bucket/data, a folder the input"):
+    (data / "a.parquet").write_bytes(b"x")
+    with pytest.raises(OutputError, match=rf"is inside {data}, the folder the input file "
+                                          "reads from"):
+        check_output_apart(str(data / "a.parquet"), str(data / "sub" / "out"))
+    check_output_apart(str(data / "a.parquet"), str(tmp_path / "out"))
+    with pytest.raises(OutputError, match=r"is inside s3://bucket/data, the folder the input"):
         check_output_apart("s3://bucket/data/*.parquet", "s3://bucket/data/sub/out")
+    with pytest.raises(OutputError, match=r"is inside s3://bucket/data, the folder the input "
+                                          "file reads from"):
+        check_output_apart("s3://bucket/data/a.parquet", "s3://bucket/data/out")
     check_output_apart("s3://bucket/data/*.parquet", "s3://bucket/out")
+    check_output_apart("s3://bucket/data/a.parquet", "s3://bucket/out")
     with pytest.raises(OutputError, match="is inside the input"):
         check_output_apart("s3://bucket/data", "s3://bucket/data/out")
     with pytest.raises(OutputError, match="holds the input"):
@@ -139,8 +150,10 @@ def test_a_glob_input_inside_the_output_is_refused(tmp_path: Path, monkeypatch: 
     with pytest.raises(OutputError, match=r"holds input files the glob matches, such as "
                                           r"data/p\.parquet"):
         check_output_apart("dat?/*.parquet", "data")
-    with pytest.raises(OutputError, match="is inside the input"):  # later runs would
-        check_output_apart("dat?/ensemble/*.parquet", "data")  # read the table as input
+    with pytest.raises(OutputError, match="holds the folder the input's glob reads from"):
+        check_output_apart("dat?/ensemble/*.parquet", "data")  # later runs would read it
+    with pytest.raises(OutputError, match="is the folder the input's glob reads from"):
+        check_output_apart("dat?/*.parquet", "datb")
     check_output_apart("dat?/*.parquet", "out")
 
 
