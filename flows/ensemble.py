@@ -266,9 +266,40 @@ def make_task_runner(params: ScoreParams) -> Any:
 
 
 def _run(params: ScoreParams) -> RunSummary:
+    """The run's work on a thread of its own (``run_guarded``), this (main) thread only
+    waiting: a stop signal lands in that wait, and the work stops at its next
+    checkpoint, records what the disk holds (once it holds the output's lock) and ends."""
     logger = get_run_logger()
     started = time.perf_counter()
     started_at = time.time()
+    stops: list[StopRequest] = []
+
+    def body(stop: StopRequest) -> _Outcome:
+        stops.append(stop)
+        return _run_body(params, logger, started, started_at, stop)
+
+    outcome = run_guarded(body, STOP_BOUND_SECONDS)
+    if stops and stops[0]:
+        logger.warning(f"a stop signal ({type(stops[0].signal).__name__}) came as the run "
+                       "was completing; it completed, and its record says so")
+    if outcome.failed:
+        raise outcome.failed
+    _check_drift(outcome.manifest, outcome.drift)
+    return outcome.summary
+
+
+@dataclass
+class _Outcome:
+    """A run that ran to its end: its summary, and what fails it."""
+
+    summary: RunSummary
+    manifest: Manifest
+    drift: DriftRecord | None
+    failed: PartitionsFailed | None
+
+
+def _run_body(params: ScoreParams, logger: Any, started: float, started_at: float,
+              stop: StopRequest) -> _Outcome:
     manifest = params.load_manifest()
     quorum = manifest.quorum(params.min_members)
     plan = make_plan(manifest, params.input, params.output,
@@ -277,8 +308,11 @@ def _run(params: ScoreParams) -> RunSummary:
         f"Scoring {len(plan.partitions)} partition(s) ({plan.total_bytes / 1e6:,.1f} MB) with "
         f"{len(manifest.models)} member(s) into {plan.output_dir}"
     )
+    stop.check()
     members = _load_members(params, manifest, quorum, logger)
+    stop.check()
     golden = _golden_gate(params, manifest, members, logger)
+    stop.check()
     store = store_for(plan.output_dir)
     with store.lock() as killed:
         if killed:
@@ -292,7 +326,7 @@ def _run(params: ScoreParams) -> RunSummary:
                          f"the previous run ({killed}) did not finish: it was killed"
                          if killed else "")
         _record_running(params, plan, guards, started_at)
-        return _score(params, manifest, plan, guards, logger, started, started_at)
+        return _score(params, manifest, plan, guards, logger, started, started_at, stop)
 
 
 @dataclass
@@ -355,51 +389,38 @@ class _Scored:
 
 
 def _score(params: ScoreParams, manifest: Manifest, plan: Plan, guards: _Guards,
-           logger: Any, started: float, started_at: float) -> RunSummary:
-    """The body of the flow, run while this run holds the output folder's lock, on a
-    thread of its own (``run_guarded``): a stop signal lands in the main thread's wait,
-    and the body stops at its next checkpoint, records what the disk holds and ends."""
+           logger: Any, started: float, started_at: float, stop: StopRequest) -> _Outcome:
+    """The run while it holds the output folder's lock: until the record is written, a
+    stop (or any error) leaves a stopped run's record of what the disk holds."""
     for relpath, why in plan.unreadable.items():
         logger.error(f"partition {relpath} set aside: {why}")
     resume(plan.output_dir)  # an earlier run of this process into it may have abandoned it
-
-    stops: list[StopRequest] = []
-
-    def body(stop: StopRequest) -> tuple[RunSummary, DriftRecord | None, _Scored]:
-        stops.append(stop)
-        scoring_start = time.perf_counter()
-        run = _Scored({}, {}, dict(plan.unreadable), 0.0)
-        try:
-            _run_partitions(plan, manifest, params, guards, logger, run, stop)
-            run.seconds = time.perf_counter() - scoring_start
-            repeated, repeated_text = _check_repeated_ids(params, manifest, run, logger)
-            stop.check()  # until the record is written, a stop leaves a stopped run's
-            summary, drift = _finish(params, manifest, plan, guards, logger, run,
-                                     repeated, repeated_text, started, started_at)
-            return summary, drift, run
-        except BaseException as exc:
-            run.seconds = run.seconds or time.perf_counter() - scoring_start
-            _record_stopped(params, plan, guards, run, started_at, stop.signal or exc,
-                            logger)
-            raise
-
-    summary, drift, run = run_guarded(body, STOP_BOUND_SECONDS)
-    if stops and stops[0]:
-        logger.warning(f"a stop signal ({type(stops[0].signal).__name__}) came as the run "
-                       "was completing; it completed, and its record says so")
+    scoring_start = time.perf_counter()
+    run = _Scored({}, {}, dict(plan.unreadable), 0.0)
+    try:
+        _run_partitions(plan, manifest, params, guards, logger, run, stop)
+        run.seconds = time.perf_counter() - scoring_start
+        repeated, repeated_text = _check_repeated_ids(params, manifest, run, logger)
+        stop.check()
+        summary, drift = _finish(params, manifest, plan, guards, logger, run, repeated,
+                                 repeated_text, started, started_at)
+    except BaseException as exc:
+        run.seconds = run.seconds or time.perf_counter() - scoring_start
+        _record_stopped(params, plan, guards, run, started_at, stop.signal or exc, logger)
+        raise
     logger.info(
         f"Done: {run.rows:,} rows in {len(run.merged)} partition(s) in {summary.seconds:.1f} s "
         f"({summary.rows_per_second:,.0f} rows/s while scoring); table at {summary.ensemble_dir}"
     )
+    failed = None
     if run.failed:
         listing = "\n".join(f"  - {rel}: {why}" for rel, why in sorted(run.failed.items()))
-        raise PartitionsFailed(
+        failed = PartitionsFailed(
             f"{len(run.failed)} of {len(run.failed) + len(run.merged)} partition(s) failed; "
             f"the other {len(run.merged)} are committed and a re-run scores only what is "
             f"missing:\n{listing}"
         )
-    _check_drift(manifest, drift)
-    return summary
+    return _Outcome(summary, manifest, drift, failed)
 
 
 def _finish(params: ScoreParams, manifest: Manifest, plan: Plan, guards: _Guards,

@@ -233,7 +233,12 @@ def _run(args: argparse.Namespace, server: Any, started: float,
             raise exc
         return _fail(str(exc) if isinstance(exc, ScoringError) else f"run failed: {exc!r}",
                      EXIT_USAGE if isinstance(exc, _refusals()) else EXIT_FAILED)
-    print_summary(state.result(), time.perf_counter() - started)
+    summary = state.result()
+    try:
+        print_summary(summary, time.perf_counter() - started)
+    except (KeyboardInterrupt, _Terminated):  # the run is complete: only the print stops
+        print(f"\n(summary cut short by a signal; the run completed, and its record is "
+              f"{summary.output_dir}/_run.json)", file=sys.stderr, flush=True)
     return EXIT_OK
 
 

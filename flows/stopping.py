@@ -62,21 +62,24 @@ def run_guarded(body: Callable[[StopRequest], T], bound: float) -> T:
     ``body`` returned lets the completed run stand.
     """
     stop = StopRequest()
-    results: queue.SimpleQueue[tuple[bool, Any]] = queue.SimpleQueue()
+    outcome: list[tuple[bool, Any]] = []
+    wake: queue.SimpleQueue[None] = queue.SimpleQueue()
 
     def run() -> None:
         try:
-            results.put((True, body(stop)))
+            outcome.append((True, body(stop)))
         except BaseException as exc:
-            results.put((False, exc))
+            outcome.append((False, exc))
+        wake.put(None)
 
     threading.Thread(target=contextvars.copy_context().run, args=(run,),
                      name="ensemble-run", daemon=True).start()
     try:
-        ok, value = _wait_for(results, stop, bound)
+        _wait_for(outcome, wake, stop, bound)
     except BaseException as exc:  # raised outside the wait's guards, or its bound passed
         stop.signal = stop.signal or exc
         raise
+    ok, value = outcome[0]
     if ok:
         return value  # type: ignore[no-any-return]
     raise value if stop.signal is None else stop.signal
@@ -86,13 +89,14 @@ class _Bound(BaseException):
     """The run did not end within its bound after a stop."""
 
 
-def _wait_for(results: queue.SimpleQueue[tuple[bool, Any]], stop: StopRequest,
-              bound: float) -> tuple[bool, Any]:
-    """The body's outcome. Python raises a pending signal at the next of certain
-    instructions (a loop's jump back, a call), wherever that is: the inner loop, its
-    jump back included, is inside a ``try``, and the handler that notes the stop is
+def _wait_for(outcome: list[tuple[bool, Any]], wake: queue.SimpleQueue[None],
+              stop: StopRequest, bound: float) -> None:
+    """Until the body has an outcome. Python raises a pending signal at the next of
+    certain instructions (a loop's jump back, a call), wherever that is: the inner loop,
+    its jump back included, is inside a ``try``, and the handler that notes the stop is
     inside a second one, for a second signal pending at the same moment (Ctrl-C and
-    SIGTERM at once). A third one then would have to come within microseconds."""
+    SIGTERM at once). The outcome is read from ``outcome``, not from the queue, which
+    only wakes this thread: a signal raised as ``get`` returns loses nothing."""
     deadline = [float("inf")]
     over: list[bool] = []
 
@@ -105,12 +109,12 @@ def _wait_for(results: queue.SimpleQueue[tuple[bool, Any]], stop: StopRequest,
     while not over:
         try:
             try:
-                while True:
-                    try:
-                        return results.get(timeout=SLICE_SECONDS)
-                    except queue.Empty:
-                        if time.monotonic() >= deadline[0]:
-                            raise _Bound from None
+                while not outcome:
+                    if time.monotonic() >= deadline[0]:
+                        raise _Bound
+                    with contextlib.suppress(queue.Empty):
+                        wake.get(timeout=SLICE_SECONDS)
+                return
             except BaseException as exc:
                 note(exc)
         except BaseException as exc:

@@ -574,6 +574,10 @@ def check_output_apart(input_path: str, output_dir: str) -> None:
     where = ("is the input" if inp == out else "holds the input"
              if inp[:len(out)] == out else _holds_matches(input_path, output_dir)
              or _inside(input_path, inp, out))
+    if not where and s3_uri(input_path) is None and _names_a_file(input_path):
+        # A file that is a link is read from the folder it is in, not its target's.
+        named = Path(input_path).expanduser().absolute()
+        where = _inside(input_path, (*named.parent.resolve().parts, named.name), out)
     if where:
         raise OutputError(
             f"the output folder {output_dir} {where} ({input_path}); the ensemble table, run "

@@ -67,6 +67,11 @@ def test_output_that_is_or_holds_the_input_is_refused_before_any_file(tmp_path: 
                                           "reads from"):
         check_output_apart(str(data / "a.parquet"), str(data / "sub" / "out"))
     check_output_apart(str(data / "a.parquet"), str(tmp_path / "out"))
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "b.parquet").write_bytes(b"x")
+    (data / "b.parquet").symlink_to(tmp_path / "store" / "b.parquet")
+    with pytest.raises(OutputError, match=rf"is inside {data}, the folder the input file"):
+        check_output_apart(str(data / "b.parquet"), str(data / "out"))  # a link: its folder
     with pytest.raises(OutputError, match=r"is inside s3://bucket/data, the folder the input"):
         check_output_apart("s3://bucket/data/*.parquet", "s3://bucket/data/sub/out")
     with pytest.raises(OutputError, match=r"is inside s3://bucket/data, the folder the input "
