@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -406,16 +407,38 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure(args)
     previous = _stop_on_sigterm()
+    since = time.time()
     try:
         return run(args)
-    except KeyboardInterrupt:
-        return _fail("interrupted; committed partitions are kept, re-run to finish", 130)
-    except _Terminated:
+    except (KeyboardInterrupt, _Terminated) as stop:
+        if (record := _completed_record(args, since)) is not None:
+            print(f"\n(stopped after the run completed; its record is {record})",
+                  file=sys.stderr, flush=True)
+            return EXIT_OK
+        if isinstance(stop, KeyboardInterrupt):
+            return _fail("interrupted; committed partitions are kept, re-run to finish", 130)
         return _fail("terminated (SIGTERM); committed partitions are kept, re-run to finish",
                      EXIT_TERMINATED)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _completed_record(args: argparse.Namespace, since: float) -> str | None:
+    """The run record's location if the run this command started completed: a stop that
+    lands as Prefect closes the flow run, or before the summary, stops nothing."""
+    if not args.output:
+        return None
+    with contextlib.suppress(Exception):
+        from tasks.storage import open_input, store_for
+
+        location = store_for(args.output).uri("_run.json")
+        with open_input(location) as f:
+            record = json.loads(f.read())
+        if (record.get("status") == "completed"
+                and record.get("timing", {}).get("flow_started_at", 0) >= since):
+            return location
+    return None
 
 
 class _Terminated(BaseException):
@@ -462,12 +485,28 @@ class _ExitWithoutTeardown:
         os._exit(self.code)
 
 
+def _end_at_once_on_signals(code: int) -> None:
+    """Once the command's outcome is decided, a Ctrl-C or SIGTERM ends the process at
+    once with that outcome, skipping the exit handlers still to run (Prefect's drain of
+    queued logs, the server's stop: it dies with this process anyway), instead of a
+    traceback from them or a SIGTERM's default death (-15) after a completed run."""
+    def end(signum: int, frame: Any) -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, end)
+
+
 def cli() -> None:
     """``python -m flows.score`` and the ``ensemble-score`` script."""
     finish = _ExitWithoutTeardown()
     atexit.register(finish)
     try:
         finish.code = main()
+        _end_at_once_on_signals(finish.code)
     except SystemExit as exc:  # --help, argparse's usage errors
         finish.code = (exc.code if isinstance(exc.code, int)
                        else EXIT_OK if exc.code is None else EXIT_FAILED)

@@ -284,7 +284,8 @@ def test_ctrl_c_stops_the_run_and_its_server(setup: dict[str, object], how: str)
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGTERM", "SIGTERM to another thread",
                                  "Ctrl-C then SIGTERM", "SIGTERM as the run completes",
-                                 "SIGTERM to another thread as the run completes"])
+                                 "SIGTERM to another thread as the run completes",
+                                 "SIGTERM as the flow run ends"])
 def test_stop_signals_as_partitions_finish(setup: dict[str, object], how: str) -> None:
     """Stop signals while partitions finish every few milliseconds: to the process, handed
     by the OS to another of its threads (it may pick any), two in a row, or after the
@@ -304,11 +305,14 @@ def test_stop_signals_as_partitions_finish(setup: dict[str, object], how: str) -
              str(tmp / "many"), "--output", str(out)],
             env=prefect_free_env(tmp / "prefect-home"), stdout=sink, stderr=sink, text=True,
             preexec_fn=_default_sigint)
-    completes = how.endswith("as the run completes")
-    mark = "ids across partitions" if completes else "[5/200]"
+    completes = how.endswith(("as the run completes", "as the flow run ends"))
+    mark = ("' - Finished in state Completed()" if how.endswith("flow run ends")
+            else "ids across partitions" if completes else "[5/200]")
     try:
         deadline = time.monotonic() + 300
-        while mark not in log.read_text():
+        while not any(mark in line and (how != "SIGTERM as the flow run ends"
+                                        or "Flow run '" in line)
+                      for line in log.read_text().splitlines()):
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.005)
         _send(proc.pid, how)
@@ -325,6 +329,10 @@ def test_stop_signals_as_partitions_finish(setup: dict[str, object], how: str) -
     assert sorted(r for r, st in states.items() if st == "committed") == committed, err[-3000:]
     assert not (out / ".lock").exists()
     assert took < 15, f"took {took:.0f} s to stop; the grace is for partitions in flight"
+    if how == "SIGTERM as the flow run ends":  # after the record: the run stands
+        assert (proc.returncode, record["status"]) == (0, "completed"), err[-3000:]
+        assert "re-run to finish" not in err
+        return
     if completes and proc.returncode == 0:
         assert record["status"] == "completed" and len(committed) == 200
         assert "came as the run was completing; it completed" in err
