@@ -15,7 +15,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from prefect import flow, get_run_logger, runtime
 from prefect.futures import PrefectFuture
@@ -67,8 +67,6 @@ from tasks.storage import ENSEMBLE_DIR, store_for
 from tasks.writer import committed_metadata
 
 __all__ = ["score_ensemble"]
-
-T = TypeVar("T")
 
 # How long a stopped run waits for the partitions in flight to commit before it writes
 # its record and ends (Prefect's process worker sends SIGKILL 30 s after SIGTERM), and
@@ -523,8 +521,8 @@ def _stopped_record(params: ScoreParams, plan: Plan, guards: _Guards, run: _Scor
 API_ANSWER_SECONDS = 5.0
 API_PUBLISH_SECONDS = 10.0
 # How long the main thread waits, once stopped, for the run to record and end.
-STOP_BOUND_SECONDS = STOP_GRACE_SECONDS + ABANDON_SECONDS + API_ANSWER_SECONDS \
-    + API_PUBLISH_SECONDS + 5.0
+STOP_BOUND_SECONDS = (STOP_GRACE_SECONDS + ABANDON_SECONDS + API_ANSWER_SECONDS
+                      + API_PUBLISH_SECONDS + 5.0)
 
 
 def _flow_run_state(flow_run_id: Any) -> str | None:

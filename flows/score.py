@@ -238,8 +238,10 @@ def _run(args: argparse.Namespace, server: Any, started: float,
     try:
         print_summary(summary, time.perf_counter() - started)
     except (KeyboardInterrupt, _Terminated):  # the run is complete: only the print stops
+        from flows.records import RUN_RECORD
+
         print(f"\n(summary cut short by a signal; the run completed, and its record is "
-              f"{summary.output_dir}/_run.json)", file=sys.stderr, flush=True)
+              f"{summary.output_dir}/{RUN_RECORD})", file=sys.stderr, flush=True)
     return EXIT_OK
 
 
@@ -430,9 +432,10 @@ def _completed_record(args: argparse.Namespace, since: float) -> str | None:
     if not args.output:
         return None
     with contextlib.suppress(Exception):
+        from flows.records import RUN_RECORD
         from tasks.storage import open_input, store_for
 
-        location = store_for(args.output).uri("_run.json")
+        location = store_for(args.output).uri(RUN_RECORD)
         with open_input(location) as f:
             record = json.loads(f.read())
         if (record.get("status") == "completed"

@@ -126,8 +126,8 @@ def _wait_for(outcome: list[tuple[bool, Any]], wake: queue.SimpleQueue[None],
 class Finished:
     """Futures as they finish, in order, fed by each future's done callback.
 
-    Waits are short slices, never one untimed wait, so noted signals are looked at and a
-    stop's grace ends at its deadline whatever the futures do.
+    Waits are short slices, never one untimed wait, so a stop request is seen within a
+    slice and a stop's grace ends at its deadline whatever the futures do.
     """
 
     def __init__(self, stop: StopRequest) -> None:
@@ -170,8 +170,5 @@ def within(seconds: float, call: Callable[[], T]) -> T | None:
     worker = threading.Thread(target=contextvars.copy_context().run, args=(run,),
                               name="ensemble-stop-api", daemon=True)
     worker.start()
-    deadline = time.monotonic() + seconds
-    while worker.is_alive() and (left := deadline - time.monotonic()) > 0:
-        with contextlib.suppress(BaseException):  # a signal, if this is the main thread
-            worker.join(min(left, SLICE_SECONDS))
+    worker.join(seconds)  # called from the run's thread, where no signal lands
     return answer[0] if answer else None

@@ -93,7 +93,7 @@ def abandon(output_dir: str) -> None:
 
 
 def resume(output_dir: str) -> None:
-    """Undo :func:`abandon`, once the run that called it has ended."""
+    """Undo :func:`abandon`: a new run into ``output_dir`` is starting."""
     _ABANDONED.discard(output_dir)
 
 
