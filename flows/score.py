@@ -407,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return bless_main(argv[1:])
     args = build_parser().parse_args(argv)
+    from tasks.runtime import limit_malloc_arenas
+
+    limit_malloc_arenas()  # before the first thread (the server's start) is created
     _configure(args)
     previous = _stop_on_sigterm()
     since = time.time()

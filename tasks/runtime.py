@@ -7,13 +7,41 @@ Environment variables the user set always win.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 
-__all__ = ["set_up"]
+__all__ = ["limit_malloc_arenas", "set_up"]
 
 _done = threading.Event()
 _lock = threading.Lock()
+
+
+_M_ARENA_MAX = -8  # mallopt's parameter number, from glibc's <malloc.h>
+
+
+def limit_malloc_arenas() -> bool:
+    """One glibc malloc arena for the process's threads (glibc's ``mallopt``), unless the
+    user chose (``MALLOC_ARENA_MAX``, or ``arena_max`` in ``GLIBC_TUNABLES``); returns
+    whether it was set. Elsewhere than glibc, nothing is done.
+
+    Decoding allocates on a pool's threads and the scoring thread frees, so with glibc's
+    default of up to 8 arenas per core each arena kept handing pages back and faulting
+    fresh ones in: with one arena, 4 partitions of the benchmark workload took 0.3 M
+    page faults instead of 0.5 M, peak RSS fell from 1.8-1.9 to 1.35 GiB, and scoring
+    ran 1-3 % faster with oneDNN on and off (interleaved pairs). Threads attach to an
+    arena when they first allocate, so this runs before the CLI starts any thread; in
+    other processes (workers) :func:`set_up` calls it, for the threads still to come.
+    """
+    if "MALLOC_ARENA_MAX" in os.environ or "arena_max" in os.environ.get("GLIBC_TUNABLES", ""):
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        if not hasattr(libc, "gnu_get_libc_version"):
+            return False  # not glibc (musl, macOS): their allocators are left alone
+        return bool(libc.mallopt(_M_ARENA_MAX, 1))
+    except (OSError, AttributeError):
+        return False
 
 
 def set_up(*, debug: bool = False) -> None:
@@ -31,10 +59,12 @@ def set_up(*, debug: bool = False) -> None:
       ``ARROW_DEFAULT_MEMORY_POOL`` is set: decoding with mimalloc faulted in many more
       fresh pages (1.14 M vs 0.77 M page faults for 16 partitions, 14 s vs 9 s of kernel
       time), and 4-partition runs were 3 % faster with the system pool (4 interleaved pairs).
+    - One malloc arena (:func:`limit_malloc_arenas`).
     """
     with _lock:
         if _done.is_set():
             return
+        limit_malloc_arenas()
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "0" if debug else "3")
         os.environ.setdefault("TF_CPU_ALLOCATOR_USE_BFC", "true")
         import pyarrow as pa

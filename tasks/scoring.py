@@ -281,7 +281,7 @@ def _stream(job: _Job, ctx: ScoringContext, writer: PartitionWriter, stats: Ense
     set aside for their scores."""
     rows = scores_aside = 0
     first_batch_at: float | None = None
-    buffer: np.ndarray | None = None
+    buffer: np.ndarray | None = None  # the feature matrix, reused from batch to batch
     id_chunks: list[pa.Array] = []
 
     def reused_scores(ids: pa.Array) -> dict[int, np.ndarray]:
@@ -297,7 +297,8 @@ def _stream(job: _Job, ctx: ScoringContext, writer: PartitionWriter, stats: Ense
             _check_abandoned(job)
             rows += batch.num_rows
             matrix = to_matrix(batch, job.manifest.features, buffer)
-            buffer = matrix.base if matrix.base is not None else matrix
+            if buffer is None or len(matrix) > len(buffer):
+                buffer = matrix  # newly allocated (aligned): the whole of it
             stats.add_features(matrix)
             result = score_batch(ctx, matrix, batch.column(0),
                                  reused_scores if previous is not None else None, batch)

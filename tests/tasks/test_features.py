@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from tasks.features import find_bad_rows, to_matrix
+from tasks.features import FEED_ALIGNMENT, aligned_matrix, find_bad_rows, to_matrix
 
 
 def test_to_matrix_follows_manifest_order_and_reuses_the_buffer() -> None:
@@ -18,6 +18,18 @@ def test_to_matrix_follows_manifest_order_and_reuses_the_buffer() -> None:
     assert matrix.dtype == np.float32 and matrix.shape == (2, 3)
     assert matrix[0].tolist() == [1.0, 1.5, 3.0]
     assert np.isnan(matrix[1, 0]) and matrix[1, 1:].tolist() == [2.5, 4.0]  # null -> NaN
+
+
+def test_matrices_start_where_tensorflow_feeds_them_without_a_copy() -> None:
+    for rows, cols in [(1, 1), (3, 5), (16_384, 32), (7, 33)]:
+        m = aligned_matrix(rows, cols)
+        assert m.shape == (rows, cols) and m.dtype == np.float32 and m.flags.c_contiguous
+        assert m.ctypes.data % FEED_ALIGNMENT == 0
+    batch = pa.record_batch({"a": pa.array([1.0, 2.0, 3.0])})
+    fresh = to_matrix(batch, ("a",))  # no buffer given: allocated aligned
+    assert fresh.ctypes.data % FEED_ALIGNMENT == 0 and fresh[:, 0].tolist() == [1.0, 2.0, 3.0]
+    again = to_matrix(batch.slice(0, 2), ("a",), fresh)  # reused: its first rows
+    assert again.ctypes.data == fresh.ctypes.data and again.shape == (2, 1)
 
 
 def test_bad_rows_name_the_first_offending_column() -> None:

@@ -1,0 +1,55 @@
+"""The process's runtime set-up: one malloc arena, unless the user chose."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+# Four threads allocate and free memory across each other, as decoding and scoring do;
+# glibc's malloc_stats() then lists every arena ("Arena N:") on stderr.
+_PROBE = """
+import ctypes, sys, threading
+from tasks.runtime import limit_malloc_arenas
+limited = limit_malloc_arenas() if sys.argv[1] == "limit" else None
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+blocks = []
+def work():
+    for _ in range(50):
+        blocks.append(libc.malloc(1 << 20))
+threads = [threading.Thread(target=work) for _ in range(4)]
+[t.start() for t in threads]
+[t.join() for t in threads]
+for b in blocks:
+    libc.free(b)
+print(limited, flush=True)
+libc.malloc_stats()
+"""
+
+
+def _arenas(mode: str, **env: str) -> tuple[str, int]:
+    """What ``limit_malloc_arenas`` returned, and how many arenas the threads used."""
+    base = {k: v for k, v in os.environ.items()
+            if k not in ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES")}
+    base["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    run = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True,
+                         env={**base, **env}, check=True)
+    return run.stdout.strip(), run.stderr.count("Arena ")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux")
+                    or not os.confstr("CS_GNU_LIBC_VERSION"), reason="glibc only")
+def test_one_malloc_arena_unless_the_user_chose() -> None:
+    # The threads of a default process spread over several arenas ...
+    assert _arenas("none")[1] > 1
+    # ... limited, they share one,
+    assert _arenas("limit") == ("True", 1)
+    # and a user's own choice is left as it is.
+    limited, arenas = _arenas("limit", MALLOC_ARENA_MAX="3")
+    assert limited == "False" and arenas > 1
+    assert _arenas("limit", GLIBC_TUNABLES="glibc.malloc.arena_max=2")[0] == "False"
