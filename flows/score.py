@@ -398,6 +398,9 @@ def preflight(params: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from tasks.runtime import limit_malloc_arenas
+
+    limit_malloc_arenas()  # before the first thread (the server's start) is created
     if argv[:1] == ["serve"]:
         from flows.serve import main as serve_main
 
@@ -407,9 +410,6 @@ def main(argv: list[str] | None = None) -> int:
 
         return bless_main(argv[1:])
     args = build_parser().parse_args(argv)
-    from tasks.runtime import limit_malloc_arenas
-
-    limit_malloc_arenas()  # before the first thread (the server's start) is created
     _configure(args)
     previous = _stop_on_sigterm()
     since = time.time()

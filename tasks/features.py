@@ -37,6 +37,8 @@ def aligned_matrix(rows: int, cols: int) -> np.ndarray:
     """An uninitialised C-contiguous (rows, cols) float32 array whose data starts on a
     ``FEED_ALIGNMENT`` boundary, so TensorFlow can feed it as it is."""
     nbytes = rows * cols * 4
+    if nbytes == 0:  # nothing to feed (numpy leaves an empty slice's pointer where it is)
+        return np.empty((rows, cols), dtype=np.float32)
     raw = np.empty(nbytes + FEED_ALIGNMENT, dtype=np.uint8)
     start = -raw.ctypes.data % FEED_ALIGNMENT
     return raw[start:start + nbytes].view(np.float32).reshape(rows, cols)

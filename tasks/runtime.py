@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
+import sys
 import threading
 
 __all__ = ["limit_malloc_arenas", "set_up"]
@@ -21,26 +23,34 @@ _M_ARENA_MAX = -8  # mallopt's parameter number, from glibc's <malloc.h>
 
 
 def limit_malloc_arenas() -> bool:
-    """One glibc malloc arena for the process's threads (glibc's ``mallopt``), unless the
-    user chose (``MALLOC_ARENA_MAX``, or ``arena_max`` in ``GLIBC_TUNABLES``); returns
-    whether it was set. Elsewhere than glibc, nothing is done.
+    """One glibc malloc arena for the process's threads and the processes it starts,
+    unless the user chose (``MALLOC_ARENA_MAX``, or ``arena_max`` in ``GLIBC_TUNABLES``);
+    returns whether this call set it. Elsewhere than glibc on Linux, nothing is done.
 
     Decoding allocates on a pool's threads and the scoring thread frees, so with glibc's
-    default of up to 8 arenas per core each arena kept handing pages back and faulting
-    fresh ones in: with one arena, 4 partitions of the benchmark workload took 0.3 M
-    page faults instead of 0.5 M, peak RSS fell from 1.8-1.9 to 1.35 GiB, and scoring
-    ran 1-3 % faster with oneDNN on and off (interleaved pairs). Threads attach to an
-    arena when they first allocate, so this runs before the CLI starts any thread; in
-    other processes (workers) :func:`set_up` calls it, for the threads still to come.
+    default of many arenas each arena kept handing pages back and faulting fresh ones
+    in: with one arena, 4 partitions of the benchmark workload took 0.3 M page faults
+    instead of 0.5 M, peak RSS fell from 1.8-1.9 to 1.35 GiB, and scoring ran 1-3 %
+    faster with oneDNN on and off (interleaved pairs). The one lock costs little: small
+    blocks come from each thread's own cache, TensorFlow's tensors from its pooling
+    allocator, and the large blocks that take the lock are a few per batch.
+
+    glibc reads ``MALLOC_ARENA_MAX`` when a process starts, and ``mallopt`` only caps
+    arenas not yet made (threads attach to one when they first allocate; the cap is
+    fixed once eight exist). So this sets both: the variable, for the processes started
+    from here (the run's Prefect server, process and Dask workers, ``serve``'s flow
+    runs), and ``mallopt``, for this process, in full only where it runs before the
+    first thread, as the CLI does; ``set_up`` calls it again, for the threads still to
+    come in a process that did not.
     """
     if "MALLOC_ARENA_MAX" in os.environ or "arena_max" in os.environ.get("GLIBC_TUNABLES", ""):
         return False
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return False  # musl, macOS, Windows: their allocators are left alone
+    os.environ["MALLOC_ARENA_MAX"] = "1"
     try:
-        libc = ctypes.CDLL(None)
-        if not hasattr(libc, "gnu_get_libc_version"):
-            return False  # not glibc (musl, macOS): their allocators are left alone
-        return bool(libc.mallopt(_M_ARENA_MAX, 1))
-    except (OSError, AttributeError):
+        return bool(ctypes.CDLL(None).mallopt(_M_ARENA_MAX, 1))
+    except (OSError, AttributeError, TypeError):
         return False
 
 

@@ -297,7 +297,7 @@ def _stream(job: _Job, ctx: ScoringContext, writer: PartitionWriter, stats: Ense
             _check_abandoned(job)
             rows += batch.num_rows
             matrix = to_matrix(batch, job.manifest.features, buffer)
-            if buffer is None or len(matrix) > len(buffer):
+            if buffer is None or not np.may_share_memory(matrix, buffer):
                 buffer = matrix  # newly allocated (aligned): the whole of it
             stats.add_features(matrix)
             result = score_batch(ctx, matrix, batch.column(0),

@@ -25,6 +25,8 @@ def test_matrices_start_where_tensorflow_feeds_them_without_a_copy() -> None:
         m = aligned_matrix(rows, cols)
         assert m.shape == (rows, cols) and m.dtype == np.float32 and m.flags.c_contiguous
         assert m.ctypes.data % FEED_ALIGNMENT == 0
+    assert aligned_matrix(0, 5).shape == (0, 5)  # an empty batch: nothing to align
+    assert to_matrix(pa.record_batch({"a": pa.array([], pa.float64())}), ("a",)).shape == (0, 1)
     batch = pa.record_batch({"a": pa.array([1.0, 2.0, 3.0])})
     fresh = to_matrix(batch, ("a",))  # no buffer given: allocated aligned
     assert fresh.ctypes.data % FEED_ALIGNMENT == 0 and fresh[:, 0].tolist() == [1.0, 2.0, 3.0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,9 @@ import pytest
 _PROBE = """
 import ctypes, sys, threading
 from tasks.runtime import limit_malloc_arenas
+import os
 limited = limit_malloc_arenas() if sys.argv[1] == "limit" else None
+assert limited is not True or os.environ["MALLOC_ARENA_MAX"] == "1"  # for its children
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
@@ -42,8 +45,8 @@ def _arenas(mode: str, **env: str) -> tuple[str, int]:
     return run.stdout.strip(), run.stderr.count("Arena ")
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux")
-                    or not os.confstr("CS_GNU_LIBC_VERSION"), reason="glibc only")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="glibc only")
 def test_one_malloc_arena_unless_the_user_chose() -> None:
     # The threads of a default process spread over several arenas ...
     assert _arenas("none")[1] > 1
