@@ -10,7 +10,6 @@ Each reports to the flow's log, an artifact and the run summary.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -29,7 +28,7 @@ from tasks.drift import (
 )
 from tasks.merge import PartitionMerged
 from tasks.plan import MemberInfo
-from tasks.storage import open_input
+from tasks.storage import read_json
 
 __all__ = [
     "apply_quorum",
@@ -102,8 +101,7 @@ def read_baseline(location: str, *, required: bool = False) -> tuple[Sketches, s
         ValueError: the record is not a run record, or is ``required`` and missing.
     """
     try:
-        with open_input(location) as f:
-            data = json.loads(f.read())
+        data = read_json(location)
     except FileNotFoundError as err:
         if required:
             raise ValueError(f"the drift baseline {location} does not exist") from err

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -436,11 +435,10 @@ def _completed_record(args: argparse.Namespace, since: float) -> str | None:
         return None
     with contextlib.suppress(Exception):
         from flows.records import RUN_RECORD
-        from tasks.storage import open_input, store_for
+        from tasks.storage import read_json, store_for
 
         location = store_for(args.output).uri(RUN_RECORD)
-        with open_input(location) as f:
-            record = json.loads(f.read())
+        record = read_json(location)
         if (record.get("status") == "completed"
                 and record.get("timing", {}).get("flow_started_at", 0) >= since):
             return location

@@ -59,6 +59,7 @@ __all__ = [
     "open_input",
     "open_parquet",
     "output_lock",
+    "read_json",
     "remove_stale_staging",
     "store_for",
     "write_json_atomic",
@@ -548,6 +549,18 @@ def check_writable(location: str | os.PathLike[str] | S3Path) -> None:
 
 def remove_stale_staging(location: str | os.PathLike[str] | S3Path) -> int:
     return store_for(location).remove_stale_staging()
+
+
+def read_json(location: str) -> Any:
+    """The JSON document at ``location`` (a local path or an S3 URI), read through
+    ``open_input``.
+
+    Raises:
+        FileNotFoundError: nothing there.
+        OSError, ValueError: unreadable, or not JSON.
+    """
+    with open_input(location) as f:
+        return json.loads(f.read())
 
 
 def write_json_atomic(final: str | os.PathLike[str], data: Any) -> None:
