@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -97,27 +96,45 @@ def test_custom_run_filled_by_label_like_a_person(
         page: Any, stack: PrefectStack, adhoc_run: dict[str, Any], tmp_path: Path) -> None:
     """The manifest path has its own text box, found by its label (no type tab to pick
     first), and a run submitted from the form carries what was typed and completes."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    from playwright.sync_api import expect
+
     deployment_id = adhoc_run["deployment"]["id"]
     page.goto(f"{stack.url}/v2/deployments/deployment/{deployment_id}/run")
+    # The form renders before the deployment's schema and defaults have all arrived; text
+    # typed into a box the UI then re-renders is lost, so the page is let settle first and
+    # every value is checked to have held before the click.
+    page.wait_for_load_state("networkidle")
     fields = ScoreParams.model_fields
     params = adhoc_run["params"]
     out = tmp_path / "from-the-form"
-    for name, value in (("models", params["models"]), ("input", params["input"]),
-                        ("output", str(out))):
-        box = page.get_by_label(re.compile(re.escape(fields[name].title or "")))
+    typed = [(page.get_by_label(re.compile(re.escape(fields[name].title or ""))), value)
+             for name, value in (("models", params["models"]), ("input", params["input"]),
+                                 ("output", str(out)))]
+    for box, value in typed:
         box.fill(value)
+        expect(box).to_have_value(value)
+    for box, value in typed:
+        expect(box).to_have_value(value)
     _shot(page, "custom-run-filled.png")
     runs_before = _flow_runs(stack, deployment_id)
-    page.get_by_role("button", name="Submit").click()
-    # The run is created through the API the UI calls; on a busy machine the UI's move on
-    # to the deployment's runs can take long after that, so the run itself is waited for.
-    deadline = time.monotonic() + 90
-    while _flow_runs(stack, deployment_id) == runs_before and time.monotonic() < deadline:
-        time.sleep(0.5)
-    if _flow_runs(stack, deployment_id) != runs_before + 1:
+    # The UI's own request to create the run is what the click must cause; its answer (or
+    # its absence) is what a failure reports.
+    try:
+        with page.expect_response(
+                lambda r: r.request.method == "POST"
+                and r.url.endswith(f"/deployments/{deployment_id}/create_flow_run"),
+                timeout=90_000) as answer:
+            page.get_by_role("button", name="Submit").click()
+    except PlaywrightTimeout:
         _shot(page, "custom-run-not-submitted.png")
-        raise AssertionError(f"no run created from the form; the page at {page.url} says:\n"
-                             f"{page.inner_text('body')[:2000]}")
+        raise AssertionError(
+            f"the form sent no create_flow_run in 90 s; boxes held "
+            f"{[box.input_value() for box, _ in typed]}; the page at {page.url} ends:\n"
+            f"{page.inner_text('body')[-2500:]}") from None
+    response = answer.value
+    assert response.ok, f"the UI's create_flow_run answered {response.status}: {response.text()}"
+    assert _flow_runs(stack, deployment_id) == runs_before + 1
     [created] = [r for r in stack.api("POST", "/flow_runs/filter", json={
         "deployments": {"id": {"any_": [deployment_id]}}}).json()
         if r["parameters"]["params"].get("output") == str(out)]
