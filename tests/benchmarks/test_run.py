@@ -46,6 +46,12 @@ def test_benchmark_runs_on_a_tiny_workload(tmp_path: Path) -> None:
     assert {k.split()[0] for k in measured} == {"shared", "per-session", "per-session-1"}
     assert {int(k.split()[1]) for k in measured} == {1024, 4096}
     assert figures["ceiling"]["best_threads"] in {"shared", "per-session", "per-session-1"}
+    # The winner is measured anew: the windows that chose it are not those it is compared by.
+    ceiling = figures["ceiling"]
+    assert ceiling["selection_rate"] == measured[f"{ceiling['best_threads']} "
+                                                 f"{ceiling['best_batch']}"]
+    assert ceiling["windows"][0] != ceiling["selection_rate"]
+    assert "measured anew before run 1" in proc.stdout
     for run in runs:
         assert run["rows"] == 10_000
         assert run["ratio_flow"] > 0 and run["ratio_process"] > 0
