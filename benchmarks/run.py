@@ -2,13 +2,14 @@
 
 The ceiling is TensorFlow alone: every member in its own graph and session, features
 already in memory, members running concurrently, only ``Session.run`` timed, best of
-three session thread configurations and a few batch sizes, on the graphs as saved. Where
-TensorFlow does not fuse ``MatMul + bias`` itself (oneDNN off), the product rewrites those
-adds at load (``loaders/rewrite.py``), which makes TensorFlow's own work faster; the same
-is measured on the product's graphs, so the report shows both what the product gains in
-TensorFlow and what its pipeline (decode, write, Prefect) costs. Every run states the CPU
-path it measured (CPU model and flags, oneDNN on or off, the rewrites applied) and how
-much of the CPU other processes took meanwhile. The product is
+three session thread configurations and a few batch sizes, on the graphs as saved. The
+product changes the graphs at load where that pays: it freezes the variables into
+constants (``loaders/freeze.py``) and, where TensorFlow does not fuse ``MatMul + bias``
+itself (oneDNN off), rewrites those adds (``loaders/rewrite.py``). Both make TensorFlow's
+own work faster; the same is measured on the product's graphs, so the report shows both
+what the product gains in TensorFlow and what its pipeline (decode, write, Prefect) costs.
+Every run states the CPU path it measured (CPU model and flags, oneDNN on or off, the
+rewrites applied) and how much of the CPU other processes took meanwhile. The product is
 ``python -m flows.score`` in a fresh process, with Prefect in ephemeral mode, exactly as a
 user runs it. Both run on the same generated workload, so
 their ratio is meaningful on a noisy machine where absolute seconds are not.
@@ -49,9 +50,9 @@ def measure_ceiling(w: Workload, prefixes: list[Path], batch_sizes: list[int],
     at the best of their sessions' thread configurations and of ``batch_sizes``.
 
     The ceiling is the graphs as saved. The same is measured on the graphs as the product
-    loads them (``fuse=None``: ``MatMul + bias`` rewritten only where TensorFlow does not
-    fuse it itself, ``loaders.cpu``), so the report can tell the product's speed-up of
-    TensorFlow's own work from its pipeline's overhead; where the product rewrites
+    loads them (variables frozen, ``MatMul + bias`` rewritten only where TensorFlow does
+    not fuse it itself, ``loaders.cpu``), so the report can tell the product's speed-up of
+    TensorFlow's own work from its pipeline's overhead; where the product changes
     nothing, the two are the same graphs and are measured once. Every thread
     configuration in ``threads`` (``loaders.base.SESSION_THREADS``: the process-wide
     pools, per-session pools, one-thread per-session pools) gets its own sessions, all
@@ -67,23 +68,30 @@ def measure_ceiling(w: Workload, prefixes: list[Path], batch_sizes: list[int],
     """
     from loaders.base import session_threads
     from loaders.cache import load_scorer
-    from loaders.cpu import cpu_path
     from loaders.manifest import ModelSpec
     from tasks.features import aligned_matrix
 
-    def load(fuse: bool | None, config: Any) -> list[Any]:
+    def load(as_saved: bool, config: Any) -> list[Any]:
+        """The members as saved (no load-time change at all), or as the product loads them
+        (``MatMul + bias`` rewritten where TensorFlow does not fuse it, variables frozen)."""
         with session_threads(config):
             return [load_scorer(ModelSpec(name=f"m{i}", path=str(p), input="features:0",
-                                          output="score:0"), w.features, fuse=fuse)
+                                          output="score:0"), w.features,
+                                fuse=False if as_saved else None, freeze=not as_saved)
                     for i, p in enumerate(prefixes)]
 
-    rewrites = not cpu_path().fuses_matmul_add  # the product's graphs differ from the saved
     fused_jobs = ([fused_job] if fused_job else
                   [(th, bs) for th in threads for bs in batch_sizes])
-    forms: dict[tuple[str, str], list[Any]] = {("saved", th): load(False, th) for th in threads}
-    if rewrites:
+    forms: dict[tuple[str, str], list[Any]] = {("saved", th): load(True, th) for th in threads}
+    for th in dict.fromkeys(th for th, _ in fused_jobs):
+        forms["fused", th] = load(False, th)
+    product_form = forms["fused", fused_jobs[0][0]][0]
+    # Where the product changes nothing at load, the two are the same graphs: measured once.
+    rewrites = bool(product_form.fused_bias_adds or product_form.frozen_variables)
+    if not rewrites:
         for th in dict.fromkeys(th for th, _ in fused_jobs):
-            forms["fused", th] = load(None, th)
+            for s in forms.pop(("fused", th)):
+                s.close()
     rng = np.random.default_rng(1)
     inputs = {}  # aligned as the product's feeds are, so neither side pays a feed copy
     for bs in dict.fromkeys([*batch_sizes, *(bs for _, bs in fused_jobs)]):
@@ -139,8 +147,8 @@ def measure_ceiling(w: Workload, prefixes: list[Path], batch_sizes: list[int],
             "rate": saved[best],
             "fused_rows_per_s": {f"{th} {bs}": r for (th, bs), r in fused.items()},
             "fused_best": best_fused, "fused_rate": fused[best_fused],
-            "fused_bias_adds": (forms.get(("fused", best_fused[0])) or forms["saved", best[0]]
-                                )[0].fused_bias_adds,
+            "fused_bias_adds": product_form.fused_bias_adds,
+            "frozen_variables": product_form.frozen_variables,
             "steal": steal.share(), "foreign": steal.foreign()}
 
 
@@ -558,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         (f"ceiling (Session.run only, best: {ceiling['best_threads']} threads, "
          f"batch {ceiling['best_batch']:,})",
          f"{c / 1e6:.2f} M/s", "1.00"),
-        ("  the same on the product's graphs (MatMul + bias fused)", f"{cf / 1e6:.2f} M/s",
+        ("  the same on the product's graphs (as loaded)", f"{cf / 1e6:.2f} M/s",
          f"{cf / c:.2f}"),
         ("product, flow phase", f"{rate_flow / 1e6:.2f} M/s", f"{ratio_flow:.2f}"),
         ("product, whole process", f"{rate_process / 1e6:.2f} M/s", f"{ratio_process:.2f}"),
@@ -579,7 +587,8 @@ def main(argv: list[str] | None = None) -> int:
          f"{'on' if path.onednn else 'off'}; MatMul + bias + Relu "
          + ("fused by TensorFlow itself (_MklNativeFusedMatMul)" if path.fuses_matmul_add
             else f"rewritten to BiasAdd at load ({ceiling['fused_bias_adds']} per member), "
-            "which TensorFlow fuses"))
+            "which TensorFlow fuses")
+         + f"; variables frozen to constants at load: {ceiling['frozen_variables']} per member")
     show()
     show(f"{'row-model evaluations per second':58s} {'rate':>10s} {'vs ceiling':>10s}")
     for name, rate, ratio in rows:
@@ -589,7 +598,8 @@ def main(argv: list[str] | None = None) -> int:
     show(f"flow phase against the product's own graphs' ceiling (pipeline overhead only): "
          f"{ratio_flow_fused:.2f}")
     show(f"  ({ceiling['fused_bias_adds']} MatMul + bias adds per member rewritten to "
-         "BiasAdd at load, loaders/rewrite.py; best there: "
+         f"BiasAdd at load, loaders/rewrite.py; {ceiling['frozen_variables']} variables "
+         "frozen to constants, loaders/freeze.py; best there: "
          f"{ceiling['fused_best'][0]} threads, batch {ceiling['fused_best'][1]:,})")
     show()
     show(f"whole process wall time   {product['wall']:8.1f} s{runs_note}")
@@ -629,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         fr = ceiling["fused_rows_per_s"].get(job)
         show(f"  ceiling, {job.split()[0]:>13s} threads, batch {int(job.split()[1]):>7,}: "
              f"{r / 1e6:.2f} M/s" + (f" (product's graphs {fr / 1e6:.2f})"
-                                      if fr is not None and path.fuses_matmul_add is False
+                                      if fr is not None and fr != r
                                       else "") + " (choosing the best)")
     show(f"  the best one chosen there at {ceiling['selection_rate'] / 1e6:.2f} M/s, measured "
          f"anew before run 1 at {ceilings[0] / 1e6:.2f}: the ratios use the windows measured "

@@ -611,7 +611,7 @@ def _load_members(params: ScoreParams, manifest: Manifest, quorum: int, logger: 
                       if m.export_seconds else "")
             logger.info(f"member {m.name}: {m.format} {m.location} (digest {m.digest[:12]}, "
                         f"loaded in {m.load_seconds:.2f} s{export}, {m.fused_bias_adds} bias "
-                        "add(s) rewritten)")
+                        f"add(s) rewritten, {m.frozen_variables} variable(s) frozen)")
     return members
 
 

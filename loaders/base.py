@@ -102,6 +102,7 @@ class GraphScorer:
     output_tensor: Any
     load_seconds: float = 0.0  # for a Keras file, including export_seconds
     fused_bias_adds: int = 0  # MatMul + bias adds rewritten to BiasAdd (loaders.rewrite)
+    frozen_variables: int = 0  # variables turned into constants (loaders.freeze)
     # A Keras file's one-time export to a SavedModel (loaders.keras_file): the seconds
     # this process spent on it (0 when the cached export was reused), and its folder.
     export_seconds: float = 0.0

@@ -17,15 +17,16 @@ from loaders.manifest import ModelSpec
 __all__ = ["MODEL_CACHE", "ModelCache", "load_scorer"]
 
 
-def load_scorer(spec: ModelSpec, n_features: int, *, fuse: bool | None = None
-                ) -> GraphScorer:
+def load_scorer(spec: ModelSpec, n_features: int, *, fuse: bool | None = None,
+                freeze: bool = True) -> GraphScorer:
     """Load a member into its own graph and session and check it takes ``n_features``.
 
     A Keras file is exported to a SavedModel once (cached on disk, ``loaders.keras_file``)
     and loaded as one. ``fuse=False`` keeps a checkpoint's graph exactly as saved and
     ``fuse=True`` rewrites its ``MatMul + bias`` adds whatever the CPU path; by default
     they are rewritten only where TensorFlow does not fuse them itself (see
-    ``loaders.rewrite``).
+    ``loaders.rewrite``). ``freeze=False`` keeps the variables (by default they become
+    constants where ``loaders.freeze`` allows it).
 
     Raises:
         ManifestError: the files are missing or incomplete.
@@ -38,11 +39,11 @@ def load_scorer(spec: ModelSpec, n_features: int, *, fuse: bool | None = None
     resolved = resolve_model(spec)
     digest = digest_files(resolved.files)
     if resolved.format == "saved_model":
-        scorer = load_saved_model(spec, resolved.location, digest)
+        scorer = load_saved_model(spec, resolved.location, digest, freeze=freeze)
     elif resolved.format == "keras":
         scorer = load_keras(spec, resolved, digest)
     else:
-        scorer = load_checkpoint(spec, resolved.location, digest, fuse=fuse)
+        scorer = load_checkpoint(spec, resolved.location, digest, fuse=fuse, freeze=freeze)
     try:
         scorer.check(n_features)
     except Exception:

@@ -30,11 +30,13 @@ import numpy as np
 from loaders._tf import tf
 from loaders.base import GraphScorer, new_session
 from loaders.errors import ModelLoadError, first_error_line
+from loaders.freeze import freeze_variables
 from loaders.manifest import ModelSpec
 from loaders.subgraph import REF_VARIABLE_OPS, VARIABLE_OPS, called_functions, node_name, prune
 
 __all__ = [
-    "restore_variables",
+    "assign_values",
+    "checked_values",
     "restored_scorer",
     "saver_keys",
     "variable_nodes",
@@ -211,19 +213,25 @@ def _checked_values(model: str, prefix: str, nodes: Iterable[Any], keys: dict[st
     return values
 
 
-def restore_variables(model: str, prefix: str, graph: tf.Graph, session: tf.compat.v1.Session,
-                      nodes: list[Any], keys: dict[str, str]) -> None:
-    """Assign each variable of ``nodes`` (already imported into ``graph``) its checked
-    value from the checkpoint at ``prefix``, with assign ops built here; ``keys`` maps
-    variables to checkpoint keys where the names differ (:func:`saver_keys`).
+def checked_values(model: str, prefix: str, nodes: list[Any], keys: dict[str, str]
+                   ) -> dict[str, np.ndarray]:
+    """Each variable of ``nodes``'s value in the checkpoint at ``prefix``, checked against
+    the shape and dtype its graph declares; ``keys`` maps variables to checkpoint keys
+    where the names differ (:func:`saver_keys`).
 
     Raises:
         ModelLoadError: unreadable checkpoint, or a value that does not fit its variable.
     """
     if not nodes:
-        return
+        return {}
     _check_distinct(model, nodes)
-    values = _checked_values(model, prefix, nodes, keys)
+    return _checked_values(model, prefix, nodes, keys)
+
+
+def assign_values(graph: tf.Graph, session: tf.compat.v1.Session, nodes: list[Any],
+                  values: dict[str, np.ndarray]) -> None:
+    """Assign each variable of ``nodes`` (already imported into ``graph``) its value,
+    with assign ops built here."""
     feeds: dict[Any, np.ndarray] = {}
     assigns = []
     with graph.as_default(), tf.name_scope("ensemble_scoring_restore"):
@@ -239,31 +247,61 @@ def restore_variables(model: str, prefix: str, graph: tf.Graph, session: tf.comp
         session.run(assigns, feeds)
 
 
+def _frozen(graph: tf.Graph, tensors: tuple[Any, Any],
+            values: dict[str, np.ndarray]) -> tuple[tf.Graph, tuple[Any, Any], int] | None:
+    """The graph with its variables as constants (``loaders.freeze``) in a fresh graph,
+    its (input, output) tensors and how many variables it froze; None where the graph
+    is to keep its variables."""
+    frozen = freeze_variables(graph.as_graph_def(), values)
+    if frozen is None:
+        return None
+    graph_def, count = frozen
+    fresh = tf.Graph()
+    with fresh.as_default():
+        try:
+            tf.compat.v1.import_graph_def(graph_def, name="")
+            return (fresh, (fresh.get_tensor_by_name(tensors[0].name),
+                            fresh.get_tensor_by_name(tensors[1].name)), count)
+        except (ValueError, KeyError, tf.errors.OpError):
+            return None  # not a form this module knows after all: restored as saved
+
+
 def restored_scorer(spec: ModelSpec, *, source: str, digest: str, graph: tf.Graph,
                     tensors: tuple[Any, Any], variables: list[Any], checkpoint: str,
-                    keys: dict[str, str], started: float, fused_bias_adds: int = 0
-                    ) -> GraphScorer:
+                    keys: dict[str, str], started: float, fused_bias_adds: int = 0,
+                    freeze: bool = True) -> GraphScorer:
     """A session on ``graph`` with its ``variables`` restored from ``checkpoint``, the graph
-    finalized, as the scorer every format ends in; ``tensors`` is (input, output).
+    finalized, as the scorer every format ends in; ``tensors`` is (input, output). With
+    ``freeze`` (the default; the benchmark turns it off to measure graphs as saved), the
+    variables become constants where ``loaders.freeze`` allows it.
 
     Raises:
         ModelLoadError: the checkpoint cannot be read or does not fit the graph.
     """
-    session = new_session(graph)
+    count = 0
+    session: tf.compat.v1.Session | None = None
     try:
-        restore_variables(spec.name, checkpoint, graph, session, variables, keys)
+        values = checked_values(spec.name, checkpoint, variables, keys)
+        frozen = _frozen(graph, tensors, values) if freeze and values else None
+        if frozen is not None:
+            graph, tensors, count = frozen
+        session = new_session(graph)
+        if frozen is None:
+            assign_values(graph, session, variables, values)
     except (tf.errors.OpError, ValueError) as err:
-        session.close()
+        if session is not None:
+            session.close()
         raise ModelLoadError(
             f"model {spec.name!r}: cannot restore checkpoint {checkpoint}: "
             f"{first_error_line(err)}. Check that the .index and every .data-* shard were "
             "copied completely"
         ) from err
     except BaseException:
-        session.close()
+        if session is not None:
+            session.close()
         raise
     graph.finalize()
     return GraphScorer(name=spec.name, digest=digest, source=source, graph=graph,
                        session=session, input_tensor=tensors[0], output_tensor=tensors[1],
                        load_seconds=time.perf_counter() - started,
-                       fused_bias_adds=fused_bias_adds)
+                       fused_bias_adds=fused_bias_adds, frozen_variables=count)

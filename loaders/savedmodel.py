@@ -107,8 +107,10 @@ def _check_init_op(spec: ModelSpec, folder: str, meta: Any) -> None:
                   allow=spec.allow_ops)
 
 
-def load_saved_model(spec: ModelSpec, folder: str, digest: str) -> GraphScorer:
-    """Load the signature's subgraph into a fresh graph and restore its variables.
+def load_saved_model(spec: ModelSpec, folder: str, digest: str, *, freeze: bool = True
+                     ) -> GraphScorer:
+    """Load the signature's subgraph into a fresh graph and restore its variables (as
+    constants, with ``freeze``, where ``loaders.freeze`` allows it).
 
     Raises:
         ModelLoadError: unreadable SavedModel, unknown tags, signature or keys, a refused
@@ -144,4 +146,4 @@ def load_saved_model(spec: ModelSpec, folder: str, digest: str) -> GraphScorer:
                            tensors=(input_tensor, output_tensor), variables=variables,
                            checkpoint=str(Path(folder) / "variables" / "variables"),
                            keys=saver_keys(meta.graph_def, meta.saver_def.restore_op_name),
-                           started=start)
+                           started=start, freeze=freeze)

@@ -34,15 +34,16 @@ def _get_tensor(graph: tf.Graph, spec: ModelSpec, role: str, name: str) -> tf.Te
         ) from err
 
 
-def load_checkpoint(spec: ModelSpec, prefix: str, digest: str, *, fuse: bool | None = None
-                    ) -> GraphScorer:
+def load_checkpoint(spec: ModelSpec, prefix: str, digest: str, *, fuse: bool | None = None,
+                    freeze: bool = True) -> GraphScorer:
     """Import the subgraph that computes the output into a fresh graph, and restore its
     variables into that graph's session with the loader's own ops.
 
     Only the nodes the output needs are imported (``loaders.subgraph``), after the op
     checks; the checkpoint's own saver never runs (``loaders.restore``). ``fuse`` rewrites
     ``MatMul + bias`` adds to ``BiasAdd`` (``loaders.rewrite``); by default it is done only
-    where TensorFlow does not fuse them itself (``loaders.cpu``), and the benchmark turns it
+    where TensorFlow does not fuse them itself (``loaders.cpu``). ``freeze`` turns the
+    variables into constants where ``loaders.freeze`` allows it. The benchmark turns both
     off to measure the graphs as saved.
 
     Raises:
@@ -64,7 +65,7 @@ def load_checkpoint(spec: ModelSpec, prefix: str, digest: str, *, fuse: bool | N
                            tensors=(input_tensor, output_tensor), variables=variables,
                            checkpoint=prefix,
                            keys=saver_keys(meta.graph_def, meta.saver_def.restore_op_name),
-                           started=start, fused_bias_adds=len(fusion.nodes))
+                           started=start, fused_bias_adds=len(fusion.nodes), freeze=freeze)
 
 
 def _import(spec: ModelSpec, prefix: str, graph_def: Any) -> tuple[tf.Graph, Any, Any]:

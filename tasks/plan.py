@@ -30,6 +30,9 @@ class MemberInfo(BaseModel):
     # MatMul + bias adds rewritten to BiasAdd at load (loaders.rewrite): 0 where
     # TensorFlow fuses them itself (oneDNN's path) and for SavedModels.
     fused_bias_adds: int = 0
+    # Variables turned into constants at load (loaders.freeze): 0 where the graph uses a
+    # variable otherwise than by reading it (a Keras export's function calls, a gather).
+    frozen_variables: int = 0
     # Why the member could not be loaded; the run went on without it (min_members).
     missing: str = ""
     # A Keras file's one-time export to a SavedModel in this run (0: the cached export

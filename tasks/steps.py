@@ -72,6 +72,7 @@ def _load_member(spec: ModelSpec, n_features: int) -> MemberInfo:
     return MemberInfo(name=spec.name, format=resolve_model(spec).format, location=location,
                       digest=scorer.digest, load_seconds=scorer.load_seconds,
                       fused_bias_adds=scorer.fused_bias_adds,
+                      frozen_variables=scorer.frozen_variables,
                       export_seconds=scorer.export_seconds)
 
 
