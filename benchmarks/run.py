@@ -3,11 +3,12 @@
 The ceiling is TensorFlow alone: every member in its own graph and session, features
 already in memory, members running concurrently, only ``Session.run`` timed, best of
 three session thread configurations and a few batch sizes, on the graphs as saved. The
-product changes the graphs at load where that pays: it freezes the variables into
-constants (``loaders/freeze.py``) and, where TensorFlow does not fuse ``MatMul + bias``
-itself (oneDNN off), rewrites those adds (``loaders/rewrite.py``). Both make TensorFlow's
-own work faster; the same is measured on the product's graphs, so the report shows both
-what the product gains in TensorFlow and what its pipeline (decode, write, Prefect) costs.
+product changes the graphs at load where that pays: with oneDNN on it freezes the
+variables into constants (``loaders/freeze.py``), and with it off, where TensorFlow does
+not fuse ``MatMul + bias`` itself, it rewrites those adds (``loaders/rewrite.py``). Both
+make TensorFlow's own work faster; the same is measured on the product's graphs, so the
+report shows both what the product gains in TensorFlow and what its pipeline (decode,
+write, Prefect) costs.
 Every run states the CPU path it measured (CPU model and flags, oneDNN on or off, the
 rewrites applied) and how much of the CPU other processes took meanwhile. The product is
 ``python -m flows.score`` in a fresh process, with Prefect in ephemeral mode, exactly as a
@@ -50,10 +51,10 @@ def measure_ceiling(w: Workload, prefixes: list[Path], batch_sizes: list[int],
     at the best of their sessions' thread configurations and of ``batch_sizes``.
 
     The ceiling is the graphs as saved. The same is measured on the graphs as the product
-    loads them (variables frozen, ``MatMul + bias`` rewritten only where TensorFlow does
-    not fuse it itself, ``loaders.cpu``), so the report can tell the product's speed-up of
-    TensorFlow's own work from its pipeline's overhead; where the product changes
-    nothing, the two are the same graphs and are measured once. Every thread
+    loads them (variables frozen with oneDNN on, ``MatMul + bias`` rewritten where
+    TensorFlow does not fuse it itself, ``loaders.cpu``), so the report can tell the
+    product's speed-up of TensorFlow's own work from its pipeline's overhead; where the
+    product changes nothing, the two are the same graphs and are measured once. Every thread
     configuration in ``threads`` (``loaders.base.SESSION_THREADS``: the process-wide
     pools, per-session pools, one-thread per-session pools) gets its own sessions, all
     in this one process, and is measured at every size in ``batch_sizes``; with
@@ -73,11 +74,13 @@ def measure_ceiling(w: Workload, prefixes: list[Path], batch_sizes: list[int],
 
     def load(as_saved: bool, config: Any) -> list[Any]:
         """The members as saved (no load-time change at all), or as the product loads them
-        (``MatMul + bias`` rewritten where TensorFlow does not fuse it, variables frozen)."""
+        (``MatMul + bias`` rewritten where TensorFlow does not fuse it, variables frozen
+        where oneDNN runs them)."""
         with session_threads(config):
             return [load_scorer(ModelSpec(name=f"m{i}", path=str(p), input="features:0",
                                           output="score:0"), w.features,
-                                fuse=False if as_saved else None, freeze=not as_saved)
+                                fuse=False if as_saved else None,
+                                freeze=False if as_saved else None)
                     for i, p in enumerate(prefixes)]
 
     fused_jobs = ([fused_job] if fused_job else

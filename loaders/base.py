@@ -73,8 +73,11 @@ def session_threads(threads: SessionThreads) -> Iterator[None]:
         _threads.reset(token)
 
 
-def new_session(graph: tf.Graph) -> tf.compat.v1.Session:
+def new_session(graph: tf.Graph, *, frozen: bool = False) -> tf.compat.v1.Session:
     """A session bound to ``graph``; by default sharing the process-wide thread pools.
+    ``frozen``: a graph whose variables are constants (``loaders.freeze``), run with
+    grappler's constant folding off so that it computes exactly what the graph with its
+    variables did (folding would reassociate float arithmetic around the weights).
 
     The product runs 4 members x 2 partitions = 8 concurrent ``Session.run`` calls on the
     benchmark's 2 cores. On both TensorFlow paths of the 2-core AVX-512 EPYC (oneDNN on
@@ -86,6 +89,9 @@ def new_session(graph: tf.Graph) -> tf.compat.v1.Session:
     """
     config = tf.compat.v1.ConfigProto(allow_soft_placement=True,
                                       **SESSION_THREADS[_threads.get()])
+    if frozen:
+        rewrites = config.graph_options.rewrite_options
+        rewrites.constant_folding = rewrites.OFF
     return tf.compat.v1.Session(graph=graph, config=config)
 
 

@@ -18,15 +18,16 @@ __all__ = ["MODEL_CACHE", "ModelCache", "load_scorer"]
 
 
 def load_scorer(spec: ModelSpec, n_features: int, *, fuse: bool | None = None,
-                freeze: bool = True) -> GraphScorer:
+                freeze: bool | None = None) -> GraphScorer:
     """Load a member into its own graph and session and check it takes ``n_features``.
 
     A Keras file is exported to a SavedModel once (cached on disk, ``loaders.keras_file``)
     and loaded as one. ``fuse=False`` keeps a checkpoint's graph exactly as saved and
     ``fuse=True`` rewrites its ``MatMul + bias`` adds whatever the CPU path; by default
     they are rewritten only where TensorFlow does not fuse them itself (see
-    ``loaders.rewrite``). ``freeze=False`` keeps the variables (by default they become
-    constants where ``loaders.freeze`` allows it).
+    ``loaders.rewrite``). ``freeze=False`` keeps the variables and ``freeze=True``
+    turns them into constants where ``loaders.freeze`` allows it; by default that is done
+    only on oneDNN's path, where it pays (see ``loaders.freeze``).
 
     Raises:
         ManifestError: the files are missing or incomplete.
@@ -41,7 +42,7 @@ def load_scorer(spec: ModelSpec, n_features: int, *, fuse: bool | None = None,
     if resolved.format == "saved_model":
         scorer = load_saved_model(spec, resolved.location, digest, freeze=freeze)
     elif resolved.format == "keras":
-        scorer = load_keras(spec, resolved, digest)
+        scorer = load_keras(spec, resolved, digest, freeze=freeze)
     else:
         scorer = load_checkpoint(spec, resolved.location, digest, fuse=fuse, freeze=freeze)
     try:

@@ -406,9 +406,10 @@ def _signature(spec: ModelSpec, source: str, info: dict[str, Any]) -> tuple[str,
     )
 
 
-def load_keras(spec: ModelSpec, resolved: ResolvedModel, digest: str) -> GraphScorer:
+def load_keras(spec: ModelSpec, resolved: ResolvedModel, digest: str, *, freeze: bool | None = None
+               ) -> GraphScorer:
     """Export the Keras file once (or reuse its cached export) and load the export into
-    its own graph and session, as any SavedModel.
+    its own graph and session, as any SavedModel (``freeze`` as there).
 
     Raises:
         ModelLoadError: the file cannot be loaded in safe mode or exported, an input or
@@ -425,7 +426,7 @@ def load_keras(spec: ModelSpec, resolved: ResolvedModel, digest: str) -> GraphSc
                                        "output": out_key, "signature": signature,
                                        "tags": ("serve",)})
     try:
-        scorer = load_saved_model(exported, str(folder), digest)
+        scorer = load_saved_model(exported, str(folder), digest, freeze=freeze)
     except ModelLoadError as err:
         raise ModelLoadError(f"{err} (the SavedModel exported from {source}, cached in "
                              f"{folder})") from err

@@ -29,6 +29,7 @@ import numpy as np
 
 from loaders._tf import tf
 from loaders.base import GraphScorer, new_session
+from loaders.cpu import cpu_path
 from loaders.errors import ModelLoadError, first_error_line
 from loaders.freeze import freeze_variables
 from loaders.manifest import ModelSpec
@@ -252,28 +253,29 @@ def _frozen(graph: tf.Graph, tensors: tuple[Any, Any],
     """The graph with its variables as constants (``loaders.freeze``) in a fresh graph,
     its (input, output) tensors and how many variables it froze; None where the graph
     is to keep its variables."""
-    frozen = freeze_variables(graph.as_graph_def(), values)
-    if frozen is None:
-        return None
-    graph_def, count = frozen
     fresh = tf.Graph()
-    with fresh.as_default():
-        try:
+    try:
+        frozen = freeze_variables(graph.as_graph_def(), values)
+        if frozen is None:
+            return None
+        graph_def, count = frozen
+        with fresh.as_default():
             tf.compat.v1.import_graph_def(graph_def, name="")
             return (fresh, (fresh.get_tensor_by_name(tensors[0].name),
                             fresh.get_tensor_by_name(tensors[1].name)), count)
-        except (ValueError, KeyError, tf.errors.OpError):
-            return None  # not a form this module knows after all: restored as saved
+    except Exception:  # an optimisation: whatever fails, the graph keeps its variables
+        return None
 
 
 def restored_scorer(spec: ModelSpec, *, source: str, digest: str, graph: tf.Graph,
                     tensors: tuple[Any, Any], variables: list[Any], checkpoint: str,
                     keys: dict[str, str], started: float, fused_bias_adds: int = 0,
-                    freeze: bool = True) -> GraphScorer:
+                    freeze: bool | None = None) -> GraphScorer:
     """A session on ``graph`` with its ``variables`` restored from ``checkpoint``, the graph
     finalized, as the scorer every format ends in; ``tensors`` is (input, output). With
-    ``freeze`` (the default; the benchmark turns it off to measure graphs as saved), the
-    variables become constants where ``loaders.freeze`` allows it.
+    ``freeze``, the variables become constants where ``loaders.freeze`` allows it; by
+    default only where that pays, on oneDNN's path (``loaders.cpu``). The benchmark turns
+    it off to measure the graphs as saved.
 
     Raises:
         ModelLoadError: the checkpoint cannot be read or does not fit the graph.
@@ -282,10 +284,12 @@ def restored_scorer(spec: ModelSpec, *, source: str, digest: str, graph: tf.Grap
     session: tf.compat.v1.Session | None = None
     try:
         values = checked_values(spec.name, checkpoint, variables, keys)
+        if freeze is None:
+            freeze = cpu_path().onednn
         frozen = _frozen(graph, tensors, values) if freeze and values else None
         if frozen is not None:
             graph, tensors, count = frozen
-        session = new_session(graph)
+        session = new_session(graph, frozen=frozen is not None)
         if frozen is None:
             assign_values(graph, session, variables, values)
     except (tf.errors.OpError, ValueError) as err:

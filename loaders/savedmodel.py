@@ -107,10 +107,11 @@ def _check_init_op(spec: ModelSpec, folder: str, meta: Any) -> None:
                   allow=spec.allow_ops)
 
 
-def load_saved_model(spec: ModelSpec, folder: str, digest: str, *, freeze: bool = True
+def load_saved_model(spec: ModelSpec, folder: str, digest: str, *, freeze: bool | None = None
                      ) -> GraphScorer:
     """Load the signature's subgraph into a fresh graph and restore its variables (as
-    constants, with ``freeze``, where ``loaders.freeze`` allows it).
+    constants, with ``freeze``, where ``loaders.freeze`` allows it; by default on oneDNN's
+    path only).
 
     Raises:
         ModelLoadError: unreadable SavedModel, unknown tags, signature or keys, a refused

@@ -35,7 +35,7 @@ def _get_tensor(graph: tf.Graph, spec: ModelSpec, role: str, name: str) -> tf.Te
 
 
 def load_checkpoint(spec: ModelSpec, prefix: str, digest: str, *, fuse: bool | None = None,
-                    freeze: bool = True) -> GraphScorer:
+                    freeze: bool | None = None) -> GraphScorer:
     """Import the subgraph that computes the output into a fresh graph, and restore its
     variables into that graph's session with the loader's own ops.
 
@@ -43,8 +43,9 @@ def load_checkpoint(spec: ModelSpec, prefix: str, digest: str, *, fuse: bool | N
     checks; the checkpoint's own saver never runs (``loaders.restore``). ``fuse`` rewrites
     ``MatMul + bias`` adds to ``BiasAdd`` (``loaders.rewrite``); by default it is done only
     where TensorFlow does not fuse them itself (``loaders.cpu``). ``freeze`` turns the
-    variables into constants where ``loaders.freeze`` allows it. The benchmark turns both
-    off to measure the graphs as saved.
+    variables into constants where ``loaders.freeze`` allows it; by default only on
+    oneDNN's path, where it pays. The benchmark turns both off to measure the graphs as
+    saved.
 
     Raises:
         ModelLoadError: unreadable or contradictory checkpoint, or unknown tensor names.

@@ -40,7 +40,7 @@ def test_benchmark_runs_on_a_tiny_workload(tmp_path: Path) -> None:
     assert "CPU path:" in proc.stdout and "AMX" in proc.stdout
     assert len(figures["ceiling"]["fused_windows"]) == 3
     assert figures["ceiling"]["fused_bias_adds"] == (0 if path["fuses_matmul_add"] else 3)
-    assert figures["ceiling"]["frozen_variables"] == 6  # the product freezes on every path
+    assert figures["ceiling"]["frozen_variables"] == (6 if path["onednn"] else 0)
     assert "product's graphs" in proc.stdout
     # Best of every thread configuration and batch size, each measured.
     measured = figures["ceiling"]["rows_per_s"]

@@ -175,14 +175,19 @@ def test_two_runs_started_at_once(tmp_path: Path) -> None:
     manifest = build_demo(tmp_path / "demo", partitions=4, rows=150_000)
     out = tmp_path / "out"
     env = _env()
-    # Small batches: the first run must still hold the folder when the second, started
-    # once the first holds it, has imported TensorFlow (seconds on a busy machine).
     first = _cli(manifest, out, env, batch_size=256)
     try:
         _wait_for(lambda: (out / ".lock").is_file()
                   and f"pid {first.pid}" in (out / ".lock").read_text())
-        second = _cli(manifest, out, env)
-        _, err2 = second.communicate(timeout=300)
+        # The first run is paused while it holds the folder (its lock is held all the same),
+        # so it cannot finish before the second has imported TensorFlow, however fast it
+        # scores and however busy the machine is.
+        first.send_signal(signal.SIGSTOP)
+        try:
+            second = _cli(manifest, out, env)
+            _, err2 = second.communicate(timeout=300)
+        finally:
+            first.send_signal(signal.SIGCONT)
         _, err1 = first.communicate(timeout=300)
     finally:
         if first.poll() is None:
