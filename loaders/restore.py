@@ -255,7 +255,8 @@ def _frozen(graph: tf.Graph, tensors: tuple[Any, Any],
     is to keep its variables."""
     fresh = tf.Graph()
     try:
-        frozen = freeze_variables(graph.as_graph_def(), values)
+        keep = frozenset(t.name.partition(":")[0] for t in tensors)
+        frozen = freeze_variables(graph.as_graph_def(), values, keep)
         if frozen is None:
             return None
         graph_def, count = frozen
