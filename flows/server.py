@@ -81,8 +81,16 @@ def _free_port() -> int:
 # the collector's full passes over them took 0.1-0.3 s: 0.6-0.7 CPU-s of its ~3.5-s start
 # here. Once it answers, everything it built is moved out of the collector's way
 # (``gc.freeze``) and the collector runs as usual on what the server allocates next.
+# ``python -c`` would put the working directory first on the import path (the console
+# script does not): it is dropped before anything is imported, so a module in the folder
+# the CLI runs from cannot stand in for one of Prefect's.
 _LAUNCH = """\
-import gc, sys, threading, time, urllib.request
+import sys
+
+if sys.path[:1] in ([""], ["."]):
+    del sys.path[0]
+
+import gc, threading, time, urllib.request
 from importlib.metadata import entry_points
 
 gc.disable()
@@ -101,7 +109,10 @@ def settle(health_url):
 
 
 threading.Thread(target=settle, args=(sys.argv[1],), daemon=True).start()
-prefect, *_ = entry_points(group="console_scripts", name="prefect")
+scripts = entry_points(group="console_scripts", name="prefect")
+prefect = next((ep for ep in scripts if ep.value.startswith("prefect.")), None)
+if prefect is None:
+    sys.exit("the prefect command is not installed in " + sys.executable)
 sys.argv = ["prefect", *sys.argv[3:]]
 sys.exit(prefect.load()())
 """

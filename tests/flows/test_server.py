@@ -42,6 +42,29 @@ def test_server_serves_the_api_and_stops(tmp_path: Path, monkeypatch: pytest.Mon
     assert not prefect_servers(tmp_path)
 
 
+@pytest.mark.slow
+def test_server_imports_nothing_from_the_working_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server's process runs Prefect from its console-script entry point; a module
+    in the folder the CLI runs from (a data folder, say) must not stand in for one of
+    Prefect's dependencies."""
+    for key, value in prefect_free_env(tmp_path / "home").items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    for name in ("uvicorn", "fastapi", "sqlalchemy", "prefect"):
+        (cwd / f"{name}.py").write_text("raise SystemExit('imported from the working directory')\n")
+    monkeypatch.chdir(cwd)
+    server = LocalServer()
+    server.start()
+    try:
+        server.wait()
+        assert _post(f"{server.api_url}/flows/filter", {"limit": 1}) == 200
+    finally:
+        server.stop(wait=10)
+
+
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
