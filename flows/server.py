@@ -81,34 +81,43 @@ def _free_port() -> int:
 # the collector's full passes over them took 0.1-0.3 s: 0.6-0.7 CPU-s of its ~3.5-s start
 # here. Once it answers, everything it built is moved out of the collector's way
 # (``gc.freeze``) and the collector runs as usual on what the server allocates next.
-# ``python -c`` would put the working directory first on the import path (the console
-# script does not): it is dropped before anything is imported, so a module in the folder
-# the CLI runs from cannot stand in for one of Prefect's.
-_LAUNCH = """\
+# ``python -c`` would put the working directory first on the import path; it is dropped
+# before anything is imported, as the ``prefect`` console script would not have it either.
+# (Prefect's own database migration step, run at every start, still puts ``.`` first on
+# the path, with or without this launcher: its alembic.ini has ``prepend_sys_path = .``.)
+# The launcher is two parts so that the tests can run the first without Prefect.
+_SETTLE = """\
 import sys
 
 if sys.path[:1] in ([""], ["."]):
     del sys.path[0]
 
 import gc, threading, time, urllib.request
-from importlib.metadata import entry_points
 
 gc.disable()
 
 
-def settle(health_url):
-    deadline = time.monotonic() + float(sys.argv[2])
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(health_url, timeout=2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    gc.freeze()
-    gc.enable()
+def settle(health_url, timeout):
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(health_url, timeout=2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+    except Exception:
+        pass  # an answer that is not HTTP: the collector is turned on all the same
+    finally:
+        gc.freeze()
+        gc.enable()
 
 
-threading.Thread(target=settle, args=(sys.argv[1],), daemon=True).start()
+threading.Thread(target=settle, args=(sys.argv[1], float(sys.argv[2])), daemon=True).start()
+"""
+_RUN_PREFECT = """\
+from importlib.metadata import entry_points
+
 scripts = entry_points(group="console_scripts", name="prefect")
 prefect = next((ep for ep in scripts if ep.value.startswith("prefect.")), None)
 if prefect is None:
@@ -116,6 +125,7 @@ if prefect is None:
 sys.argv = ["prefect", *sys.argv[3:]]
 sys.exit(prefect.load()())
 """
+_LAUNCH = _SETTLE + _RUN_PREFECT
 
 
 def _die_with_parent() -> None:

@@ -424,14 +424,22 @@ def test_a_stopped_force_rerun_says_which_files_are_still_the_earlier_runs(
 
 def test_collector_paused_only_for_tensorflows_import(tmp_path: Path) -> None:
     """The CLI turns Python's cyclic garbage collector off while TensorFlow imports, then
-    freezes what the import built and turns it on again; where TensorFlow is imported
-    already (``main`` called from Python, as here), it changes nothing."""
-    script = ("import gc\n"
+    freezes what the import built and turns it on again; garbage the calling process
+    still held is collected first, not frozen; where TensorFlow is imported already
+    (``main`` called from Python, as here), it changes nothing."""
+    script = ("import gc, weakref\n"
               "from flows.score import _collector_paused\n"
+              "gc.collect()  # counts at zero: no automatic pass before the pause\n"
+              "class Cycle: pass\n"
+              "held = Cycle()\n"
+              "held.me = held\n"
+              "ref = weakref.ref(held)\n"
+              "del held\n"
               "with _collector_paused():\n"
               "    assert not gc.isenabled()\n"
               "    import tensorflow\n"
               "assert gc.isenabled(), 'left off'\n"
+              "assert ref() is None, 'the caller garbage was frozen'\n"
               "frozen = gc.get_freeze_count()\n"
               "assert frozen > 100_000, frozen\n"
               "with _collector_paused():\n"
