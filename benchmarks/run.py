@@ -19,6 +19,7 @@ their ratio is meaningful on a noisy machine where absolute seconds are not.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import itertools
 import json
@@ -130,6 +131,7 @@ def measure_ceiling(w: Workload, prefixes: list[Path], batch_sizes: list[int],
 
     rounds = rounds if len(jobs) > 1 else 1
     steal = StealMeter()
+    span_start = time.time()
     for r in range(rounds):
         for form, th, bs in jobs if r % 2 == 0 else jobs[::-1]:
             n, t = window(forms[form, th], inputs[bs], seconds / rounds)
@@ -152,7 +154,8 @@ def measure_ceiling(w: Workload, prefixes: list[Path], batch_sizes: list[int],
             "fused_best": best_fused, "fused_rate": fused[best_fused],
             "fused_bias_adds": product_form.fused_bias_adds,
             "frozen_variables": product_form.frozen_variables,
-            "steal": steal.share(), "foreign": steal.foreign()}
+            "steal": steal.share(), "foreign": steal.foreign(),
+            "span": (span_start, time.time())}
 
 
 def matmul_reference(w: Workload, seconds: float = 2.0) -> dict[str, float]:
@@ -178,6 +181,85 @@ def matmul_reference(w: Workload, seconds: float = 2.0) -> dict[str, float]:
     return {"gflops": flops / 1e9, "mlp_rate": flops / per_eval}
 
 
+# The probe's work: ten 256 x 256 float32 matrix products on one thread, timed in thread
+# CPU time (so waiting for a core does not count), every ``interval`` seconds, for as long
+# as the process that started it lives.
+_PROBE_CODE = """\
+import os, sys, time
+import numpy as np
+
+a = np.random.default_rng(0).random((256, 256), dtype=np.float32)
+interval, parent = float(sys.argv[2]), int(sys.argv[3])
+with open(sys.argv[1], "a", buffering=1) as out:
+    while os.getppid() == parent:  # ends with the benchmark, even on kill -9
+        start = time.thread_time()
+        for _ in range(10):
+            a @ a
+        out.write(f"{time.time():.3f} {(time.thread_time() - start) * 1e3:.4f}\\n")
+        time.sleep(interval)
+"""
+
+
+class SpeedProbe:
+    """The machine's own speed over time, from a fixed piece of work timed in a process of
+    its own (~0.4 % of a 2-core machine at the default interval).
+
+    This VM's speed moves by several percent within a minute, and the ceiling windows
+    just before and after a 60-s product run cannot see what it was during the run: a
+    process that shares nothing with the product slowed down with it (BENCHMARKS.md).
+    Each run is reported with the probe's speed during its flow phase against its
+    ceiling windows; the ratios themselves are not adjusted. Its CPU counts as the
+    benchmark's own, not as other processes'.
+    """
+
+    def __init__(self, path: Path, interval: float) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.unlink(missing_ok=True)
+        self.path = path
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _PROBE_CODE, str(path), str(interval), str(os.getpid())],
+            env=env,
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def cpu(self) -> float:
+        """CPU seconds the probe has used so far (0 where /proc cannot tell)."""
+        try:
+            stat = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1]
+            fields = stat.split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, IndexError, ValueError):
+            return 0.0
+
+    def median_ms(self, span: tuple[float, float]) -> float | None:
+        """The probe's median time for its work within ``span`` (epoch seconds)."""
+        times = []
+        with contextlib.suppress(OSError):
+            for line in self.path.read_text().splitlines():
+                parts = line.split()
+                if len(parts) == 2 and span[0] <= float(parts[0]) <= span[1]:
+                    times.append(float(parts[1]))
+        return float(np.median(times)) if times else None
+
+    def speed(self, run: tuple[float, float], around: list[tuple[float, float]]
+              ) -> float | None:
+        """The machine's speed during ``run`` relative to the windows ``around`` it (below
+        1: slower during the run), or None when a span holds no probe sample."""
+        inside = self.median_ms(run)
+        outside = [self.median_ms(span) for span in around]
+        if inside is None or any(ms is None for ms in outside):
+            return None
+        return float(np.mean([ms for ms in outside if ms is not None])) / inside
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+_PROBE: SpeedProbe | None = None
+
+
 def _cpu_jiffies() -> tuple[int, int, int]:
     """(stolen, busy, total) CPU time of the machine so far, from /proc/stat, in clock
     ticks; busy is everything but idle and iowait, steal included. (0, 0, 0) elsewhere."""
@@ -191,11 +273,12 @@ def _cpu_jiffies() -> tuple[int, int, int]:
 
 
 def _own_cpu() -> float:
-    """CPU seconds of this process and its waited-for children."""
+    """CPU seconds of this process, its waited-for children and its speed probe."""
     import resource
 
     return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
-                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN))
+               ) + (_PROBE.cpu() if _PROBE is not None else 0.0)
 
 
 class StealMeter:
@@ -305,6 +388,7 @@ def run_product(manifest: Path, data: Path | str, output: Path, extra: list[str]
         # for it to exit (so its CPU is not in this process's children's rusage).
         "foreign": steal.foreign(also_own=sum(descendants.values())),
         "server_cpu": sum(descendants.values()),
+        "span": (timing["flow_started_at"], timing["committed_at"]),
     }
 
 
@@ -437,6 +521,9 @@ def main(argv: list[str] | None = None) -> int:
          "default 300)"),
         ("--startup-samples", int, 1, "N", "extra product runs on the first two partitions "
          "only, for the median start-up (it varies by seconds from run to run; default 1)"),
+        ("--probe-interval", float, 0.5, "SECONDS", "how often the speed probe times its "
+         "work, to show the machine's speed during each run against its ceiling windows "
+         "(0: no probe; default 0.5)"),
     ):
         p.add_argument(flag, type=kind, default=default, metavar=metavar, help=text)
     args = p.parse_args(argv)
@@ -457,6 +544,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  ready in {time.perf_counter() - t:.1f} s", flush=True)
 
     batch_sizes = [int(b) for b in args.ceiling_batches.split(",")]
+    global _PROBE
+    if args.probe_interval > 0:
+        _PROBE = SpeedProbe(args.workdir / "speed-probe.txt", args.probe_interval)
+        atexit.register(_PROBE.stop)
 
     def quiet() -> None:
         waited = wait_quiet(patience=args.quiet_wait) if args.quiet_wait > 0 else 0.0
@@ -497,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     fused_ceilings = [first["fused_rate"]]
     steals = [first["steal"]]
     foreigns = [first["foreign"]]
+    spans = [first["span"]]
     runs: list[dict[str, Any]] = []
     for i in range(args.repeat):
         print(f"product run {i + 1}/{args.repeat}: python -m flows.score (fresh process, "
@@ -513,7 +605,10 @@ def main(argv: list[str] | None = None) -> int:
         fused_ceilings.append(after["fused_rate"])
         steals.append(after["steal"])
         foreigns.append(after["foreign"])
+        spans.append(after["span"])
     for i, run in enumerate(runs):
+        run["machine_speed"] = (_PROBE.speed(run["span"], spans[i:i + 2])
+                                if _PROBE is not None else None)
         run["ceiling"] = (ceilings[i] + ceilings[i + 1]) / 2
         run["ratio_flow"] = w.row_model_evals / run["flow"] / run["ceiling"]
         run["ratio_process"] = w.row_model_evals / run["wall"] / run["ceiling"]
@@ -637,7 +732,9 @@ def main(argv: list[str] | None = None) -> int:
              f"those {run['ratio_flow_fused']:.2f}; CPU to the host / other processes "
              f"{run['steal']:.1%} / {run['foreign']:.1%} (ceiling windows "
              f"{steals[i]:.1%} / {foreigns[i]:.1%} and {steals[i + 1]:.1%} / "
-             f"{foreigns[i + 1]:.1%})")
+             f"{foreigns[i + 1]:.1%})" + (
+                 f"; machine speed during its flow against those windows (speed probe) "
+                 f"{run['machine_speed']:.2f}" if run["machine_speed"] is not None else ""))
     for job, r in ceiling["rows_per_s"].items():
         fr = ceiling["fused_rows_per_s"].get(job)
         show(f"  ceiling, {job.split()[0]:>13s} threads, batch {int(job.split()[1]):>7,}: "
@@ -669,6 +766,8 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(figures, indent=2, default=str))
     print(f"\nfigures written to {out}")
+    if _PROBE is not None:
+        _PROBE.stop()
     return 0
 
 

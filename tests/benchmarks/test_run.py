@@ -22,7 +22,8 @@ def test_benchmark_runs_on_a_tiny_workload(tmp_path: Path) -> None:
         [sys.executable, "-m", "benchmarks.run", "--members", "2", "--partitions", "2",
          "--rows-per-partition", "5000", "--hidden", "16,8", "--features", "8",
          "--ceiling-batches", "1024,4096", "--ceiling-seconds", "0.3", "--repeat", "2",
-         "--startup-samples", "0", "--quiet-wait", "0", "--workdir", str(tmp_path / "bench"),
+         "--startup-samples", "0", "--quiet-wait", "0", "--probe-interval", "0.02",
+         "--workdir", str(tmp_path / "bench"),
          "--json", str(out)],
         cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
         timeout=600,
@@ -53,12 +54,18 @@ def test_benchmark_runs_on_a_tiny_workload(tmp_path: Path) -> None:
                                                  f"{ceiling['best_batch']}"]
     assert ceiling["windows"][0] != ceiling["selection_rate"]
     assert "measured anew before run 1" in proc.stdout
+    assert "(speed probe)" in proc.stdout
+    assert (tmp_path / "bench" / "speed-probe.txt").read_text().count("\n") > 10
     for run in runs:
         assert run["rows"] == 10_000
         assert run["ratio_flow"] > 0 and run["ratio_process"] > 0
         assert run["ratio_flow_fused"] > 0
         assert 0 <= run["foreign"] <= 1
         assert run["flow"] < run["wall"]
+        # The speed probe sampled the flow and the ceiling windows around it: the same
+        # machine, a few seconds apart, so within a factor of a few of 1.
+        assert 0.2 < run["machine_speed"] < 5
+        assert run["span"][0] < run["span"][1]
     assert figures["product"]["max_loads_per_checkpoint"] == 1
     assert figures["max_abs_error"] < 1e-5
     assert figures["reference"]["gflops"] > 0
