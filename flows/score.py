@@ -10,14 +10,12 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
-import gc
 import logging
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -212,8 +210,7 @@ def _run(args: argparse.Namespace, server: Any, started: float,
     from loaders.errors import ScoringError
     from tasks.runtime import set_up
 
-    with _collector_paused():
-        set_up(debug=args.debug)  # TensorFlow imports here, while the server starts
+    set_up(debug=args.debug)  # TensorFlow imports here, while the server starts
     if server is None and (why := _configured_server_unreachable()):
         return _fail(f"{why}\nNothing was scored.", EXIT_USAGE)
     try:
@@ -245,34 +242,6 @@ def _run(args: argparse.Namespace, server: Any, started: float,
         print(f"\n(summary cut short by a signal; the run completed, and its record is "
               f"{summary.output_dir}/{RUN_RECORD})", file=sys.stderr, flush=True)
     return EXIT_OK
-
-
-@contextlib.contextmanager
-def _collector_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off while TensorFlow imports, then everything
-    imported moved out of its way (``gc.freeze``).
-
-    The import builds ~440k long-lived objects, and each full pass of the collector over
-    them takes ~0.25 s here; without the pause one such pass lands in the start-up, on
-    the path to the first batch. Only the import runs paused: what the run allocates
-    later (graphs, batches) is collected as usual. In a process that has TensorFlow
-    already (``main`` called from Python) nothing is paused or frozen, since freezing
-    there would keep whatever garbage that process holds for good; before the pause, a
-    collection (~5 ms on the small heap the command has by then) clears what a process
-    that calls ``main`` still held, so that only the import's own objects are frozen.
-    """
-    if "tensorflow" in sys.modules:
-        yield
-        return
-    was_enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.freeze()
-        if was_enabled:
-            gc.enable()
 
 
 def _configured_server_unreachable() -> str | None:

@@ -18,6 +18,7 @@ import atexit
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +28,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import IO
 
 __all__ = ["LocalServer", "unreachable"]
@@ -74,58 +76,10 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-# What the server's process runs: Prefect's own ``prefect`` command, loaded from its
-# console-script entry point (what the ``prefect`` script itself does), with Python's
-# cyclic garbage collector paused until the server answers. The server's start builds
-# ~500k long-lived objects (Prefect, FastAPI, SQLAlchemy, pydantic schemas), and each of
-# the collector's full passes over them took 0.1-0.3 s: 0.6-0.7 CPU-s of its ~3.5-s start
-# here. Once it answers, everything it built is moved out of the collector's way
-# (``gc.freeze``) and the collector runs as usual on what the server allocates next.
-# ``python -c`` would put the working directory first on the import path; it is dropped
-# before anything is imported, as the ``prefect`` console script would not have it either.
-# (Prefect's own database migration step, run at every start, still puts ``.`` first on
-# the path, with or without this launcher: its alembic.ini has ``prepend_sys_path = .``.)
-# The launcher is two parts so that the tests can run the first without Prefect.
-_SETTLE = """\
-import sys
-
-if sys.path[:1] in ([""], ["."]):
-    del sys.path[0]
-
-import gc, threading, time, urllib.request
-
-gc.disable()
-
-
-def settle(health_url, timeout):
-    try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(health_url, timeout=2).close()
-                return
-            except OSError:
-                time.sleep(0.05)
-    except Exception:
-        pass  # an answer that is not HTTP: the collector is turned on all the same
-    finally:
-        gc.freeze()
-        gc.enable()
-
-
-threading.Thread(target=settle, args=(sys.argv[1], float(sys.argv[2])), daemon=True).start()
-"""
-_RUN_PREFECT = """\
-from importlib.metadata import entry_points
-
-scripts = entry_points(group="console_scripts", name="prefect")
-prefect = next((ep for ep in scripts if ep.value.startswith("prefect.")), None)
-if prefect is None:
-    sys.exit("the prefect command is not installed in " + sys.executable)
-sys.argv = ["prefect", *sys.argv[3:]]
-sys.exit(prefect.load()())
-"""
-_LAUNCH = _SETTLE + _RUN_PREFECT
+def _prefect_command() -> str:
+    """The ``prefect`` console script of this environment."""
+    beside = Path(sys.executable).with_name("prefect")
+    return str(beside) if beside.is_file() else (shutil.which("prefect") or "prefect")
 
 
 def _die_with_parent() -> None:
@@ -152,9 +106,8 @@ class LocalServer:
         env.pop("PREFECT_API_URL", None)
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-c", _LAUNCH, f"{self.api_url}/health", str(self.timeout),
-             "server", "start", "--host", "127.0.0.1", "--port", str(self.port),
-             "--log-level", "ERROR", "--no-ui", "--analytics-off"],
+            [_prefect_command(), "server", "start", "--host", "127.0.0.1", "--port",
+             str(self.port), "--log-level", "ERROR", "--no-ui", "--analytics-off"],
             env=env, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
             start_new_session=True,
             preexec_fn=_die_with_parent if sys.platform == "linux" else None,

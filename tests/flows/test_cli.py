@@ -420,33 +420,3 @@ def test_a_stopped_force_rerun_says_which_files_are_still_the_earlier_runs(
     for rel, part in record["partitions"].items():
         if part["status"] in ("committed", "kept"):
             assert part["rows"] == on_disk[rel] == 50_000, rel
-
-
-def test_collector_paused_only_for_tensorflows_import(tmp_path: Path) -> None:
-    """The CLI turns Python's cyclic garbage collector off while TensorFlow imports, then
-    freezes what the import built and turns it on again; garbage the calling process
-    still held is collected first, not frozen; where TensorFlow is imported already
-    (``main`` called from Python, as here), it changes nothing."""
-    script = ("import gc, weakref\n"
-              "from flows.score import _collector_paused\n"
-              "gc.collect()  # counts at zero: no automatic pass before the pause\n"
-              "class Cycle: pass\n"
-              "held = Cycle()\n"
-              "held.me = held\n"
-              "ref = weakref.ref(held)\n"
-              "del held\n"
-              "with _collector_paused():\n"
-              "    assert not gc.isenabled()\n"
-              "    import tensorflow\n"
-              "assert gc.isenabled(), 'left off'\n"
-              "assert ref() is None, 'the caller garbage was frozen'\n"
-              "frozen = gc.get_freeze_count()\n"
-              "assert frozen > 100_000, frozen\n"
-              "with _collector_paused():\n"
-              "    assert gc.isenabled()\n"
-              "assert gc.get_freeze_count() == frozen\n"
-              "print('ok')\n")
-    proc = subprocess.run([sys.executable, "-c", script], env=prefect_free_env(tmp_path),
-                          capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).parents[2])
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
