@@ -397,9 +397,10 @@ def preflight(params: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from tasks.runtime import limit_malloc_arenas
+    from tasks.runtime import arrow_system_pool, limit_malloc_arenas
 
     limit_malloc_arenas()  # before the first thread (the server's start) is created
+    arrow_system_pool()  # before anything imports pyarrow
     if argv[:1] == ["serve"]:
         from flows.serve import main as serve_main
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,7 +23,8 @@ from loaders.manifest import BadRowPolicy
 from tasks.features import all_finite, find_bad_rows
 from tasks.merge import EnsembleMethod, combine
 
-__all__ = ["BatchResult", "ScoringContext", "score_batch"]
+__all__ = ["BatchResult", "ScoringContext", "StartedBatch", "finish_batch", "score_batch",
+           "start_batch"]
 
 _SHOW_IDS = 5
 
@@ -73,21 +74,48 @@ class BatchResult:
         return sum(len(r) for r in self.aside_reasons)
 
 
+@dataclass
+class StartedBatch:
+    """A batch whose members are scoring (on the pool, when the context has one), not yet
+    screened and combined: :func:`finish_batch` completes it. The feature matrix it was
+    started on must stay untouched until then."""
+
+    ids: pa.Array
+    scores: np.ndarray  # (members, rows): reused and absent members' rows already filled
+    runs: list[Future[tuple[int, float]]]  # one per member scored on the pool
+    aside_ids: list[pa.Array] = field(default_factory=list)
+    aside_reasons: list[list[str]] = field(default_factory=list)
+
+
 def score_batch(ctx: ScoringContext, matrix: np.ndarray, ids: pa.Array,
                 reused: Callable[[pa.Array], Mapping[int, np.ndarray]] | None = None,
                 source: pa.RecordBatch | None = None) -> BatchResult:
-    """Screen the features, score with every member, screen the scores, combine.
+    """Screen the features, score with every member, screen the scores, combine:
+    :func:`start_batch` then :func:`finish_batch`.
 
+    Raises:
+        DataError: bad features under the ``fail`` policy.
+        ModelLoadError: non-finite member or ensemble scores under ``fail``.
+    """
+    return finish_batch(ctx, start_batch(ctx, matrix, ids, reused, source))
+
+
+def start_batch(ctx: ScoringContext, matrix: np.ndarray, ids: pa.Array,
+                reused: Callable[[pa.Array], Mapping[int, np.ndarray]] | None = None,
+                source: pa.RecordBatch | None = None) -> StartedBatch:
+    """Screen the features and set the members scoring, without waiting for them.
+
+    Starting batch N+1 before finishing batch N keeps TensorFlow busy while this thread
+    screens, combines and writes batch N; waiting for every member first left the cores
+    idle for that time and while the batch's last member ran alone (see BENCHMARKS.md).
     ``reused`` gives the scores of members that are not rescored, for the ids that are
     scored (the caller checks they are the same rows); ``source``, the batch ``matrix``
     was decoded from, lets a bad row's reason quote its value.
 
     Raises:
         DataError: bad features under the ``fail`` policy.
-        ModelLoadError: non-finite member or ensemble scores under ``fail``.
     """
-    aside_ids: list[pa.Array] = []
-    aside_reasons: list[list[str]] = []
+    started = StartedBatch(ids, np.empty((0, 0), np.float32), [])
     bad = find_bad_rows(matrix, ctx.features, source)
     if bad is not None:
         if ctx.policy == "fail":
@@ -99,18 +127,32 @@ def score_batch(ctx: ScoringContext, matrix: np.ndarray, ids: pa.Array,
                 f"quarantine) to set "
                 "them aside"
             )
-        aside_ids.append(ids.filter(pa.array(bad.mask)))
-        aside_reasons.append(bad.reasons)
+        started.aside_ids.append(ids.filter(pa.array(bad.mask)))
+        started.aside_reasons.append(bad.reasons)
         keep = ~bad.mask
-        matrix, ids = np.ascontiguousarray(matrix[keep]), ids.filter(pa.array(keep))
-    scores = np.empty((len(ctx.names), len(matrix)), dtype=np.float32)
+        matrix, started.ids = np.ascontiguousarray(matrix[keep]), ids.filter(pa.array(keep))
+    started.scores = scores = np.empty((len(ctx.names), len(matrix)), dtype=np.float32)
     for k in ctx.absent:
         scores[k] = np.nan
-    for k, values in (reused(ids) if reused is not None else {}).items():
+    for k, values in (reused(started.ids) if reused is not None else {}).items():
         scores[k] = values
-    predict_members(ctx, matrix, scores)
+    started.runs = _predict_members(ctx, matrix, scores)
+    return started
+
+
+def finish_batch(ctx: ScoringContext, started: StartedBatch) -> BatchResult:
+    """Wait for the members of a started batch, screen their scores and combine them.
+
+    Raises:
+        ModelLoadError: non-finite member or ensemble scores under ``fail`` (or a
+            member's error while scoring).
+    """
+    for run in started.runs:
+        k, seconds = run.result()
+        ctx.seconds[k] = ctx.seconds.get(k, 0.0) + seconds
+    aside_ids, aside_reasons = started.aside_ids, started.aside_reasons
     features_aside = sum(len(r) for r in aside_reasons)
-    scores, ids = _screen_scores(ctx, scores, ids, aside_ids, aside_reasons)
+    scores, ids = _screen_scores(ctx, started.scores, started.ids, aside_ids, aside_reasons)
     ensemble, std, count = combine(scores, ctx.method, ctx.weights)
     if not (all_finite(ensemble) and all_finite(std)):
         # Finite member scores and finite, normalized weights give a finite ensemble; this
@@ -131,20 +173,25 @@ def score_batch(ctx: ScoringContext, matrix: np.ndarray, ids: pa.Array,
                        sum(len(r) for r in aside_reasons) - features_aside)
 
 
-def predict_members(ctx: ScoringContext, matrix: np.ndarray, scores: np.ndarray) -> None:
-    """Fill ``scores[k]`` for each member to score, concurrently when a pool is given
-    (``Session.run`` releases the GIL)."""
-    def run(k: int) -> None:
+def _predict_members(ctx: ScoringContext, matrix: np.ndarray, scores: np.ndarray
+                     ) -> list[Future[tuple[int, float]]]:
+    """Fill ``scores[k]`` for each member to score: on the pool when the context has one
+    (``Session.run`` releases the GIL, so members score concurrently), returning the
+    runs to wait for; otherwise here, returning them done. Each run gives its member
+    and its seconds in ``predict``, added up by the thread that waits for it."""
+    def run(k: int) -> tuple[int, float]:
         t0 = time.perf_counter()
         scores[k] = ctx.scorers[k].predict(matrix)
-        ctx.seconds[k] = ctx.seconds.get(k, 0.0) + time.perf_counter() - t0
+        return k, time.perf_counter() - t0
 
-    if ctx.pool is None or len(ctx.scorers) == 1:
-        for k in ctx.scorers:
-            run(k)
-        return
-    for future in [ctx.pool.submit(run, k) for k in ctx.scorers]:
-        future.result()
+    if ctx.pool is not None:
+        return [ctx.pool.submit(run, k) for k in ctx.scorers]
+    done: list[Future[tuple[int, float]]] = []
+    for k in ctx.scorers:
+        future: Future[tuple[int, float]] = Future()
+        future.set_result(run(k))
+        done.append(future)
+    return done
 
 
 def _screen_scores(ctx: ScoringContext, scores: np.ndarray, ids: pa.Array,

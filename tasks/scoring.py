@@ -3,7 +3,8 @@
 Each record batch is decoded once (one batch ahead, on another thread) and fed to the
 per-batch core (``tasks.batch``), which scores it with every member and combines the
 scores still in memory; the partition's writer (``tasks.writer``) writes the table batch
-by batch and commits it atomically. Decoding the batch once per partition, not once per
+by batch and commits it atomically. A batch's members start scoring before the batch
+before it is screened, combined and written, so TensorFlow does not wait for those steps. Decoding the batch once per partition, not once per
 member, and merging in the same pass, not by re-reading per-member files, each saved a
 sizeable share of the CPU on the benchmark workload (see BENCHMARKS.md).
 
@@ -32,7 +33,7 @@ from loaders.cache import MODEL_CACHE
 from loaders.errors import DataError, PartitionAbandoned
 from loaders.inspect import digest_files, resolve_model
 from loaders.manifest import BadRowPolicy, Manifest
-from tasks.batch import ScoringContext, score_batch
+from tasks.batch import ScoringContext, StartedBatch, finish_batch, start_batch
 from tasks.features import to_matrix
 from tasks.merge import EnsembleMethod, EnsembleStats, PartitionMerged
 from tasks.partitions import Partition
@@ -273,16 +274,43 @@ def _score(job: _Job, reuse: Reuse, hidden: str | None) -> PartitionResult:
     )
 
 
+@dataclass
+class _Sink:
+    """Where a partition's batches go once their members are done: the writer and the
+    statistics, in input order."""
+
+    ctx: ScoringContext
+    writer: PartitionWriter
+    stats: EnsembleStats
+    first_batch_at: float | None = None  # wall clock when the first batch was scored
+    scores_aside: int = 0  # rows set aside for their scores
+    id_chunks: list[pa.Array] = field(default_factory=list)  # ids written
+
+    def finish(self, batch: StartedBatch) -> None:
+        result = finish_batch(self.ctx, batch)
+        if self.first_batch_at is None:
+            self.first_batch_at = time.time()
+        for ids, reasons in zip(result.aside_ids, result.aside_reasons, strict=True):
+            self.writer.set_aside(ids, reasons)
+        self.stats.add(result.scores, result.ensemble, result.std)
+        self.scores_aside += result.scores_set_aside
+        self.id_chunks.append(result.ids)
+        self.writer.write(result.ids, result.scores, result.ensemble, result.std,
+                          result.count)
+
+
 def _stream(job: _Job, ctx: ScoringContext, writer: PartitionWriter, stats: EnsembleStats,
             previous: RowStream | None, reused: list[int], batches: Any
             ) -> tuple[int, float | None, list[pa.Array], int]:
     """Every batch through the core into the writer; returns rows read, when the first
     batch was scored, the ids written (for the uniqueness check) and how many rows were
     set aside for their scores."""
-    rows = scores_aside = 0
-    first_batch_at: float | None = None
-    buffer: np.ndarray | None = None  # the feature matrix, reused from batch to batch
-    id_chunks: list[pa.Array] = []
+    rows = 0
+    sink = _Sink(ctx, writer, stats)
+    # Two feature matrices, reused in turn: batch N+1 is decoded into one while batch N's
+    # members still read the other.
+    buffers: list[np.ndarray | None] = [None, None]
+    started: StartedBatch | None = None  # the batch whose members are scoring
 
     def reused_scores(ids: pa.Array) -> dict[int, np.ndarray]:
         assert previous is not None
@@ -293,24 +321,28 @@ def _stream(job: _Job, ctx: ScoringContext, writer: PartitionWriter, stats: Ense
         return {k: old.column(j + 1).to_numpy() for j, k in enumerate(reused)}
 
     try:
-        for batch in batches:
+        for n, batch in enumerate(batches):
             _check_abandoned(job)
             rows += batch.num_rows
-            matrix = to_matrix(batch, job.manifest.features, buffer)
-            if buffer is None or not np.may_share_memory(matrix, buffer):
-                buffer = matrix  # newly allocated (aligned): the whole of it
+            slot = n % 2
+            matrix = to_matrix(batch, job.manifest.features, buffers[slot])
+            if buffers[slot] is None or not np.may_share_memory(matrix, buffers[slot]):
+                buffers[slot] = matrix  # newly allocated (aligned): the whole of it
             stats.add_features(matrix)
-            result = score_batch(ctx, matrix, batch.column(0),
-                                 reused_scores if previous is not None else None, batch)
-            if first_batch_at is None:
-                first_batch_at = time.time()
-            for ids, reasons in zip(result.aside_ids, result.aside_reasons, strict=True):
-                writer.set_aside(ids, reasons)
-            stats.add(result.scores, result.ensemble, result.std)
-            scores_aside += result.scores_set_aside
-            id_chunks.append(result.ids)
-            writer.write(result.ids, result.scores, result.ensemble, result.std,
-                         result.count)
+            # This batch's members start before the one before is finished: TensorFlow
+            # keeps scoring while this thread screens, combines and writes.
+            try:
+                following = start_batch(ctx, matrix, batch.column(0),
+                                        reused_scores if previous is not None else None, batch)
+            except DataError:
+                if started is not None:
+                    sink.finish(started)  # an error of the batch before is reported first
+                raise
+            if started is not None:
+                sink.finish(started)
+            started = following
+        if started is not None:
+            sink.finish(started)
     except pa.ArrowException as err:
         if isinstance(err, OSError):
             raise  # may be transient: the task's retry policy decides
@@ -319,7 +351,7 @@ def _stream(job: _Job, ctx: ScoringContext, writer: PartitionWriter, stats: Ense
             f"({err}); re-export or remove it, then re-run: partitions already committed "
             "are kept"
         ) from err
-    return rows, first_batch_at, id_chunks, scores_aside
+    return rows, sink.first_batch_at, sink.id_chunks, sink.scores_aside
 
 
 def _check_unique(partition: Partition, chunks: list[pa.Array]) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import pytest
 
 import tasks.reading
 from flows.demo import build_mlp_checkpoint, mlp_reference
+from loaders.base import GraphScorer
 from loaders.errors import DataError, ManifestError, ModelLoadError
 from loaders.manifest import Manifest, ModelSpec, parse_manifest
 from tasks.merge import combine
@@ -155,6 +158,39 @@ def test_score_matches_reference_and_reruns_skip(tmp_path: Path, checkpoints: li
     table = pq.read_table(median.merged.path)
     assert np.abs(table.column("ensemble_score").to_numpy()
                   - np.median(refs, axis=1)).max() <= 1e-5
+
+
+def test_next_batch_starts_while_members_score_the_last(
+        tmp_path: Path, checkpoints: list[Path], features: list[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Batch N+1 is decoded and its members start before batch N is finished: members
+    that take their time must still score their own batch's rows."""
+    x = _data(tmp_path, features)
+    manifest = _manifest(checkpoints, features)
+    real = GraphScorer.predict
+    lock = threading.Lock()
+    running = [0, 0]  # predicts in flight now, and at most
+
+    def slow(self: GraphScorer, matrix: np.ndarray) -> np.ndarray:
+        with lock:
+            running[0] += 1
+            running[1] = max(running)
+        time.sleep(0.02)  # the next batch is decoded meanwhile
+        try:
+            return real(self, matrix)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(GraphScorer, "predict", slow)
+    part = discover_partitions(str(tmp_path / "in"))[0]
+    result = score_partition(part, manifest, str(tmp_path / "out"), batch_size=100)
+    table = pq.read_table(result.merged.path)
+    assert table.column("id").to_pylist() == list(range(0, 7000, 7))
+    refs = np.stack([mlp_reference(p, x) for p in checkpoints], axis=1)
+    for k in range(3):
+        assert np.abs(table.column(f"score_m{k}").to_numpy() - refs[:, k]).max() <= 1e-5
+    assert running[1] > len(checkpoints)  # members of two batches were in flight at once
 
 
 def test_replaced_checkpoint_rescores_only_that_member(
