@@ -4,8 +4,9 @@ Each record batch is decoded once (one batch ahead, on another thread) and fed t
 per-batch core (``tasks.batch``), which scores it with every member and combines the
 scores still in memory; the partition's writer (``tasks.writer``) writes the table batch
 by batch and commits it atomically. A batch's members start scoring before the batch
-before it is screened, combined and written, so TensorFlow does not wait for those steps. Decoding the batch once per partition, not once per
-member, and merging in the same pass, not by re-reading per-member files, each saved a
+before it is screened, combined and written, so TensorFlow does not wait for those
+steps. Decoding the batch once per partition, not once per member, and merging in the
+same pass, not by re-reading per-member files, each saved a
 sizeable share of the CPU on the benchmark workload (see BENCHMARKS.md).
 
 The committed file remembers what produced it in its footer, so a re-run skips an
