@@ -321,29 +321,35 @@ def _stream(job: _Job, ctx: ScoringContext, writer: PartitionWriter, stats: Ense
                             "differ from the input's; re-run with force (params.force, --force)")
         return {k: old.column(j + 1).to_numpy() for j, k in enumerate(reused)}
 
+    def begin(n: int, batch: pa.RecordBatch) -> StartedBatch:
+        nonlocal rows
+        _check_abandoned(job)
+        rows += batch.num_rows
+        slot = n % 2
+        matrix = to_matrix(batch, job.manifest.features, buffers[slot])
+        if buffers[slot] is None or not np.may_share_memory(matrix, buffers[slot]):
+            buffers[slot] = matrix  # newly allocated (aligned): the whole of it
+        stats.add_features(matrix)
+        return start_batch(ctx, matrix, batch.column(0),
+                           reused_scores if previous is not None else None, batch)
+
+    numbered = enumerate(batches)
     try:
-        for n, batch in enumerate(batches):
-            _check_abandoned(job)
-            rows += batch.num_rows
-            slot = n % 2
-            matrix = to_matrix(batch, job.manifest.features, buffers[slot])
-            if buffers[slot] is None or not np.may_share_memory(matrix, buffers[slot]):
-                buffers[slot] = matrix  # newly allocated (aligned): the whole of it
-            stats.add_features(matrix)
-            # This batch's members start before the one before is finished: TensorFlow
+        while True:
+            # The next batch's members start before this one is finished: TensorFlow
             # keeps scoring while this thread screens, combines and writes.
             try:
-                following = start_batch(ctx, matrix, batch.column(0),
-                                        reused_scores if previous is not None else None, batch)
-            except DataError:
-                if started is not None:
-                    sink.finish(started)  # an error of the batch before is reported first
+                item = next(numbered, None)
+                following = begin(*item) if item is not None else None
+            except Exception as err:
+                if started is not None and not isinstance(err, PartitionAbandoned):
+                    sink.finish(started)  # the batch before comes first: its error, if any
                 raise
             if started is not None:
                 sink.finish(started)
+            if following is None:
+                break
             started = following
-        if started is not None:
-            sink.finish(started)
     except pa.ArrowException as err:
         if isinstance(err, OSError):
             raise  # may be transient: the task's retry policy decides

@@ -24,6 +24,7 @@ from tasks.reading import RowStream, batches_by_row_group, read_ahead
 from tasks.scoring import committed_metadata, score_partition
 from tasks.storage import store_for
 from tests.helpers import N_FEATURES, write_table
+from tests.tasks.test_batch import _reciprocal_model
 
 
 def _manifest(checkpoints: list[Path], features: list[str]) -> Manifest:
@@ -191,6 +192,31 @@ def test_next_batch_starts_while_members_score_the_last(
     for k in range(3):
         assert np.abs(table.column(f"score_m{k}").to_numpy() - refs[:, k]).max() <= 1e-5
     assert running[1] > len(checkpoints)  # members of two batches were in flight at once
+
+
+def test_an_error_of_the_batch_before_is_reported_before_a_read_error(
+        tmp_path: Path, checkpoints: list[Path], features: list[str]) -> None:
+    """Batch N+1 is read while batch N's members score: when both fail, batch N's error
+    (a member's inf score) is the one reported, not the next row group's corrupt page
+    (an OSError, which would be retried as transient)."""
+    x = np.random.default_rng(1).uniform(0.5, 1.5, (512, N_FEATURES)).astype(np.float32)
+    x[200, 0] = 0.0  # 1 / f00 is inf there: in row group 0's last 64-row batch
+    path = tmp_path / "in" / "p.parquet"
+    path.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"id": np.arange(512, dtype=np.int64),
+                             **{f: x[:, j] for j, f in enumerate(features)}}),
+                   path, row_group_size=256, compression="none", use_dictionary=False)
+    page = pq.ParquetFile(path).metadata.row_group(1).column(3).data_page_offset
+    data = bytearray(path.read_bytes())
+    data[page:page + 12] = b"\xff" * 12  # row group 1's page header, unreadable
+    path.write_bytes(bytes(data))
+    model = _reciprocal_model(tmp_path / "recip" / "model.ckpt")
+    manifest = Manifest(id_column="id", features=tuple(features), models=(
+        ModelSpec(name="recip", path=str(model), input="features:0", output="score:0"),))
+    part = discover_partitions(str(tmp_path / "in"))[0]
+    with pytest.raises(ModelLoadError, match=r"non-finite.*ids \[200\]"):
+        score_partition(part, manifest, str(tmp_path / "out"), batch_size=64)
+    assert not (tmp_path / "out" / "ensemble" / "p.parquet").exists()
 
 
 def test_replaced_checkpoint_rescores_only_that_member(
