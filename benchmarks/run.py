@@ -223,13 +223,14 @@ class SpeedProbe:
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def cpu(self) -> float:
-        """CPU seconds the probe has used so far (0 where /proc cannot tell)."""
+        """CPU seconds the probe has used so far (0 once it is gone)."""
+        import psutil
+
         try:
-            stat = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1]
-            fields = stat.split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except (OSError, IndexError, ValueError):
+            times = psutil.Process(self.process.pid).cpu_times()
+        except psutil.Error:
             return 0.0
+        return float(times.user + times.system)
 
     def median_ms(self, span: tuple[float, float]) -> float | None:
         """The probe's median time for its work within ``span`` (epoch seconds)."""

@@ -115,7 +115,8 @@ def start_batch(ctx: ScoringContext, matrix: np.ndarray, ids: pa.Array,
     Raises:
         DataError: bad features under the ``fail`` policy.
     """
-    started = StartedBatch(ids, np.empty((0, 0), np.float32), [])
+    aside_ids: list[pa.Array] = []
+    aside_reasons: list[list[str]] = []
     bad = find_bad_rows(matrix, ctx.features, source)
     if bad is not None:
         if ctx.policy == "fail":
@@ -127,17 +128,17 @@ def start_batch(ctx: ScoringContext, matrix: np.ndarray, ids: pa.Array,
                 f"quarantine) to set "
                 "them aside"
             )
-        started.aside_ids.append(ids.filter(pa.array(bad.mask)))
-        started.aside_reasons.append(bad.reasons)
+        aside_ids.append(ids.filter(pa.array(bad.mask)))
+        aside_reasons.append(bad.reasons)
         keep = ~bad.mask
-        matrix, started.ids = np.ascontiguousarray(matrix[keep]), ids.filter(pa.array(keep))
-    started.scores = scores = np.empty((len(ctx.names), len(matrix)), dtype=np.float32)
+        matrix, ids = np.ascontiguousarray(matrix[keep]), ids.filter(pa.array(keep))
+    scores = np.empty((len(ctx.names), len(matrix)), dtype=np.float32)
     for k in ctx.absent:
         scores[k] = np.nan
-    for k, values in (reused(started.ids) if reused is not None else {}).items():
+    for k, values in (reused(ids) if reused is not None else {}).items():
         scores[k] = values
-    started.runs = _predict_members(ctx, matrix, scores)
-    return started
+    return StartedBatch(ids, scores, _predict_members(ctx, matrix, scores), aside_ids,
+                        aside_reasons)
 
 
 def finish_batch(ctx: ScoringContext, started: StartedBatch) -> BatchResult:

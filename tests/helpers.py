@@ -29,6 +29,20 @@ N_FEATURES = 8
 SEEDS = (11, 22, 33)
 
 
+def save_reciprocal_checkpoint(prefix: Path) -> Path:
+    """A real model that returns inf where the first feature is 0: 1 / f00."""
+    graph = tf.Graph()
+    with graph.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [None, N_FEATURES], name="features")
+        w = tf.compat.v1.get_variable("w", initializer=np.ones(1, np.float32))
+        tf.identity(w / x[:, 0], name="score")
+        saver = tf.compat.v1.train.Saver()
+        with tf.compat.v1.Session(graph=graph) as session:
+            session.run(tf.compat.v1.global_variables_initializer())
+            saver.save(session, str(prefix))
+    return prefix
+
+
 def save_tf2_saved_model(path: Path, weights: list[tuple[np.ndarray, np.ndarray]]) -> Path:
     """A TF2 ``tf.saved_model.save`` export of a tf.Module with a serving signature."""
     n_features = weights[0][0].shape[0]

@@ -9,27 +9,12 @@ import pyarrow as pa
 import pytest
 
 from flows.demo import mlp_reference
-from loaders._tf import tf
 from loaders.cache import load_scorer
 from loaders.errors import DataError, ModelLoadError
 from loaders.manifest import ModelSpec
 from tasks.batch import ScoringContext, score_batch
 from tasks.features import to_matrix
-from tests.helpers import N_FEATURES
-
-
-def _reciprocal_model(prefix: Path) -> Path:
-    """A real model that returns inf where the first feature is 0: 1 / f00."""
-    graph = tf.Graph()
-    with graph.as_default():
-        x = tf.compat.v1.placeholder(tf.float32, [None, N_FEATURES], name="features")
-        w = tf.compat.v1.get_variable("w", initializer=np.ones(1, np.float32))
-        tf.identity(w / x[:, 0], name="score")
-        saver = tf.compat.v1.train.Saver()
-        with tf.compat.v1.Session(graph=graph) as session:
-            session.run(tf.compat.v1.global_variables_initializer())
-            saver.save(session, str(prefix))
-    return prefix
+from tests.helpers import N_FEATURES, save_reciprocal_checkpoint
 
 
 def _ctx(paths: list[Path], policy: str = "fail") -> ScoringContext:
@@ -80,7 +65,7 @@ def test_bad_features_fail_or_are_set_aside(checkpoints: list[Path]) -> None:
 
 def test_non_finite_member_scores_fail_or_are_set_aside(tmp_path: Path,
                                                         checkpoints: list[Path]) -> None:
-    paths = [checkpoints[0], _reciprocal_model(tmp_path / "r" / "model.ckpt")]
+    paths = [checkpoints[0], save_reciprocal_checkpoint(tmp_path / "r" / "model.ckpt")]
     x = X.copy()
     x[[4, 11], 0] = 0.0
     with pytest.raises(ModelLoadError, match=r"model\(s\) \['m1'\] returned non-finite "
@@ -109,7 +94,7 @@ def test_a_finite_value_too_large_for_float32_is_named_as_such(checkpoints: list
 
 def test_quorum_keeps_rows_with_enough_members(tmp_path: Path, checkpoints: list[Path]
                                                ) -> None:
-    ctx = _ctx([checkpoints[0], _reciprocal_model(tmp_path / "r" / "model.ckpt")])
+    ctx = _ctx([checkpoints[0], save_reciprocal_checkpoint(tmp_path / "r" / "model.ckpt")])
     x = X.copy()
     x[[3, 7], 0] = 0.0  # the reciprocal member gives inf on these rows
     ctx.min_members = 1

@@ -23,8 +23,7 @@ from tasks.partitions import check_partition, discover_partitions
 from tasks.reading import RowStream, batches_by_row_group, read_ahead
 from tasks.scoring import committed_metadata, score_partition
 from tasks.storage import store_for
-from tests.helpers import N_FEATURES, write_table
-from tests.tasks.test_batch import _reciprocal_model
+from tests.helpers import N_FEATURES, save_reciprocal_checkpoint, write_table
 
 
 def _manifest(checkpoints: list[Path], features: list[str]) -> Manifest:
@@ -210,7 +209,7 @@ def test_an_error_of_the_batch_before_is_reported_before_a_read_error(
     data = bytearray(path.read_bytes())
     data[page:page + 12] = b"\xff" * 12  # row group 1's page header, unreadable
     path.write_bytes(bytes(data))
-    model = _reciprocal_model(tmp_path / "recip" / "model.ckpt")
+    model = save_reciprocal_checkpoint(tmp_path / "recip" / "model.ckpt")
     manifest = Manifest(id_column="id", features=tuple(features), models=(
         ModelSpec(name="recip", path=str(model), input="features:0", output="score:0"),))
     part = discover_partitions(str(tmp_path / "in"))[0]
