@@ -384,6 +384,7 @@ def run_product(manifest: Path, data: Path | str, output: Path, extra: list[str]
         "model_loads": record["model_loads"],
         "rows": record["summary"]["rows"],
         "sketch_seconds": record["summary"].get("sketch_seconds", 0.0),
+        "feed": record.get("feed") or {},
         "steal": steal.share(),
         # The CLI's Prefect server is the product's own, though the CLI does not wait
         # for it to exit (so its CPU is not in this process's children's rusage).
@@ -706,6 +707,14 @@ def main(argv: list[str] | None = None) -> int:
     show(f"start-up (to first batch) {product['startup_median']:8.1f} s  (median of "
          f"{', '.join(f'{x:.1f}' for x in startups)})")
     show(f"peak RSS                  {product['peak_rss'] / 2**30:8.2f} GiB")
+    for i, run in enumerate(runs):
+        feed = run["feed"]
+        rates = ", ".join(f"{int(k):,} rows {v / 1e6:.2f} M/s"
+                          for k, v in feed.get("rates", {}).items())
+        show(f"batch size, run {i + 1}        {feed.get('rows', 0):8,} rows ("
+             f"{feed.get('chosen_by', '?')}" + (f": {rates}, probed in "
+                                                f"{feed['seconds']:.2f} s" if rates else "")
+             + (f"; {feed['why']}" if feed.get("why") else "") + ")")
     sketches = sum(run["sketch_seconds"] for run in runs) / len(runs)
     show(f"drift sketches            {sketches:8.2f} s  ({sketches / product['flow']:.1%} of "
          "the flow time, counted as if nothing overlapped them)")

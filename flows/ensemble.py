@@ -54,6 +54,7 @@ from loaders.errors import (
     PartitionsFailed,
     ScoringError,
 )
+from loaders.feed import FEED_ROWS, FeedChoice, worth_probing
 from loaders.manifest import Manifest
 from tasks.drift import render_drift_text
 from tasks.ids import RepeatedIds
@@ -62,7 +63,13 @@ from tasks.partitions import Partition
 from tasks.plan import MemberInfo, Plan, make_plan
 from tasks.runtime import set_up
 from tasks.scoring import PartitionResult, PartitionScored, abandon, resume
-from tasks.steps import check_ids, golden_check, load_member, score_partition_task
+from tasks.steps import (
+    check_ids,
+    choose_feed,
+    golden_check,
+    load_member,
+    score_partition_task,
+)
 from tasks.storage import ENSEMBLE_DIR, store_for
 from tasks.writer import committed_metadata
 
@@ -126,7 +133,7 @@ def _run_partitions(plan: Plan, manifest: Manifest, params: ScoreParams, guards:
         if pending:
             part = pending.popleft()
             fut = score.submit(part, manifest, plan.output_dir, method=params.ensemble,
-                               batch_size=params.batch_size, bad_rows=policy,
+                               batch_size=guards.feed.rows, bad_rows=policy,
                                force=params.force, min_members=guards.quorum,
                                absent=guards.absent)
             inflight[fut] = part
@@ -311,6 +318,8 @@ def _run_body(params: ScoreParams, logger: Any, started: float, started_at: floa
     stop.check()
     golden = _golden_gate(params, manifest, members, logger)
     stop.check()
+    feed = _feed(params, manifest, plan, members, logger)
+    stop.check()
     store = store_for(plan.output_dir)
     with store.lock() as killed:
         if killed:
@@ -320,7 +329,7 @@ def _run_body(params: ScoreParams, logger: Any, started: float, started_at: floa
         removed = store.remove_stale_staging()
         if removed:
             logger.info(f"Removed {removed} staging file(s) left by an interrupted run")
-        guards = _Guards(quorum, members, golden, _baseline(params, store, logger),
+        guards = _Guards(quorum, members, golden, _baseline(params, store, logger), feed,
                          f"the previous run ({killed}) did not finish: it was killed"
                          if killed else "")
         _record_running(params, plan, guards, started_at)
@@ -336,6 +345,7 @@ class _Guards:
     members: list[MemberInfo]
     golden: str
     baseline: tuple[Sketches, str] | None
+    feed: FeedChoice  # the rows per batch
     previous_run: str = ""  # how the previous run into this output ended, if badly
 
     @property
@@ -354,6 +364,25 @@ def _golden_gate(params: ScoreParams, manifest: Manifest, members: list[MemberIn
     logger.info(f"Golden check {text}")
     publish_golden(text, manifest, logger)
     return text
+
+
+def _feed(params: ScoreParams, manifest: Manifest, plan: Plan, members: list[MemberInfo],
+          logger: Any) -> FeedChoice:
+    """The run's batch size: the user's, else what the feed probe measured (on the task
+    runner, where the members score), where the input is large enough to pay for it."""
+    absent = [m.name for m in members if m.missing]
+    # Rows, roughly and on the low side: Parquet holds a float64 feature (the common
+    # type) in about its raw 8 bytes, a float32 one in 4.
+    rows = plan.total_bytes // (8 * len(manifest.features))
+    if params.batch_size is not None:
+        feed = FeedChoice(rows=params.batch_size, chosen_by="user", why="--batch-size")
+    elif not worth_probing(rows, len(members) - len(absent)):
+        feed = FeedChoice(rows=FEED_ROWS[0], chosen_by="default", why=(
+            f"an input of about {rows:,} rows is too small for the feed probe to pay"))
+    else:
+        feed = choose_feed.with_options(retries=params.retries)(manifest, absent)
+    logger.info(f"Batch size: {feed.label}")
+    return feed
 
 
 def _baseline(params: ScoreParams, store: Any, logger: Any) -> tuple[Sketches, str] | None:
@@ -682,5 +711,6 @@ def _run_record(params: ScoreParams, plan: Plan, guards: _Guards, run: _Scored,
         model_loads=_model_loads(run.scored),
         versions=_versions(),
         cpu_path=cpu_path(),
+        feed=guards.feed,
         summary=summary.model_dump(exclude={"members"}),
     )

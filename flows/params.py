@@ -59,13 +59,12 @@ class ScoreParams(BaseModel):
         description="Partitions scored at once, 1 to 64. Each uses every core through "
         "TensorFlow's thread pool; 2 keeps decoding and scoring overlapped.",
     )
-    batch_size: int = Field(
-        16_384, ge=64, le=4_194_304, description="Rows per batch read, scored and written "
-        "at once; bounds memory per partition in flight."
+    batch_size: int | None = Field(
+        None, ge=64, le=4_194_304, description="Rows per batch read, scored and written "
+        "at once; bounds memory per partition in flight. Empty: 16,384 or 65,536, "
+        "whichever the members score faster on this machine (a probe of about a second "
+        "before scoring; see the run record's feed)."
     )
-    # 16384 is the models' best feed size on the benchmark machine, and end to end it also
-    # beat 65536 (0.66 vs 0.62 M row-model evals/s over 3 interleaved pairs of 4-partition
-    # runs) while halving the time to the first scored batch.
     min_members: int | None = Field(
         None, ge=1, le=1024, title="Minimum members per row",
         description="Fewest members with a finite score a row needs; also how many must "

@@ -12,6 +12,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from loaders.cpu import CpuPath
+from loaders.feed import FeedChoice
 from tasks.drift import MAJOR_PSI, MODERATE_PSI, ColumnSketch, DriftLine, render_drift_text
 from tasks.plan import MemberInfo
 
@@ -210,6 +211,8 @@ class RunRecord(BaseModel):
     # The flow process's CPU path; each member's rewrites are in "members" (made by the
     # process that loaded it, which is this one with the thread runner).
     cpu_path: CpuPath
+    # The rows per batch and per Session.run, and how they were chosen (loaders.feed).
+    feed: FeedChoice | None = None
     summary: dict[str, Any] = Field(description="RunSummary without its members")
     # The run's drift sketches (the next run's default baseline) and its comparison with
     # its own baseline; see flows.guards.

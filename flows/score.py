@@ -68,8 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "aside in DIR/quarantine/ (default: the manifest's, else fail)")
     p.add_argument("--concurrency", type=int, default=2, metavar="N",
                    help="partitions in flight at once (default: 2)")
-    p.add_argument("--batch-size", type=int, default=16_384, metavar="ROWS",
-                   help="rows per batch read, scored and written at once (default: 16384)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="ROWS",
+                   help="rows per batch read, scored and written at once (default: 16384 "
+                   "or 65536, whichever the members score faster on this machine, measured "
+                   "before scoring; the run record's feed says which)")
     p.add_argument("--min-members", type=int, default=None, metavar="K",
                    help="fewest members with a finite score a row needs, and that must "
                    "load for the run to go on (default: the manifest's min_members, else "

@@ -113,15 +113,12 @@ class GraphScorer:
     # this process spent on it (0 when the cached export was reused), and its folder.
     export_seconds: float = 0.0
     export_dir: str = ""
-    # Larger feeds are split. On the 2-core AVX2 machine a 256-wide MLP ran 16k-row feeds
-    # ~1.5x faster than 64k-row ones (activations stay in cache). On the 2-core AVX-512
-    # EPYC, Session.run alone (four sessions, interleaved windows) ran 16k to 262k rows
-    # within 3 % of each other with oneDNN on (1.13-1.16 M/s), and the product scored as
-    # fast at 16k as at 64k (1.00 vs 1.00 M/s); with oneDNN off, 64k-262k ran 5-8 % faster
-    # than 16k on the rewritten graphs (1.18-1.22 vs 1.12); the product at 64k was not
-    # compared end to end there.
-    # The benchmark's ceiling takes the best size on every run (BENCHMARKS.md).
-    max_batch: int = 16_384
+    # Larger feeds are split: a batch is fed whole up to the largest size the feed probe
+    # measures (loaders.feed), which picks the run's batch size on the machine that runs
+    # it; a larger --batch-size is read and written in batches of that size but fed in
+    # slices of this one, so the models see no feed larger than any the probe measured.
+    # The benchmark's ceiling takes the best of 16k to 262k rows on every run.
+    max_batch: int = 65_536
     _closed: bool = field(default=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 

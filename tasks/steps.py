@@ -17,6 +17,7 @@ from prefect.tasks import exponential_backoff
 
 from loaders.cache import MODEL_CACHE
 from loaders.errors import ModelFetchError, ScoringError
+from loaders.feed import FeedChoice, probe_feed
 from loaders.inspect import resolve_model
 from loaders.manifest import Manifest, ModelSpec
 from tasks.golden import GoldenCheck, check_golden
@@ -25,7 +26,7 @@ from tasks.plan import MemberInfo
 from tasks.runtime import set_up
 from tasks.scoring import PartitionResult, score_partition
 
-__all__ = ["check_ids", "golden_check", "is_transient", "load_member",
+__all__ = ["check_ids", "choose_feed", "golden_check", "is_transient", "load_member",
            "score_partition_task"]
 
 P = ParamSpec("P")
@@ -83,6 +84,15 @@ def _golden_check(manifest: Manifest, absent: list[str]) -> GoldenCheck:
     return check_golden(manifest, scorers, absent)
 
 
+def _choose_feed(manifest: Manifest, absent: list[str]) -> FeedChoice:
+    """The feed probe (``loaders.feed``) on the members this process loaded: on the task
+    runner, so that with worker processes it measures where the scoring will run."""
+    set_up()
+    n_features = len(manifest.features)
+    scorers = [MODEL_CACHE.get(s, n_features) for s in manifest.models if s.name not in absent]
+    return probe_feed(scorers, n_features)
+
+
 @functools.wraps(score_partition)
 def _score_partition(*args: Any, **kwargs: Any) -> PartitionResult:
     set_up()  # idempotent; a worker process's first task does it
@@ -94,3 +104,4 @@ score_partition_task = _retrying(_score_partition, "score-partition",
                                  "score {partition.relpath}")
 check_ids = _retrying(find_repeated_ids, "check-ids", "ids across partitions")
 golden_check = _retrying(_golden_check, "golden-check", "golden check")
+choose_feed = _retrying(_choose_feed, "choose-feed", "feed size probe")

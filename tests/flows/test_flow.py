@@ -106,9 +106,14 @@ def test_failed_partition_keeps_the_others_and_rerun_finishes(
     assert sorted(p.name for p in (tmp_path / "out" / "ensemble").glob("*.parquet")) == [
         "p0.parquet", "p2.parquet"]
     bad.write_bytes(good_bytes)
-    summary = score_ensemble(params)
+    summary = score_ensemble(params.model_copy(update={"batch_size": 64}))
     assert summary.skipped_member_partitions == 6  # p0 and p2 were not re-scored
     assert pq.read_table(tmp_path / "out" / "ensemble" / "p1.parquet").num_rows == 100
+    # The user's batch size is the one used, and the record says so.
+    record = json.loads((tmp_path / "out" / "_run.json").read_text())
+    assert record["feed"] == {"rows": 64, "chosen_by": "user", "rates": {}, "seconds": 0.0,
+                              "why": "--batch-size"}
+    assert pq.read_metadata(tmp_path / "out" / "ensemble" / "p1.parquet").num_row_groups == 2
 
 
 def test_ids_repeated_across_partitions_are_reported_not_merged(
@@ -143,6 +148,9 @@ def test_ids_repeated_across_partitions_are_reported_not_merged(
     assert path["onednn"] == path["fuses_matmul_add"]
     assert record["members"][0]["fused_bias_adds"] == (0 if path["fuses_matmul_add"] else 3)
     assert record["members"][0]["frozen_variables"] == (6 if path["onednn"] else 0)
+    # Nine rows: the feed probe would cost more than it can save, so it did not run.
+    assert record["feed"]["rows"] == 16_384 and record["feed"]["chosen_by"] == "default"
+    assert "too small for the feed probe to pay" in record["feed"]["why"]
     for day, n in (("01", 4), ("02", 5)):
         assert pq.read_metadata(tmp_path / "out" / "ensemble" / f"day={day}" /
                                 "p.parquet").num_rows == n
