@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.workload import Workload, build_workload
+from loaders.feed import FeedChoice
 
 __all__ = ["main"]
 
@@ -384,7 +385,7 @@ def run_product(manifest: Path, data: Path | str, output: Path, extra: list[str]
         "model_loads": record["model_loads"],
         "rows": record["summary"]["rows"],
         "sketch_seconds": record["summary"].get("sketch_seconds", 0.0),
-        "feed": record.get("feed") or {},
+        "feed": record["feed"],
         "steal": steal.share(),
         # The CLI's Prefect server is the product's own, though the CLI does not wait
         # for it to exit (so its CPU is not in this process's children's rusage).
@@ -708,13 +709,7 @@ def main(argv: list[str] | None = None) -> int:
          f"{', '.join(f'{x:.1f}' for x in startups)})")
     show(f"peak RSS                  {product['peak_rss'] / 2**30:8.2f} GiB")
     for i, run in enumerate(runs):
-        feed = run["feed"]
-        rates = ", ".join(f"{int(k):,} rows {v / 1e6:.2f} M/s"
-                          for k, v in feed.get("rates", {}).items())
-        show(f"batch size, run {i + 1}        {feed.get('rows', 0):8,} rows ("
-             f"{feed.get('chosen_by', '?')}" + (f": {rates}, probed in "
-                                                f"{feed['seconds']:.2f} s" if rates else "")
-             + (f"; {feed['why']}" if feed.get("why") else "") + ")")
+        show(f"feed, run {i + 1}: {FeedChoice.model_validate(run['feed']).label}")
     sketches = sum(run["sketch_seconds"] for run in runs) / len(runs)
     show(f"drift sketches            {sketches:8.2f} s  ({sketches / product['flow']:.1%} of "
          "the flow time, counted as if nothing overlapped them)")

@@ -133,7 +133,8 @@ def _run_partitions(plan: Plan, manifest: Manifest, params: ScoreParams, guards:
         if pending:
             part = pending.popleft()
             fut = score.submit(part, manifest, plan.output_dir, method=params.ensemble,
-                               batch_size=guards.feed.rows, bad_rows=policy,
+                               batch_size=params.batch_size or guards.feed.rows,
+                               feed_rows=guards.feed.rows, bad_rows=policy,
                                force=params.force, min_members=guards.quorum,
                                absent=guards.absent)
             inflight[fut] = part
@@ -368,20 +369,25 @@ def _golden_gate(params: ScoreParams, manifest: Manifest, members: list[MemberIn
 
 def _feed(params: ScoreParams, manifest: Manifest, plan: Plan, members: list[MemberInfo],
           logger: Any) -> FeedChoice:
-    """The run's batch size: the user's, else what the feed probe measured (on the task
-    runner, where the members score), where the input is large enough to pay for it."""
+    """The rows per ``Session.run``: what the feed probe measured on the task runner
+    (where the members score), where the input is large enough to pay for it and the
+    user's batches are larger than the smaller feed. The batch size is the user's, else
+    the feed's."""
     absent = [m.name for m in members if m.missing]
-    # Rows, roughly and on the low side: Parquet holds a float64 feature (the common
-    # type) in about its raw 8 bytes, a float32 one in 4.
+    # Rows, a rough guide: every column's bytes, at the 8 of a float64 feature.
     rows = plan.total_bytes // (8 * len(manifest.features))
-    if params.batch_size is not None:
-        feed = FeedChoice(rows=params.batch_size, chosen_by="user", why="--batch-size")
+    small, batch = FEED_ROWS[0], params.batch_size
+    if batch is not None and batch <= small:
+        feed = FeedChoice(rows=batch, chosen_by="user",
+                          why=f"--batch-size {batch:,}: no feed is larger than a batch")
     elif not worth_probing(rows, len(members) - len(absent)):
-        feed = FeedChoice(rows=FEED_ROWS[0], chosen_by="default", why=(
+        feed = FeedChoice(rows=small, chosen_by="default", why=(
             f"an input of about {rows:,} rows is too small for the feed probe to pay"))
     else:
-        feed = choose_feed.with_options(retries=params.retries)(manifest, absent)
-    logger.info(f"Batch size: {feed.label}")
+        feed = choose_feed.with_options(retries=params.retries).submit(
+            manifest, absent, params.concurrency).result()
+    how = "--batch-size" if batch is not None else "the feed size"
+    logger.info(f"Batch size: {batch or feed.rows:,} rows ({how}); feeds: {feed.label}")
     return feed
 
 

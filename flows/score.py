@@ -69,9 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=2, metavar="N",
                    help="partitions in flight at once (default: 2)")
     p.add_argument("--batch-size", type=int, default=None, metavar="ROWS",
-                   help="rows per batch read, scored and written at once (default: 16384 "
-                   "or 65536, whichever the members score faster on this machine, measured "
-                   "before scoring; the run record's feed says which)")
+                   help="rows per batch read, scored and written at once (default: the rows "
+                   "per TensorFlow call: 16384, or 65536 where a short probe before "
+                   "scoring finds the larger not 10%% slower on this machine; the probe "
+                   "runs on inputs of several million rows, and the run record's feed "
+                   "says what was chosen and why)")
     p.add_argument("--min-members", type=int, default=None, metavar="K",
                    help="fewest members with a finite score a row needs, and that must "
                    "load for the run to go on (default: the manifest's min_members, else "

@@ -113,11 +113,9 @@ class GraphScorer:
     # this process spent on it (0 when the cached export was reused), and its folder.
     export_seconds: float = 0.0
     export_dir: str = ""
-    # Larger feeds are split: a batch is fed whole up to the largest size the feed probe
-    # measures (loaders.feed), which picks the run's batch size on the machine that runs
-    # it; a larger --batch-size is read and written in batches of that size but fed in
-    # slices of this one, so the models see no feed larger than any the probe measured.
-    # The benchmark's ceiling takes the best of 16k to 262k rows on every run.
+    # Larger feeds are split here, for any caller. A run slices its batches into the
+    # feeds its probe chose on the machine (loaders.feed, tasks.batch), never larger
+    # than this, the largest size the probe measures.
     max_batch: int = 65_536
     _closed: bool = field(default=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)

@@ -3,86 +3,101 @@
 The best feed size is the CPU's, not the model's alone: on the first release's 2-core
 AVX2 machine a 32-256-256-1 MLP scored 16,384-row feeds ~1.5x faster than 65,536-row
 ones, and end to end 16k batches beat 64k by 6 % (0.66 vs 0.62 M row-model evals/s). On
-the 2-core AVX-512 EPYC both TensorFlow paths ran the two sizes within 0-4 % of each
+the 2-core AVX-512 EPYC both TensorFlow paths ran the two sizes within 0-6 % of each
 other in ``Session.run``, and end to end, with a batch's members overlapping the batch
 before, 64k batches scored 3-4 % faster than 16k in six interleaved rounds: fewer
 batches cost less outside TensorFlow (decode slicing, screening, combining, writing,
 one future per member per batch).
 
-So a run that is not given ``--batch-size`` measures both sizes before it scores: as
-many members as there are cores (at most), each in its own thread as in a batch, are
-fed the same 65,536 random rows
-as four 16,384-row feeds or one 65,536-row feed, in alternated rounds (small, large,
-large, small) after one warm-up call of each size: a shape's first ``Session.run``
-builds its kernels, and took 1.5-1.9 times as long as the next on the EPYC (once 4
-times, in a run whose start-up still held the cores). The smaller feed is taken when it
-scores at least ``SMALL_FEED_MARGIN`` faster; otherwise the larger, whose savings
-outside TensorFlow the probe does not see. Where measuring would cost more than
-``PROBE_BUDGET_SECONDS`` (slow models, for which the per-call overheads the larger
-batches save matter least) or a 65,536-row batch of the features would take more than
-``LARGE_FEED_MAX_BYTES`` (wide rows: memory), the smaller size is kept unmeasured.
-The probe costs about five 65,536-row feeds per member it uses (0.6 s for the
-benchmark's MLPs on 2 cores) and saved 3-4 % of the scoring there, so ``worth_probing``
-runs it only on inputs at least ``PAYBACK`` times its own work.
+So a run measures both sizes before it scores (``probe_feed``): as many members as there
+are cores (at most), each in its own thread as in a batch, are fed the same 65,536
+random rows as four 16,384-row feeds or one 65,536-row feed, in alternated rounds
+(small, large, large, small), after a warm-up call of each size: a shape's first
+``Session.run`` builds its kernels, and took 1.5-1.9 times as long as the next on the
+EPYC. A round is repeated up to ``_MAX_REPEATS`` times to last at least ``_MIN_ROUND``
+seconds, so that a small model's rounds are not a few milliseconds of timer noise. The
+smaller feed is taken when it scores at least ``SMALL_FEED_MARGIN`` faster; otherwise
+the larger, whose savings outside TensorFlow the probe does not see.
+
+The smaller size is kept unmeasured where measuring would cost more than
+``PROBE_BUDGET_SECONDS`` (projected from a 1,024-row call: slow models, for which the
+per-call overheads larger batches save matter least), and kept after measuring where
+the larger feeds would hold more than ``LARGE_FEED_MAX_EXTRA`` of memory more across
+the run's concurrent calls (TensorFlow's pool keeps each call's activations; a
+256-wide MLP took 135 MiB more per call at 64k than at 16k), and wide rows (a 65,536-row
+feature matrix over ``LARGE_FEED_MAX_MATRIX``) keep it unmeasured. The probe costs about five
+65,536-row feeds per member it uses (0.6-0.7 s for the benchmark's MLPs on 2 cores) and
+saved 3-4 % of the scoring there, so ``worth_probing`` runs it only on inputs of at
+least ``PAYBACK`` times its own work.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import socket
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
+import psutil
 from pydantic import BaseModel
 
 from loaders.base import Scorer
 
-__all__ = ["FEED_ROWS", "LARGE_FEED_MAX_BYTES", "PAYBACK", "PROBE_BUDGET_SECONDS",
-           "SMALL_FEED_MARGIN", "FeedChoice", "pick_feed", "probe_evals", "probe_feed",
-           "worth_probing"]
+__all__ = ["FEED_ROWS", "LARGE_FEED_MAX_EXTRA", "LARGE_FEED_MAX_MATRIX", "PAYBACK",
+           "PROBE_BUDGET_SECONDS", "SMALL_FEED_MARGIN", "FeedChoice", "pick_feed",
+           "probe_evals", "probe_feed", "probed_members", "worth_probing"]
 
 FEED_ROWS = (16_384, 65_536)  # the candidates, smaller first; the smaller is the fallback
 # Two sizes' first windows differed by up to 5 % on the EPYC where they ran alike, and
 # larger batches saved 3-4 % end to end there: a smaller feed must win by more than both.
 SMALL_FEED_MARGIN = 0.10
 PROBE_BUDGET_SECONDS = 2.0
-LARGE_FEED_MAX_BYTES = 64 * 2**20  # one float32 feature matrix of 65,536 rows
+LARGE_FEED_MAX_EXTRA = 2 * 2**30
+LARGE_FEED_MAX_MATRIX = 64 * 2**20  # one float32 feature matrix of 65,536 rows
 PAYBACK = 32
 _ROUNDS = ("small", "large", "large", "small")
+_ESTIMATE_ROWS = 1_024
+_MIN_ROUND = 0.05
+_MAX_REPEATS = 8
 
 
 class FeedChoice(BaseModel):
-    """The rows per batch (and per ``Session.run``) a run used, and why (run record)."""
+    """The rows per ``Session.run`` a run used, and why (run record)."""
 
     rows: int
     chosen_by: Literal["probe", "default", "user"]
     # Row-model evaluations per second at each candidate size, as the probe measured them.
     rates: dict[str, float] = {}
-    seconds: float = 0.0  # the probe's own time
+    seconds: float = 0.0  # the probe's own time, skipped measurements included
     why: str = ""
+    process: str = ""  # host:pid of the process that probed
 
     @property
     def label(self) -> str:
         """One line for logs and reports."""
-        text = f"{self.rows:,} rows per batch ({self.chosen_by}"
+        text = f"{self.rows:,} rows per Session.run ({self.chosen_by}"
         if self.rates:
             text += ": " + ", ".join(f"{int(k):,} rows {v / 1e6:.2f} M/s"
                                      for k, v in self.rates.items())
-            text += f", probed in {self.seconds:.2f} s"
+        if self.process:
+            text += f", probed in {self.seconds:.2f} s in {self.process}"
         return text + (f"; {self.why})" if self.why else ")")
 
 
-def _probed(members: int) -> int:
+def probed_members(members: int) -> int:
     """Members the probe feeds at once: one per core, as a batch's members share them."""
     return max(1, min(members, os.cpu_count() or 1))
 
 
 def probe_evals(members: int) -> int:
-    """Row-model evaluations the probe spends with ``members`` loaded members."""
+    """Row-model evaluations the probe spends with ``members`` loaded members, when each
+    round needs no repeat (a model too fast to need them costs nothing to repeat)."""
     small, large = FEED_ROWS
-    return (len(_ROUNDS) + 1) * large * _probed(members) + small * _probed(members)
+    return (len(_ROUNDS) * large + large + 2 * small) * probed_members(members)
 
 
 def worth_probing(input_rows: int, members: int) -> bool:
@@ -97,56 +112,77 @@ def pick_feed(rates: dict[int, float]) -> int:
     return small if rates[small] >= rates[large] * (1 + SMALL_FEED_MARGIN) else large
 
 
-def probe_feed(scorers: Sequence[Scorer], n_features: int, *,
+def probe_feed(scorers: Sequence[Scorer], n_features: int, *, concurrent_calls: int,
                budget_seconds: float = PROBE_BUDGET_SECONDS) -> FeedChoice:
-    """Measure the candidate feed sizes on ``scorers`` (loaded members) and pick one.
+    """Measure the candidate feed sizes on ``scorers`` (loaded members; the first
+    ``probed_members`` are used) and pick one. ``concurrent_calls``: the ``Session.run``
+    calls the run will have in flight (members x partitions), for the memory bound.
 
     Raises nothing a model raises: a member that fails on a probe feed (memory) leaves
     the smaller size, with the reason; scoring then reports the model's error itself.
     """
-    small, large = FEED_ROWS
-    if large * n_features * 4 > LARGE_FEED_MAX_BYTES:
-        return FeedChoice(rows=small, chosen_by="default",
-                          why=f"{n_features} features: a {large:,}-row batch would take "
-                          f"over {LARGE_FEED_MAX_BYTES // 2**20} MiB")
-    use = list(scorers)[:_probed(len(scorers))]
+    use = list(scorers)[:probed_members(len(scorers))]
+    host = f"{socket.gethostname()}:{os.getpid()}"
     if not use:
-        return FeedChoice(rows=small, chosen_by="default", why="no member loaded")
-    features = np.random.default_rng(0).standard_normal((large, n_features),
-                                                        dtype=np.float32)
+        return FeedChoice(rows=FEED_ROWS[0], chosen_by="default", why="no member loaded")
+    if FEED_ROWS[1] * n_features * 4 > LARGE_FEED_MAX_MATRIX:
+        return FeedChoice(rows=FEED_ROWS[0], chosen_by="default", why=(
+            f"{n_features} features: a {FEED_ROWS[1]:,}-row batch would take over "
+            f"{LARGE_FEED_MAX_MATRIX // 2**20} MiB"))
     start = time.perf_counter()
+    features = np.random.default_rng(0).standard_normal((FEED_ROWS[1], n_features),
+                                                        dtype=np.float32)
     with ThreadPoolExecutor(len(use), thread_name_prefix="feed-probe") as pool:
-        def feed(rows: int, calls: int) -> float:
+        def feed(rows: int, calls: int = 1) -> float:
             """Seconds for every member in ``use`` to score ``calls`` feeds of ``rows``."""
             t = time.perf_counter()
             list(pool.map(_feeder(features, rows, calls), use))
             return time.perf_counter() - t
 
         try:
-            feed(small, 1)  # a shape's first run builds its kernels: not the model's speed
-            once = feed(small, 1)
-            projected = once * (large // small) * (1 + len(_ROUNDS))
-            if projected > budget_seconds:
-                return FeedChoice(rows=small, chosen_by="default", why=(
-                    f"a {small:,}-row feed took {once:.2f} s: measuring would take "
-                    f"~{projected:.0f} s"))
-            feed(large, 1)
-            spent = {small: 0.0, large: 0.0}
-            for which in _ROUNDS:
-                rows = small if which == "small" else large
-                spent[rows] += feed(rows, large // rows)
+            choice = _measure(feed, len(use), concurrent_calls, budget_seconds)
         except Exception as exc:  # a model's own failure (memory): scoring reports its own
-            return FeedChoice(rows=small, chosen_by="default",
-                              why=f"a probe feed failed: {type(exc).__name__}")
-    evals = large * len(use) * len(_ROUNDS) // 2  # per size
+            choice = FeedChoice(rows=FEED_ROWS[0], chosen_by="default",
+                                why=f"a probe feed failed: {type(exc).__name__}: {exc}"[:300])
+    choice.seconds, choice.process = round(time.perf_counter() - start, 3), host
+    return choice
+
+
+def _measure(feed: Callable[..., float], members: int, concurrent_calls: int,
+             budget_seconds: float) -> FeedChoice:
+    small, large = FEED_ROWS
+    feed(_ESTIMATE_ROWS)  # a shape's first run builds its kernels: not the model's speed
+    once = feed(_ESTIMATE_ROWS) / _ESTIMATE_ROWS * large  # one 64k-row round, projected
+    projected = once * (len(_ROUNDS) + 1.5)
+    if projected > budget_seconds:
+        return FeedChoice(rows=small, chosen_by="default", why=(
+            f"measuring would take ~{projected:.1f} s (a {_ESTIMATE_ROWS:,}-row feed took "
+            f"{once * _ESTIMATE_ROWS / large:.3f} s)"))
+    feed(small)
+    rss = psutil.Process().memory_info().rss
+    feed(large)
+    extra = (psutil.Process().memory_info().rss - rss) / members * concurrent_calls
+    repeats = max(1, min(_MAX_REPEATS, math.ceil(_MIN_ROUND / max(once, 1e-9))))
+    spent = {small: 0.0, large: 0.0}
+    for which in _ROUNDS:
+        rows = small if which == "small" else large
+        spent[rows] += feed(rows, large // rows * repeats)
+    evals = large * members * repeats * len(_ROUNDS) // 2  # per size
     rates = {rows: evals / s for rows, s in spent.items()}
-    return FeedChoice(rows=pick_feed(rates), chosen_by="probe",
-                      rates={str(k): round(v, 1) for k, v in rates.items()},
-                      seconds=round(time.perf_counter() - start, 3))
+    rows = pick_feed(rates)
+    why = (f"{small:,} would need to be {SMALL_FEED_MARGIN:.0%} faster" if rows == large
+           else f"{small:,} was over {SMALL_FEED_MARGIN:.0%} faster")
+    if rows == large and extra > LARGE_FEED_MAX_EXTRA:
+        rows, why = small, (
+            f"{large:,}-row feeds would hold ~{extra / 2**30:.1f} GiB more memory over "
+            f"{concurrent_calls} concurrent calls")
+    return FeedChoice(rows=rows, chosen_by="probe",
+                      rates={str(k): round(v, 1) for k, v in rates.items()}, why=why)
 
 
 def _feeder(features: np.ndarray, rows: int, calls: int) -> Callable[[Scorer], None]:
     def run(scorer: Scorer) -> None:
         for i in range(calls):
-            scorer.predict(features[i * rows:(i + 1) * rows])
+            start = i * rows % features.shape[0]
+            scorer.predict(features[start:start + rows])
     return run

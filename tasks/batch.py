@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from loaders.base import Scorer
 from loaders.errors import DataError, ModelLoadError
+from loaders.feed import FEED_ROWS
 from loaders.manifest import BadRowPolicy
 from tasks.features import all_finite, find_bad_rows
 from tasks.merge import EnsembleMethod, combine
@@ -50,6 +51,7 @@ class ScoringContext:
     seconds: dict[int, float] = field(default_factory=dict)  # time in predict, per member
     min_members: int = 0  # members a row needs (finite scores); 0: all of them
     absent: tuple[int, ...] = ()  # members not loaded: their scores are missing (null)
+    feed_rows: int = FEED_ROWS[0]  # rows per Session.run (loaders.feed); batches are split
 
     @property
     def quorum(self) -> int:
@@ -182,7 +184,9 @@ def _predict_members(ctx: ScoringContext, matrix: np.ndarray, scores: np.ndarray
     and its seconds in ``predict``, added up by the thread that waits for it."""
     def run(k: int) -> tuple[int, float]:
         t0 = time.perf_counter()
-        scores[k] = ctx.scorers[k].predict(matrix)
+        step = ctx.feed_rows
+        for start in range(0, matrix.shape[0], step):
+            scores[k, start:start + step] = ctx.scorers[k].predict(matrix[start:start + step])
         return k, time.perf_counter() - t0
 
     if ctx.pool is not None:

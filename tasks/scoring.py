@@ -32,6 +32,7 @@ from pydantic import BaseModel
 
 from loaders.cache import MODEL_CACHE
 from loaders.errors import DataError, PartitionAbandoned
+from loaders.feed import FEED_ROWS
 from loaders.inspect import digest_files, resolve_model
 from loaders.manifest import BadRowPolicy, Manifest
 from tasks.batch import ScoringContext, StartedBatch, finish_batch, start_batch
@@ -115,6 +116,7 @@ class _Job:
     provenance: dict[str, Any]  # what produces the file, as its footer records it
     batch_size: int
     output_dir: str
+    feed_rows: int = FEED_ROWS[0]
     start: float = field(default_factory=time.perf_counter)
 
     @property
@@ -145,6 +147,7 @@ def score_partition(
     *,
     method: EnsembleMethod = "mean",
     batch_size: int = 16_384,
+    feed_rows: int = FEED_ROWS[0],
     bad_rows: BadRowPolicy = "fail",
     force: bool = False,
     min_members: int = 0,
@@ -173,7 +176,7 @@ def score_partition(
         "members": digests,  # the members scored: absent ones are left out
         "min_members": min_members or len(manifest.models),
         "absent": list(absent),
-    }, batch_size, output_dir)
+    }, batch_size, output_dir, feed_rows)
     previous = None if force else committed_metadata(job.store, job.table)
     reuse = plan_reuse(previous, job.provenance, force=force)
     if reuse.whole and previous is not None:
@@ -246,7 +249,8 @@ def _score(job: _Job, reuse: Reuse, hidden: str | None) -> PartitionResult:
             scorers={k: MODEL_CACHE.get(job.manifest.models[k], len(job.manifest.features))
                      for k in todo},
             policy=job.policy, method=job.method, weights=np.array(job.provenance["weights"]),
-            pool=pool, min_members=job.provenance["min_members"], absent=tuple(absent))
+            pool=pool, min_members=job.provenance["min_members"], absent=tuple(absent),
+            feed_rows=job.feed_rows)
         rows, first_batch_at, id_chunks, scores_aside = _stream(
             job, ctx, writer, stats, previous, reused,
             read_ahead(batches_by_row_group(reader, columns, job.batch_size), pool))

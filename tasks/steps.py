@@ -17,7 +17,7 @@ from prefect.tasks import exponential_backoff
 
 from loaders.cache import MODEL_CACHE
 from loaders.errors import ModelFetchError, ScoringError
-from loaders.feed import FeedChoice, probe_feed
+from loaders.feed import FeedChoice, probe_feed, probed_members
 from loaders.inspect import resolve_model
 from loaders.manifest import Manifest, ModelSpec
 from tasks.golden import GoldenCheck, check_golden
@@ -84,13 +84,15 @@ def _golden_check(manifest: Manifest, absent: list[str]) -> GoldenCheck:
     return check_golden(manifest, scorers, absent)
 
 
-def _choose_feed(manifest: Manifest, absent: list[str]) -> FeedChoice:
-    """The feed probe (``loaders.feed``) on the members this process loaded: on the task
-    runner, so that with worker processes it measures where the scoring will run."""
+def _choose_feed(manifest: Manifest, absent: list[str], concurrency: int) -> FeedChoice:
+    """The feed probe (``loaders.feed``), submitted to the task runner so that with worker
+    processes it measures where the scoring runs; it loads only the members it feeds.
+    ``concurrency``: partitions in flight."""
     set_up()
     n_features = len(manifest.features)
-    scorers = [MODEL_CACHE.get(s, n_features) for s in manifest.models if s.name not in absent]
-    return probe_feed(scorers, n_features)
+    present = [s for s in manifest.models if s.name not in absent]
+    scorers = [MODEL_CACHE.get(s, n_features) for s in present[:probed_members(len(present))]]
+    return probe_feed(scorers, n_features, concurrent_calls=len(present) * concurrency)
 
 
 @functools.wraps(score_partition)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import loaders.feed
 from flows.demo import build_demo
 from flows.ensemble import score_ensemble
 from flows.params import ScoreParams
@@ -21,7 +22,16 @@ def _run_record(out: Path) -> dict[str, object]:
     return json.loads((out / "_run.json").read_text())  # type: ignore[no-any-return]
 
 
-def test_dask_cluster_scores_like_the_reference(tmp_path: Path, dask_cluster: str) -> None:
+def _probe_where_scored(out: Path) -> None:
+    """Checked after a run made with the feed probe on for any input size."""
+    feed = _run_record(out)["feed"]
+    assert isinstance(feed, dict) and feed["chosen_by"] == "probe"
+    assert feed["process"].split(":")[1] != str(os.getpid())  # on the runner, not here
+
+
+def test_dask_cluster_scores_like_the_reference(tmp_path: Path, dask_cluster: str,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loaders.feed, "PAYBACK", 0)  # the feed probe runs, on a worker
     manifest = build_demo(tmp_path / "demo", partitions=6, rows=20_000)
     out = tmp_path / "out"
     summary = score_ensemble(ScoreParams(
@@ -36,9 +46,12 @@ def test_dask_cluster_scores_like_the_reference(tmp_path: Path, dask_cluster: st
     assert workers, "no partition was scored on a Dask worker"
     # Each worker process loaded each checkpoint at most once.
     assert all(count == 1 for per in workers.values() for count in per.values())
+    _probe_where_scored(out)
 
 
-def test_process_pool_scores_like_the_reference(tmp_path: Path) -> None:
+def test_process_pool_scores_like_the_reference(tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(loaders.feed, "PAYBACK", 0)  # the feed probe runs, in a worker
     manifest = build_demo(tmp_path / "demo", partitions=4, rows=20_000)
     out = tmp_path / "out"
     summary = score_ensemble(ScoreParams(
@@ -54,6 +67,7 @@ def test_process_pool_scores_like_the_reference(tmp_path: Path) -> None:
                if proc.split(":")[1] != str(os.getpid())}
     assert workers, "no partition was scored in a worker process"
     assert all(count == 1 for per in workers.values() for count in per.values())
+    _probe_where_scored(out)
 
 
 def test_dask_needs_an_address() -> None:

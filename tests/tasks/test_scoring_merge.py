@@ -193,6 +193,33 @@ def test_next_batch_starts_while_members_score_the_last(
     assert running[1] > len(checkpoints)  # members of two batches were in flight at once
 
 
+def test_batches_larger_than_the_feed_are_fed_in_slices(
+        tmp_path: Path, checkpoints: list[Path], features: list[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The probe's feed size bounds every Session.run, whatever the batch size, and the
+    slices' scores land in their own rows."""
+    x = _data(tmp_path, features)
+    manifest = _manifest(checkpoints, features)
+    real = GraphScorer.predict
+    fed: list[int] = []
+
+    def counted(self: GraphScorer, matrix: np.ndarray) -> np.ndarray:
+        fed.append(matrix.shape[0])
+        return real(self, matrix)
+
+    monkeypatch.setattr(GraphScorer, "predict", counted)
+    part = discover_partitions(str(tmp_path / "in"))[0]
+    result = score_partition(part, manifest, str(tmp_path / "out"), batch_size=700,
+                             feed_rows=256)
+    table = pq.read_table(result.merged.path)
+    refs = np.stack([mlp_reference(p, x) for p in checkpoints], axis=1)
+    for k in range(3):
+        assert np.abs(table.column(f"score_m{k}").to_numpy() - refs[:, k]).max() <= 1e-5
+    # Batches of 700 and 300 rows: 256 + 256 + 188 and 256 + 44, for each member (and
+    # the 2-row probe of each load, where this test loads).
+    assert sorted(set(fed) - {2}) == [44, 188, 256] and fed.count(256) == 3 * 3
+
+
 def test_an_error_of_the_batch_before_is_reported_before_a_read_error(
         tmp_path: Path, checkpoints: list[Path], features: list[str]) -> None:
     """Batch N+1 is read while batch N's members score: when both fail, batch N's error
