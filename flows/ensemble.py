@@ -371,21 +371,21 @@ def _feed(params: ScoreParams, manifest: Manifest, plan: Plan, members: list[Mem
           logger: Any) -> FeedChoice:
     """The rows per ``Session.run``: what the feed probe measured on the task runner
     (where the members score), where the input is large enough to pay for it and the
-    user's batches are larger than the smaller feed. The batch size is the user's, else
-    the feed's."""
+    batches can hold the larger feed. The batch size is the user's, else the feed's."""
     absent = [m.name for m in members if m.missing]
     # Rows, a rough guide: every column's bytes, at the 8 of a float64 feature.
     rows = plan.total_bytes // (8 * len(manifest.features))
-    small, batch = FEED_ROWS[0], params.batch_size
-    if batch is not None and batch <= small:
+    (small, large), batch = FEED_ROWS, params.batch_size
+    if batch is not None and batch < large:
         feed = FeedChoice(rows=batch, chosen_by="user",
-                          why=f"--batch-size {batch:,}: no feed is larger than a batch")
+                          why=f"--batch-size {batch:,}: each batch is fed whole")
     elif not worth_probing(rows, len(members) - len(absent)):
         feed = FeedChoice(rows=small, chosen_by="default", why=(
             f"an input of about {rows:,} rows is too small for the feed probe to pay"))
     else:
+        in_flight = min(params.concurrency, len(plan.partitions))
         feed = choose_feed.with_options(retries=params.retries).submit(
-            manifest, absent, params.concurrency).result()
+            manifest, absent, in_flight).result()
     how = "--batch-size" if batch is not None else "the feed size"
     logger.info(f"Batch size: {batch or feed.rows:,} rows ({how}); feeds: {feed.label}")
     return feed

@@ -61,9 +61,10 @@ class ScoreParams(BaseModel):
     )
     batch_size: int | None = Field(
         None, ge=64, le=4_194_304, description="Rows per batch read, scored and written "
-        "at once; bounds memory per partition in flight. Empty: the rows per TensorFlow "
-        "call, 16,384, or 65,536 where a short probe before scoring finds the larger not "
-        "10 % slower on this machine (run on inputs of several million rows; the run "
+        "at once; bounds memory per partition in flight. Under 65,536, each batch is one "
+        "TensorFlow call. Empty: the rows per call, 16,384, or 65,536 where a probe of "
+        "about a second before scoring does not find 16,384 at least 10 % faster on this "
+        "machine (run on inputs of several million rows, within memory bounds; the run "
         "record's feed says what was chosen and why)."
     )
     min_members: int | None = Field(

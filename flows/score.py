@@ -69,11 +69,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=2, metavar="N",
                    help="partitions in flight at once (default: 2)")
     p.add_argument("--batch-size", type=int, default=None, metavar="ROWS",
-                   help="rows per batch read, scored and written at once (default: the rows "
-                   "per TensorFlow call: 16384, or 65536 where a short probe before "
-                   "scoring finds the larger not 10%% slower on this machine; the probe "
-                   "runs on inputs of several million rows, and the run record's feed "
-                   "says what was chosen and why)")
+                   help="rows per batch read, scored and written at once; under 65536, each "
+                   "batch is one TensorFlow call (default: the rows per call, 16384, or "
+                   "65536 where a probe of about a second before scoring does not find "
+                   "16384 at least 10%% faster on this machine; the probe runs on inputs "
+                   "of several million rows and within memory bounds; the log and the run "
+                   "record's feed say what was chosen and why)")
     p.add_argument("--min-members", type=int, default=None, metavar="K",
                    help="fewest members with a finite score a row needs, and that must "
                    "load for the run to go on (default: the manifest's min_members, else "

@@ -183,6 +183,19 @@ class GraphScorer:
             out[start:stop] = self._run(features[start:stop])
         return out
 
+    def output_bytes(self, rows: int, n_features: int) -> int:
+        """Bytes of every tensor one call of ``rows`` rows (zeros) produces, from
+        TensorFlow's own step stats (``RunOptions`` / ``RunMetadata``, public protos): an
+        upper bound on what the call holds at once, which TensorFlow's pool then keeps."""
+        options = tf.compat.v1.RunOptions(trace_level=tf.compat.v1.RunOptions.FULL_TRACE)
+        metadata = tf.compat.v1.RunMetadata()
+        self.session.run(self.output_tensor,
+                         {self.input_tensor: np.zeros((rows, n_features), self._input_dtype)},
+                         options=options, run_metadata=metadata)
+        return sum(out.tensor_description.allocation_description.requested_bytes
+                   for dev in metadata.step_stats.dev_stats for node in dev.node_stats
+                   for out in node.output)
+
     def _run(self, features: np.ndarray) -> np.ndarray:
         if self._input_dtype != features.dtype:
             features = features.astype(self._input_dtype)

@@ -20,15 +20,17 @@ smaller feed is taken when it scores at least ``SMALL_FEED_MARGIN`` faster; othe
 the larger, whose savings outside TensorFlow the probe does not see.
 
 The smaller size is kept unmeasured where measuring would cost more than
-``PROBE_BUDGET_SECONDS`` (projected from a 1,024-row call: slow models, for which the
-per-call overheads larger batches save matter least), and kept after measuring where
-the larger feeds would hold more than ``LARGE_FEED_MAX_EXTRA`` of memory more across
-the run's concurrent calls (TensorFlow's pool keeps each call's activations; a
-256-wide MLP took 135 MiB more per call at 64k than at 16k), and wide rows (a 65,536-row
-feature matrix over ``LARGE_FEED_MAX_MATRIX``) keep it unmeasured. The probe costs about five
-65,536-row feeds per member it uses (0.6-0.7 s for the benchmark's MLPs on 2 cores) and
-saved 3-4 % of the scoring there, so ``worth_probing`` runs it only on inputs of at
-least ``PAYBACK`` times its own work.
+``PROBE_BUDGET_SECONDS`` (projected from a 16,384-row call, after a 1,024-row call has
+turned away models far over it: slow models, for which the per-call overheads larger
+batches save matter least), for wide rows (a 65,536-row feature matrix over
+``LARGE_FEED_MAX_MATRIX``), and where the larger feeds would hold more than
+``LARGE_FEED_MAX_EXTRA`` of memory more: TensorFlow's pool keeps each call's tensors,
+and every member has a call in flight per partition in flight. That memory is read from
+TensorFlow's own step stats for every member (``feed_bytes_per_row``): a 256-wide MLP's
+call held 136 MiB of tensors at 65,536 rows, as its process grew by 135 MiB. The probe
+costs about five 65,536-row feeds per member it uses (0.6-0.7 s for the benchmark's
+MLPs on 2 cores) and saved 3-4 % of the scoring there, so ``worth_probing`` runs it
+only on inputs of at least ``PAYBACK`` times its own work.
 """
 
 from __future__ import annotations
@@ -42,14 +44,13 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
-import psutil
 from pydantic import BaseModel
 
-from loaders.base import Scorer
+from loaders.base import GraphScorer, Scorer
 
 __all__ = ["FEED_ROWS", "LARGE_FEED_MAX_EXTRA", "LARGE_FEED_MAX_MATRIX", "PAYBACK",
-           "PROBE_BUDGET_SECONDS", "SMALL_FEED_MARGIN", "FeedChoice", "pick_feed",
-           "probe_evals", "probe_feed", "probed_members", "worth_probing"]
+           "PROBE_BUDGET_SECONDS", "SMALL_FEED_MARGIN", "FeedChoice", "feed_bytes_per_row",
+           "pick_feed", "probe_evals", "probe_feed", "probed_members", "worth_probing"]
 
 FEED_ROWS = (16_384, 65_536)  # the candidates, smaller first; the smaller is the fallback
 # Two sizes' first windows differed by up to 5 % on the EPYC where they ran alike, and
@@ -81,11 +82,13 @@ class FeedChoice(BaseModel):
         """One line for logs and reports."""
         text = f"{self.rows:,} rows per Session.run ({self.chosen_by}"
         if self.rates:
-            text += ": " + ", ".join(f"{int(k):,} rows {v / 1e6:.2f} M/s"
-                                     for k, v in self.rates.items())
+            text += ": " + ", ".join(f"{int(k):,} rows {v / 1e6:.2f} M" for k, v in
+                                     self.rates.items()) + " row-model evaluations/s"
+        if self.why:
+            text += f"; {self.why}"
         if self.process:
-            text += f", probed in {self.seconds:.2f} s in {self.process}"
-        return text + (f"; {self.why})" if self.why else ")")
+            text += f"; {self.seconds:.2f} s in {self.process}"
+        return text + ")"
 
 
 def probed_members(members: int) -> int:
@@ -97,7 +100,8 @@ def probe_evals(members: int) -> int:
     """Row-model evaluations the probe spends with ``members`` loaded members, when each
     round needs no repeat (a model too fast to need them costs nothing to repeat)."""
     small, large = FEED_ROWS
-    return (len(_ROUNDS) * large + large + 2 * small) * probed_members(members)
+    calls = (len(_ROUNDS) + 1) * large + 2 * small + 2 * _ESTIMATE_ROWS
+    return calls * probed_members(members)
 
 
 def worth_probing(input_rows: int, members: int) -> bool:
@@ -112,25 +116,41 @@ def pick_feed(rates: dict[int, float]) -> int:
     return small if rates[small] >= rates[large] * (1 + SMALL_FEED_MARGIN) else large
 
 
-def probe_feed(scorers: Sequence[Scorer], n_features: int, *, concurrent_calls: int,
-               budget_seconds: float = PROBE_BUDGET_SECONDS) -> FeedChoice:
+def feed_bytes_per_row(scorers: Sequence[GraphScorer], n_features: int) -> float:
+    """Bytes each row of a feed adds to the tensors one call of every member in
+    ``scorers`` produces (TensorFlow's own step stats: ``GraphScorer.output_bytes``),
+    the part of their memory that grows with the feed size. Deterministic, unlike the
+    process's memory, which TensorFlow's pool keeps at its highest."""
+    rows = _ESTIMATE_ROWS
+    return sum(s.output_bytes(2 * rows, n_features) - s.output_bytes(rows, n_features)
+               for s in scorers) / rows
+
+
+def probe_feed(scorers: Sequence[Scorer], n_features: int, *, bytes_per_row: float,
+               in_flight: int, budget_seconds: float | None = None) -> FeedChoice:
     """Measure the candidate feed sizes on ``scorers`` (loaded members; the first
-    ``probed_members`` are used) and pick one. ``concurrent_calls``: the ``Session.run``
-    calls the run will have in flight (members x partitions), for the memory bound.
+    ``probed_members`` are used) and pick one. ``bytes_per_row``: what every member's
+    call holds per row (``feed_bytes_per_row``); ``in_flight``: partitions scored at
+    once, each with a call of every member in flight.
 
     Raises nothing a model raises: a member that fails on a probe feed (memory) leaves
     the smaller size, with the reason; scoring then reports the model's error itself.
     """
+    small, large = FEED_ROWS
     use = list(scorers)[:probed_members(len(scorers))]
-    host = f"{socket.gethostname()}:{os.getpid()}"
+    extra = bytes_per_row * (large - small) * in_flight
     if not use:
-        return FeedChoice(rows=FEED_ROWS[0], chosen_by="default", why="no member loaded")
-    if FEED_ROWS[1] * n_features * 4 > LARGE_FEED_MAX_MATRIX:
-        return FeedChoice(rows=FEED_ROWS[0], chosen_by="default", why=(
-            f"{n_features} features: a {FEED_ROWS[1]:,}-row batch would take over "
+        return FeedChoice(rows=small, chosen_by="default", why="no member loaded")
+    if large * n_features * 4 > LARGE_FEED_MAX_MATRIX:
+        return FeedChoice(rows=small, chosen_by="default", why=(
+            f"{n_features} features: a {large:,}-row batch would take over "
             f"{LARGE_FEED_MAX_MATRIX // 2**20} MiB"))
+    if extra > LARGE_FEED_MAX_EXTRA:
+        return FeedChoice(rows=small, chosen_by="default", why=(
+            f"{large:,}-row feeds would hold up to {extra / 2**30:.1f} GiB more memory, "
+            f"the members' calls of {in_flight} partition(s) in flight"))
     start = time.perf_counter()
-    features = np.random.default_rng(0).standard_normal((FEED_ROWS[1], n_features),
+    features = np.random.default_rng(0).standard_normal((large, n_features),
                                                         dtype=np.float32)
     with ThreadPoolExecutor(len(use), thread_name_prefix="feed-probe") as pool:
         def feed(rows: int, calls: int = 1) -> float:
@@ -140,44 +160,48 @@ def probe_feed(scorers: Sequence[Scorer], n_features: int, *, concurrent_calls: 
             return time.perf_counter() - t
 
         try:
-            choice = _measure(feed, len(use), concurrent_calls, budget_seconds)
+            choice = _measure(feed, len(use), PROBE_BUDGET_SECONDS if budget_seconds is None
+                              else budget_seconds)
         except Exception as exc:  # a model's own failure (memory): scoring reports its own
-            choice = FeedChoice(rows=FEED_ROWS[0], chosen_by="default",
+            choice = FeedChoice(rows=small, chosen_by="default",
                                 why=f"a probe feed failed: {type(exc).__name__}: {exc}"[:300])
-    choice.seconds, choice.process = round(time.perf_counter() - start, 3), host
+    choice.seconds = round(time.perf_counter() - start, 3)
+    choice.process = f"{socket.gethostname()}:{os.getpid()}"
     return choice
 
 
-def _measure(feed: Callable[..., float], members: int, concurrent_calls: int,
-             budget_seconds: float) -> FeedChoice:
+def _measure(feed: Callable[..., float], members: int, budget_seconds: float
+             ) -> FeedChoice:
     small, large = FEED_ROWS
     feed(_ESTIMATE_ROWS)  # a shape's first run builds its kernels: not the model's speed
-    once = feed(_ESTIMATE_ROWS) / _ESTIMATE_ROWS * large  # one 64k-row round, projected
-    projected = once * (len(_ROUNDS) + 1.5)
-    if projected > budget_seconds:
-        return FeedChoice(rows=small, chosen_by="default", why=(
-            f"measuring would take ~{projected:.1f} s (a {_ESTIMATE_ROWS:,}-row feed took "
-            f"{once * _ESTIMATE_ROWS / large:.3f} s)"))
+    # Per-call costs weigh on 1,024 rows: this projection is high, so only a model far
+    # over the budget is turned away on it, before any feed of the real sizes.
+    rough = feed(_ESTIMATE_ROWS) * (large // _ESTIMATE_ROWS) * (len(_ROUNDS) + 1)
+    if rough > 10 * budget_seconds:
+        return _too_slow(rough)
     feed(small)
-    rss = psutil.Process().memory_info().rss
+    round_seconds = feed(small) * (large // small)  # one round of either size, projected
+    projected = round_seconds * (len(_ROUNDS) + 1)
+    if projected > budget_seconds:
+        return _too_slow(projected)
+    repeats = max(1, min(_MAX_REPEATS, math.ceil(_MIN_ROUND / max(round_seconds, 1e-9))))
     feed(large)
-    extra = (psutil.Process().memory_info().rss - rss) / members * concurrent_calls
-    repeats = max(1, min(_MAX_REPEATS, math.ceil(_MIN_ROUND / max(once, 1e-9))))
     spent = {small: 0.0, large: 0.0}
     for which in _ROUNDS:
         rows = small if which == "small" else large
         spent[rows] += feed(rows, large // rows * repeats)
     evals = large * members * repeats * len(_ROUNDS) // 2  # per size
     rates = {rows: evals / s for rows, s in spent.items()}
-    rows = pick_feed(rates)
-    why = (f"{small:,} would need to be {SMALL_FEED_MARGIN:.0%} faster" if rows == large
-           else f"{small:,} was over {SMALL_FEED_MARGIN:.0%} faster")
-    if rows == large and extra > LARGE_FEED_MAX_EXTRA:
-        rows, why = small, (
-            f"{large:,}-row feeds would hold ~{extra / 2**30:.1f} GiB more memory over "
-            f"{concurrent_calls} concurrent calls")
-    return FeedChoice(rows=rows, chosen_by="probe",
-                      rates={str(k): round(v, 1) for k, v in rates.items()}, why=why)
+    ratio = rates[small] / rates[large]
+    return FeedChoice(rows=pick_feed(rates), chosen_by="probe",
+                      rates={str(k): round(v, 1) for k, v in rates.items()}, why=(
+                          f"{small:,} rows ran at {ratio:.2f} of {large:,}'s rate, taken "
+                          f"at {1 + SMALL_FEED_MARGIN:.2f} or more"))
+
+
+def _too_slow(projected: float) -> FeedChoice:
+    return FeedChoice(rows=FEED_ROWS[0], chosen_by="default",
+                      why=f"slow members: measuring would take ~{projected:.1f} s")
 
 
 def _feeder(features: np.ndarray, rows: int, calls: int) -> Callable[[Scorer], None]:

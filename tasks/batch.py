@@ -51,7 +51,7 @@ class ScoringContext:
     seconds: dict[int, float] = field(default_factory=dict)  # time in predict, per member
     min_members: int = 0  # members a row needs (finite scores); 0: all of them
     absent: tuple[int, ...] = ()  # members not loaded: their scores are missing (null)
-    feed_rows: int = FEED_ROWS[0]  # rows per Session.run (loaders.feed); batches are split
+    feed_rows: int = FEED_ROWS[0]  # most rows per Session.run (loaders.feed)
 
     @property
     def quorum(self) -> int:
@@ -184,9 +184,11 @@ def _predict_members(ctx: ScoringContext, matrix: np.ndarray, scores: np.ndarray
     and its seconds in ``predict``, added up by the thread that waits for it."""
     def run(k: int) -> tuple[int, float]:
         t0 = time.perf_counter()
-        step = ctx.feed_rows
-        for start in range(0, matrix.shape[0], step):
-            scores[k, start:start + step] = ctx.scorers[k].predict(matrix[start:start + step])
+        rows = matrix.shape[0]
+        slices = -(-rows // ctx.feed_rows)  # equal slices: never a run of a few rows
+        for i in range(slices):
+            start, stop = i * rows // slices, (i + 1) * rows // slices
+            scores[k, start:stop] = ctx.scorers[k].predict(matrix[start:stop])
         return k, time.perf_counter() - t0
 
     if ctx.pool is not None:

@@ -17,7 +17,7 @@ from prefect.tasks import exponential_backoff
 
 from loaders.cache import MODEL_CACHE
 from loaders.errors import ModelFetchError, ScoringError
-from loaders.feed import FeedChoice, probe_feed, probed_members
+from loaders.feed import FEED_ROWS, FeedChoice, feed_bytes_per_row, probe_feed
 from loaders.inspect import resolve_model
 from loaders.manifest import Manifest, ModelSpec
 from tasks.golden import GoldenCheck, check_golden
@@ -84,15 +84,20 @@ def _golden_check(manifest: Manifest, absent: list[str]) -> GoldenCheck:
     return check_golden(manifest, scorers, absent)
 
 
-def _choose_feed(manifest: Manifest, absent: list[str], concurrency: int) -> FeedChoice:
+def _choose_feed(manifest: Manifest, absent: list[str], in_flight: int) -> FeedChoice:
     """The feed probe (``loaders.feed``), submitted to the task runner so that with worker
-    processes it measures where the scoring runs; it loads only the members it feeds.
-    ``concurrency``: partitions in flight."""
+    processes it measures where the scoring runs (a process that then scores, and loads
+    every member anyway). ``in_flight``: partitions scored at once."""
     set_up()
     n_features = len(manifest.features)
-    present = [s for s in manifest.models if s.name not in absent]
-    scorers = [MODEL_CACHE.get(s, n_features) for s in present[:probed_members(len(present))]]
-    return probe_feed(scorers, n_features, concurrent_calls=len(present) * concurrency)
+    scorers = [MODEL_CACHE.get(s, n_features) for s in manifest.models
+               if s.name not in absent]
+    try:
+        bytes_per_row = feed_bytes_per_row(scorers, n_features)
+    except Exception as exc:  # a model's own failure: scoring reports it, with its name
+        return FeedChoice(rows=FEED_ROWS[0], chosen_by="default", why=(
+            f"the members' memory per row could not be read: {type(exc).__name__}"))
+    return probe_feed(scorers, n_features, bytes_per_row=bytes_per_row, in_flight=in_flight)
 
 
 @functools.wraps(score_partition)

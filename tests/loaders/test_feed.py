@@ -18,16 +18,16 @@ from loaders.feed import (
     LARGE_FEED_MAX_EXTRA,
     PAYBACK,
     SMALL_FEED_MARGIN,
+    feed_bytes_per_row,
     pick_feed,
     probe_evals,
     probe_feed,
-    probed_members,
     worth_probing,
 )
 from loaders.inspect import digest_files, resolve_model
 from loaders.manifest import ModelSpec, load_manifest
 from tasks.steps import _choose_feed
-from tests.helpers import N_FEATURES, ckpt_member, write_manifest
+from tests.helpers import N_FEATURES, ckpt_member, save_tf2_saved_model, write_manifest
 
 SMALL, LARGE = FEED_ROWS
 
@@ -58,14 +58,14 @@ def test_probe_measures_both_sizes_and_leaves_members_as_they_were(
     scorers = _scorers(checkpoints)
     x = np.random.default_rng(4).standard_normal((70_000, N_FEATURES)).astype(np.float32)
     try:
-        choice = probe_feed(scorers, N_FEATURES, concurrent_calls=6)
+        choice = probe_feed(scorers, N_FEATURES, bytes_per_row=1e3, in_flight=2)
         assert choice.chosen_by == "probe" and choice.rows in FEED_ROWS
         assert set(choice.rates) == {str(SMALL), str(LARGE)}
         assert all(rate > 0 for rate in choice.rates.values()) and choice.seconds > 0
         assert choice.rows == pick_feed({int(k): v for k, v in choice.rates.items()})
         assert f"{choice.rows:,} rows per Session.run (probe: 16,384 rows" in choice.label
         assert choice.process.endswith(f":{os.getpid()}") and choice.process in choice.label
-        assert "faster" in choice.why  # the rule that decided
+        assert "ran at" in choice.why and "taken at 1.10 or more" in choice.why
         # A feed larger than the largest size probed is split, and scores the same.
         for scorer, prefix in zip(scorers, checkpoints, strict=True):
             np.testing.assert_allclose(scorer.predict(x), mlp_reference(prefix, x),
@@ -78,11 +78,12 @@ def test_probe_measures_both_sizes_and_leaves_members_as_they_were(
 def test_slow_members_keep_the_smaller_feed_unmeasured(checkpoints: list[Path]) -> None:
     scorers = _scorers(checkpoints[:1])
     try:
-        choice = probe_feed(scorers, N_FEATURES, concurrent_calls=1, budget_seconds=0.0)
+        choice = probe_feed(scorers, N_FEATURES, bytes_per_row=1e3, in_flight=1,
+                            budget_seconds=0.0)
     finally:
         scorers[0].close()
     assert choice.rows == SMALL and choice.chosen_by == "default" and not choice.rates
-    assert "measuring would take" in choice.why and choice.seconds > 0
+    assert "slow members: measuring would take" in choice.why and choice.seconds > 0
 
 
 def test_wide_rows_keep_the_smaller_feed(tmp_path: Path) -> None:
@@ -92,7 +93,7 @@ def test_wide_rows_keep_the_smaller_feed(tmp_path: Path) -> None:
     scorer = load_scorer(ModelSpec(name="wide", path=str(prefix), input="features",
                                    output="score"), width)
     try:
-        choice = probe_feed([scorer], width, concurrent_calls=1)
+        choice = probe_feed([scorer], width, bytes_per_row=1e3, in_flight=1)
     finally:
         scorer.close()
     assert choice.rows == SMALL and choice.chosen_by == "default"
@@ -120,51 +121,65 @@ def test_a_member_failing_on_a_large_feed_leaves_the_smaller_one(
         checkpoints: list[Path]) -> None:
     member = _NoRoomForLargeFeeds(_scorers(checkpoints[:1])[0])
     try:
-        choice = probe_feed([member], N_FEATURES, concurrent_calls=1)
+        choice = probe_feed([member], N_FEATURES, bytes_per_row=1e3, in_flight=1)
     finally:
         member.close()
     assert choice.rows == SMALL and choice.chosen_by == "default"
     assert choice.why == "a probe feed failed: MemoryError: no room for a large feed"
 
 
-def test_the_task_loads_only_the_members_it_feeds(tmp_path: Path) -> None:
+def test_the_task_leaves_absent_members_out(tmp_path: Path) -> None:
     prefixes = [build_mlp_checkpoint(tmp_path / f"m{i}" / "model.ckpt", seed=40 + i,
-                                     n_features=N_FEATURES, hidden=(4,)) for i in range(4)]
+                                     n_features=N_FEATURES, hidden=(4,)) for i in range(3)]
     manifest = load_manifest(write_manifest(tmp_path / "models.yaml", {
         "features": feature_names(N_FEATURES), "id_column": "id",
         "models": [ckpt_member(f"m{i}", p) for i, p in enumerate(prefixes)]}))
     digests = [digest_files(resolve_model(s).files) for s in manifest.models]
-    choice = _choose_feed(manifest, absent=["m0"], concurrency=2)
+    choice = _choose_feed(manifest, absent=["m0"], in_flight=2)
     assert choice.chosen_by == "probe" and choice.rows in FEED_ROWS
-    fed = probed_members(3)  # one per core, of the three present
-    assert [MODEL_CACHE.loads[d] for d in digests] == [0] + [1] * fed + [0] * (3 - fed)
+    assert [MODEL_CACHE.loads[d] for d in digests] == [0, 1, 1]
 
 
-def test_larger_feeds_holding_too_much_memory_keep_the_smaller(
-        checkpoints: list[Path]) -> None:
-    """A member whose 65,536-row feeds hold 256 MiB more (as TensorFlow's pool keeps a
-    wide layer's activations), with 9 calls in flight: over the 2 GiB bound."""
-    scorers = _scorers(checkpoints[:1])
-    wide = np.zeros(1, np.float32)
-
-    class _Hungry:
-        name, digest, load_seconds = "hungry", "", 0.0
-
-        def predict(self, features: np.ndarray) -> np.ndarray:
-            nonlocal wide
-            if features.shape[0] > SMALL and wide.size < 2**26:
-                wide = np.ones(2**26, np.float32)  # 256 MiB held, as a pool would
-            return scorers[0].predict(features)
-
-        def close(self) -> None:
-            scorers[0].close()
-
+def test_memory_per_row_comes_from_the_members_own_tensors(tmp_path: Path) -> None:
+    """TensorFlow's step stats: a layer 16 times as wide holds about 16 times the bytes per
+    row, a SavedModel's function body included, whatever the process held before."""
+    narrow = build_mlp_checkpoint(tmp_path / "n" / "model.ckpt", seed=1,
+                                  n_features=N_FEATURES, hidden=(256,))
+    wide = build_mlp_checkpoint(tmp_path / "w" / "model.ckpt", seed=1,
+                                n_features=N_FEATURES, hidden=(4096,))
+    rng = np.random.default_rng(3)
+    saved = save_tf2_saved_model(tmp_path / "sm", [
+        (rng.standard_normal((N_FEATURES, 256)).astype(np.float32), np.zeros(256, np.float32)),
+        (rng.standard_normal((256, 1)).astype(np.float32), np.zeros(1, np.float32))])
+    scorers = [load_scorer(ModelSpec(name=n, path=str(p), input="features", output="score"),
+                           N_FEATURES) for n, p in (("n", narrow), ("w", wide))]
+    scorers.append(load_scorer(ModelSpec(name="sm", path=str(saved)), N_FEATURES))
     try:
-        choice = probe_feed([_Hungry()], N_FEATURES,
-                            concurrent_calls=LARGE_FEED_MAX_EXTRA // 2**28 + 1)
+        per_row = [feed_bytes_per_row([s], N_FEATURES) for s in scorers]
+        again = feed_bytes_per_row(scorers[:1], N_FEATURES)
     finally:
-        scorers[0].close()
-    # A tiny model: 64k feeds win on per-call overhead, then lose on memory.
-    assert pick_feed({int(k): v for k, v in choice.rates.items()}) == LARGE
-    assert choice.rows == SMALL and choice.chosen_by == "probe"
-    assert "GiB more memory over 9 concurrent calls" in choice.why
+        for scorer in scorers:
+            scorer.close()
+    assert per_row[0] >= 256 * 4 and 12 < per_row[1] / per_row[0] < 20
+    assert per_row[2] >= 256 * 4  # the hidden layer inside the SavedModel's function
+    assert again == per_row[0]
+
+
+def test_larger_feeds_holding_too_much_memory_keep_the_smaller(tmp_path: Path) -> None:
+    """A 4096-wide layer holds ~16 KiB per row: 65,536-row feeds of 8 partitions in flight
+    would hold ~6 GiB more than 16,384-row ones, 2 partitions under 2 GiB."""
+    prefix = build_mlp_checkpoint(tmp_path / "w" / "model.ckpt", seed=1,
+                                  n_features=N_FEATURES, hidden=(4096,))
+    scorer = load_scorer(ModelSpec(name="w", path=str(prefix), input="features",
+                                   output="score"), N_FEATURES)
+    try:
+        per_row = feed_bytes_per_row([scorer], N_FEATURES)
+        crowded = probe_feed([scorer], N_FEATURES, bytes_per_row=per_row, in_flight=8)
+        alone = probe_feed([scorer], N_FEATURES, bytes_per_row=per_row, in_flight=1,
+                           budget_seconds=0.0)
+    finally:
+        scorer.close()
+    assert crowded.rows == SMALL and crowded.chosen_by == "default" and not crowded.rates
+    assert "GiB more memory, the members' calls of 8 partition(s) in flight" in crowded.why
+    assert per_row * (LARGE - SMALL) * 8 > LARGE_FEED_MAX_EXTRA
+    assert "memory" not in alone.why  # one partition: within the bound, on to timing

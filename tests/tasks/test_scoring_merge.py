@@ -215,9 +215,9 @@ def test_batches_larger_than_the_feed_are_fed_in_slices(
     refs = np.stack([mlp_reference(p, x) for p in checkpoints], axis=1)
     for k in range(3):
         assert np.abs(table.column(f"score_m{k}").to_numpy() - refs[:, k]).max() <= 1e-5
-    # Batches of 700 and 300 rows: 256 + 256 + 188 and 256 + 44, for each member (and
-    # the 2-row probe of each load, where this test loads).
-    assert sorted(set(fed) - {2}) == [44, 188, 256] and fed.count(256) == 3 * 3
+    # Batches of 700 and 300 rows, in equal slices: 233 + 233 + 234 and 150 + 150, for
+    # each member (and the 2-row probe of each load, where this test loads).
+    assert sorted(set(fed) - {2}) == [150, 233, 234] and fed.count(233) == 2 * 3
 
 
 def test_an_error_of_the_batch_before_is_reported_before_a_read_error(
