@@ -14,10 +14,10 @@ are cores (at most), each in its own thread as in a batch, are fed the same 65,5
 random rows as four 16,384-row feeds or one 65,536-row feed, in alternated rounds
 (small, large, large, small), after a warm-up call of each size: a shape's first
 ``Session.run`` builds its kernels, and took 1.5-1.9 times as long as the next on the
-EPYC. A round is repeated up to ``_MAX_REPEATS`` times to last at least ``_MIN_ROUND``
-seconds, so that a small model's rounds are not a few milliseconds of timer noise. The
-smaller feed is taken when it scores at least ``SMALL_FEED_MARGIN`` faster; otherwise
-the larger, whose savings outside TensorFlow the probe does not see.
+EPYC. A round is repeated (up to ``_MAX_REPEATS`` times) until it has lasted
+``_MIN_ROUND`` seconds, so that a small model's rounds are not a few milliseconds of
+timer noise. The smaller feed is taken when it scores at least ``SMALL_FEED_MARGIN``
+faster; otherwise the larger, whose savings outside TensorFlow the probe does not see.
 
 The smaller size is kept unmeasured where measuring would cost more than
 ``PROBE_BUDGET_SECONDS`` (projected from a 16,384-row call, after a 1,024-row call has
@@ -27,7 +27,10 @@ batches save matter least), for wide rows (a 65,536-row feature matrix over
 ``LARGE_FEED_MAX_EXTRA`` of memory more: TensorFlow's pool keeps each call's tensors,
 and every member has a call in flight per partition in flight. That memory is read from
 TensorFlow's own step stats for every member (``feed_bytes_per_row``): a 256-wide MLP's
-call held 136 MiB of tensors at 65,536 rows, as its process grew by 135 MiB. The probe
+call held 136 MiB of tensors at 65,536 rows, as its process grew by 135 MiB. The whole
+65,536-row call is counted, not its excess over a 16,384-row one: the pool keeps the
+smaller calls' blocks too, and a 4096-wide layer's process grew by 265 MiB on a 16k call
+and 1,056 MiB more on a 64k one, where the difference of their tensors was 770 MiB. The probe
 costs about five 65,536-row feeds per member it uses (0.6-0.7 s for the benchmark's
 MLPs on 2 cores) and saved 3-4 % of the scoring there, so ``worth_probing`` runs it
 only on inputs of at least ``PAYBACK`` times its own work.
@@ -35,7 +38,6 @@ only on inputs of at least ``PAYBACK`` times its own work.
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import time
@@ -50,7 +52,8 @@ from loaders.base import GraphScorer, Scorer
 
 __all__ = ["FEED_ROWS", "LARGE_FEED_MAX_EXTRA", "LARGE_FEED_MAX_MATRIX", "PAYBACK",
            "PROBE_BUDGET_SECONDS", "SMALL_FEED_MARGIN", "FeedChoice", "feed_bytes_per_row",
-           "pick_feed", "probe_evals", "probe_feed", "probed_members", "worth_probing"]
+           "pick_feed", "probe_evals", "probe_feed", "probe_members", "probed_members",
+           "worth_probing"]
 
 FEED_ROWS = (16_384, 65_536)  # the candidates, smaller first; the smaller is the fallback
 # Two sizes' first windows differed by up to 5 % on the EPYC where they ran alike, and
@@ -63,7 +66,7 @@ PAYBACK = 32
 _ROUNDS = ("small", "large", "large", "small")
 _ESTIMATE_ROWS = 1_024
 _MIN_ROUND = 0.05
-_MAX_REPEATS = 8
+_MAX_REPEATS = 64
 
 
 class FeedChoice(BaseModel):
@@ -76,11 +79,12 @@ class FeedChoice(BaseModel):
     seconds: float = 0.0  # the probe's own time, skipped measurements included
     why: str = ""
     process: str = ""  # host:pid of the process that probed
+    members: list[str] = []  # the members timed
 
     @property
     def label(self) -> str:
         """One line for logs and reports."""
-        text = f"{self.rows:,} rows per Session.run ({self.chosen_by}"
+        text = f"at most {self.rows:,} rows per Session.run ({self.chosen_by}"
         if self.rates:
             text += ": " + ", ".join(f"{int(k):,} rows {v / 1e6:.2f} M" for k, v in
                                      self.rates.items()) + " row-model evaluations/s"
@@ -121,9 +125,40 @@ def feed_bytes_per_row(scorers: Sequence[GraphScorer], n_features: int) -> float
     ``scorers`` produces (TensorFlow's own step stats: ``GraphScorer.output_bytes``),
     the part of their memory that grows with the feed size. Deterministic, unlike the
     process's memory, which TensorFlow's pool keeps at its highest."""
+    return sum(_bytes_per_row(s, n_features) for s in scorers)
+
+
+def _bytes_per_row(scorer: GraphScorer, n_features: int) -> float:
     rows = _ESTIMATE_ROWS
-    return sum(s.output_bytes(2 * rows, n_features) - s.output_bytes(rows, n_features)
-               for s in scorers) / rows
+    return (scorer.output_bytes(2 * rows, n_features)
+            - scorer.output_bytes(rows, n_features)) / rows
+
+
+def probe_members(scorers: Sequence[GraphScorer], n_features: int, *, in_flight: int
+                  ) -> FeedChoice:
+    """The probe on a run's loaded members: each member's tensors per row are read first,
+    for the memory bound and to time the costliest members (the ones a feed size matters
+    most for), whatever their order in the manifest."""
+    start = time.perf_counter()
+    per_row: list[float] = []
+    for scorer in scorers:
+        try:
+            per_row.append(_bytes_per_row(scorer, n_features))
+        except Exception as exc:  # a model's own failure: scoring reports it, with its name
+            return FeedChoice(
+                rows=FEED_ROWS[0], chosen_by="default",
+                why=f"member {scorer.name!r}: its memory per row could not be read: "
+                    f"{type(exc).__name__}: {exc}"[:300],
+                seconds=round(time.perf_counter() - start, 3), process=_process())
+    costliest = [scorers[i] for i in sorted(range(len(scorers)), key=lambda i: -per_row[i])]
+    choice = probe_feed(costliest, n_features, bytes_per_row=sum(per_row),
+                        in_flight=in_flight)
+    choice.seconds = round(time.perf_counter() - start, 3)
+    return choice
+
+
+def _process() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def probe_feed(scorers: Sequence[Scorer], n_features: int, *, bytes_per_row: float,
@@ -138,7 +173,7 @@ def probe_feed(scorers: Sequence[Scorer], n_features: int, *, bytes_per_row: flo
     """
     small, large = FEED_ROWS
     use = list(scorers)[:probed_members(len(scorers))]
-    extra = bytes_per_row * (large - small) * in_flight
+    extra = bytes_per_row * large * in_flight
     if not use:
         return FeedChoice(rows=small, chosen_by="default", why="no member loaded")
     if large * n_features * 4 > LARGE_FEED_MAX_MATRIX:
@@ -147,8 +182,8 @@ def probe_feed(scorers: Sequence[Scorer], n_features: int, *, bytes_per_row: flo
             f"{LARGE_FEED_MAX_MATRIX // 2**20} MiB"))
     if extra > LARGE_FEED_MAX_EXTRA:
         return FeedChoice(rows=small, chosen_by="default", why=(
-            f"{large:,}-row feeds would hold up to {extra / 2**30:.1f} GiB more memory, "
-            f"the members' calls of {in_flight} partition(s) in flight"))
+            f"{large:,}-row feeds would hold up to {extra / 2**30:.1f} GiB, the members' "
+            f"calls of {in_flight} partition(s) in flight"))
     start = time.perf_counter()
     features = np.random.default_rng(0).standard_normal((large, n_features),
                                                         dtype=np.float32)
@@ -166,7 +201,7 @@ def probe_feed(scorers: Sequence[Scorer], n_features: int, *, bytes_per_row: flo
             choice = FeedChoice(rows=small, chosen_by="default",
                                 why=f"a probe feed failed: {type(exc).__name__}: {exc}"[:300])
     choice.seconds = round(time.perf_counter() - start, 3)
-    choice.process = f"{socket.gethostname()}:{os.getpid()}"
+    choice.process, choice.members = _process(), [s.name for s in use]
     return choice
 
 
@@ -184,14 +219,17 @@ def _measure(feed: Callable[..., float], members: int, budget_seconds: float
     projected = round_seconds * (len(_ROUNDS) + 1)
     if projected > budget_seconds:
         return _too_slow(projected)
-    repeats = max(1, min(_MAX_REPEATS, math.ceil(_MIN_ROUND / max(round_seconds, 1e-9))))
     feed(large)
-    spent = {small: 0.0, large: 0.0}
+    spent, evals = {small: 0.0, large: 0.0}, {small: 0, large: 0}
     for which in _ROUNDS:
-        rows = small if which == "small" else large
-        spent[rows] += feed(rows, large // rows * repeats)
-    evals = large * members * repeats * len(_ROUNDS) // 2  # per size
-    rates = {rows: evals / s for rows, s in spent.items()}
+        rows, lasted = (small if which == "small" else large), 0.0
+        for _ in range(_MAX_REPEATS):  # until the round has lasted _MIN_ROUND
+            lasted += feed(rows, large // rows)
+            evals[rows] += large * members
+            if lasted >= _MIN_ROUND:
+                break
+        spent[rows] += lasted
+    rates = {rows: evals[rows] / spent[rows] for rows in spent}
     ratio = rates[small] / rates[large]
     return FeedChoice(rows=pick_feed(rates), chosen_by="probe",
                       rates={str(k): round(v, 1) for k, v in rates.items()}, why=(

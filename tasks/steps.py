@@ -17,7 +17,7 @@ from prefect.tasks import exponential_backoff
 
 from loaders.cache import MODEL_CACHE
 from loaders.errors import ModelFetchError, ScoringError
-from loaders.feed import FEED_ROWS, FeedChoice, feed_bytes_per_row, probe_feed
+from loaders.feed import FeedChoice, probe_members
 from loaders.inspect import resolve_model
 from loaders.manifest import Manifest, ModelSpec
 from tasks.golden import GoldenCheck, check_golden
@@ -92,12 +92,7 @@ def _choose_feed(manifest: Manifest, absent: list[str], in_flight: int) -> FeedC
     n_features = len(manifest.features)
     scorers = [MODEL_CACHE.get(s, n_features) for s in manifest.models
                if s.name not in absent]
-    try:
-        bytes_per_row = feed_bytes_per_row(scorers, n_features)
-    except Exception as exc:  # a model's own failure: scoring reports it, with its name
-        return FeedChoice(rows=FEED_ROWS[0], chosen_by="default", why=(
-            f"the members' memory per row could not be read: {type(exc).__name__}"))
-    return probe_feed(scorers, n_features, bytes_per_row=bytes_per_row, in_flight=in_flight)
+    return probe_members(scorers, n_features, in_flight=in_flight)
 
 
 @functools.wraps(score_partition)

@@ -55,7 +55,7 @@ def test_benchmark_runs_on_a_tiny_workload(tmp_path: Path) -> None:
     assert ceiling["windows"][0] != ceiling["selection_rate"]
     assert "measured anew before run 1" in proc.stdout
     assert "(speed probe)" in proc.stdout
-    assert "feed, run 1: 16,384 rows per Session.run (default" in proc.stdout
+    assert "feed, run 1: at most 16,384 rows per Session.run (default" in proc.stdout
     assert "too small for the feed probe" in proc.stdout
     assert (tmp_path / "bench" / "speed-probe.txt").read_text().count("\n") > 10
     for run in runs:

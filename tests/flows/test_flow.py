@@ -113,7 +113,7 @@ def test_failed_partition_keeps_the_others_and_rerun_finishes(
     record = json.loads((tmp_path / "out" / "_run.json").read_text())
     assert record["feed"] == {"rows": 64, "chosen_by": "user", "rates": {}, "seconds": 0.0,
                               "why": "--batch-size 64: each batch is fed whole",
-                              "process": ""}
+                              "process": "", "members": []}
     assert record["params"]["batch_size"] == 64
     assert pq.read_metadata(tmp_path / "out" / "ensemble" / "p1.parquet").num_row_groups == 2
 

@@ -22,6 +22,8 @@ from loaders.feed import (
     pick_feed,
     probe_evals,
     probe_feed,
+    probe_members,
+    probed_members,
     worth_probing,
 )
 from loaders.inspect import digest_files, resolve_model
@@ -63,7 +65,7 @@ def test_probe_measures_both_sizes_and_leaves_members_as_they_were(
         assert set(choice.rates) == {str(SMALL), str(LARGE)}
         assert all(rate > 0 for rate in choice.rates.values()) and choice.seconds > 0
         assert choice.rows == pick_feed({int(k): v for k, v in choice.rates.items()})
-        assert f"{choice.rows:,} rows per Session.run (probe: 16,384 rows" in choice.label
+        assert f"at most {choice.rows:,} rows per Session.run (probe: 16,384 rows" in choice.label
         assert choice.process.endswith(f":{os.getpid()}") and choice.process in choice.label
         assert "ran at" in choice.why and "taken at 1.10 or more" in choice.why
         # A feed larger than the largest size probed is split, and scores the same.
@@ -180,6 +182,27 @@ def test_larger_feeds_holding_too_much_memory_keep_the_smaller(tmp_path: Path) -
     finally:
         scorer.close()
     assert crowded.rows == SMALL and crowded.chosen_by == "default" and not crowded.rates
-    assert "GiB more memory, the members' calls of 8 partition(s) in flight" in crowded.why
-    assert per_row * (LARGE - SMALL) * 8 > LARGE_FEED_MAX_EXTRA
+    assert "GiB, the members' calls of 8 partition(s) in flight" in crowded.why
+    assert per_row * LARGE * 8 > LARGE_FEED_MAX_EXTRA
     assert "memory" not in alone.why  # one partition: within the bound, on to timing
+
+
+def test_the_costliest_members_are_timed_and_a_broken_one_is_named(
+        tmp_path: Path, checkpoints: list[Path]) -> None:
+    """Whatever the manifest's order, the members holding the most per row are the ones
+    timed; a member whose tensors cannot be read leaves the smaller feed, named."""
+    prefix = build_mlp_checkpoint(tmp_path / "w" / "model.ckpt", seed=2,
+                                  n_features=N_FEATURES, hidden=(512,))
+    scorers = _scorers(checkpoints[:2])
+    scorers.append(load_scorer(ModelSpec(name="wide", path=str(prefix), input="features",
+                                         output="score"), N_FEATURES))
+    try:
+        choice = probe_members(scorers, N_FEATURES, in_flight=1)
+        assert choice.members[0] == "wide" and len(choice.members) == probed_members(3)
+        scorers[1].close()
+        broken = probe_members(scorers, N_FEATURES, in_flight=1)
+    finally:
+        for scorer in scorers:
+            scorer.close()
+    assert broken.rows == SMALL and broken.chosen_by == "default"
+    assert broken.why.startswith("member 'm1': its memory per row could not be read: ")
