@@ -154,6 +154,7 @@ def probe_members(scorers: Sequence[GraphScorer], n_features: int, *, in_flight:
     choice = probe_feed(costliest, n_features, bytes_per_row=sum(per_row),
                         in_flight=in_flight)
     choice.seconds = round(time.perf_counter() - start, 3)
+    choice.process = choice.process or _process()  # also where it stopped before timing
     return choice
 
 

@@ -199,6 +199,9 @@ def test_the_costliest_members_are_timed_and_a_broken_one_is_named(
     try:
         choice = probe_members(scorers, N_FEATURES, in_flight=1)
         assert choice.members[0] == "wide" and len(choice.members) == probed_members(3)
+        refused = probe_members(scorers, N_FEATURES, in_flight=10_000)  # over the bound
+        assert "GiB, the members' calls of 10000 partition(s)" in refused.why
+        assert refused.process == choice.process and refused.process in refused.label
         scorers[1].close()
         broken = probe_members(scorers, N_FEATURES, in_flight=1)
     finally:
