@@ -346,7 +346,7 @@ class _Guards:
     members: list[MemberInfo]
     golden: str
     baseline: tuple[Sketches, str] | None
-    feed: FeedChoice  # the rows per batch
+    feed: FeedChoice  # the most rows per Session.run (and the batch size by default)
     previous_run: str = ""  # how the previous run into this output ended, if badly
 
     @property

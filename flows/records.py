@@ -211,7 +211,8 @@ class RunRecord(BaseModel):
     # The flow process's CPU path; each member's rewrites are in "members" (made by the
     # process that loaded it, which is this one with the thread runner).
     cpu_path: CpuPath
-    # The rows per batch and per Session.run, and how they were chosen (loaders.feed).
+    # The most rows per Session.run (and the batch size unless params set one), how and
+    # where they were chosen (loaders.feed).
     feed: FeedChoice | None = None
     summary: dict[str, Any] = Field(description="RunSummary without its members")
     # The run's drift sketches (the next run's default baseline) and its comparison with

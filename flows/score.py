@@ -84,14 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "previous run into the same output)")
     p.add_argument("--retries", type=int, default=3, metavar="N",
                    help="retries for transient I/O errors (default: 3)")
-    p.add_argument("--runner", choices=["threads", "processes", "dask"], default="threads",
-                   help="Prefect task runner: threads (default; one process), processes "
-                   "(ProcessPoolTaskRunner, spawned workers) or dask (an existing "
-                   "dask.distributed cluster, see --address)")
-    p.add_argument("--address", metavar="tcp://HOST:PORT", default=None,
-                   help="with --runner dask: the cluster's scheduler address")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="with --runner processes: worker processes (default: cores)")
+    _add_runner_arguments(p)
     p.add_argument("--force", action="store_true",
                    help="re-score everything, ignoring committed member outputs")
     p.add_argument("--verify-inputs", action="store_true",
@@ -105,6 +98,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true",
                    help="show tracebacks and TensorFlow's own logs")
     return p
+
+
+def _add_runner_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runner", choices=["threads", "processes", "dask"], default="threads",
+                   help="Prefect task runner: threads (default; one process), processes "
+                   "(ProcessPoolTaskRunner, spawned workers) or dask (an existing "
+                   "dask.distributed cluster, see --address)")
+    p.add_argument("--address", metavar="tcp://HOST:PORT", default=None,
+                   help="with --runner dask: the cluster's scheduler address")
+    p.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="with --runner processes: worker processes (default: cores)")
 
 
 def _add_model_cache_arguments(p: argparse.ArgumentParser) -> None:

@@ -146,7 +146,7 @@ def score_partition(
     output_dir: str,
     *,
     method: EnsembleMethod = "mean",
-    batch_size: int = 16_384,
+    batch_size: int = FEED_ROWS[0],
     feed_rows: int = FEED_ROWS[0],
     bad_rows: BadRowPolicy = "fail",
     force: bool = False,

@@ -15,6 +15,7 @@ from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from loaders.base import GraphScorer
 from loaders.cache import MODEL_CACHE
 from loaders.errors import ModelFetchError, ScoringError
 from loaders.feed import FeedChoice, probe_members
@@ -77,11 +78,15 @@ def _load_member(spec: ModelSpec, n_features: int) -> MemberInfo:
                       export_seconds=scorer.export_seconds)
 
 
+def _present(manifest: Manifest, absent: list[str]) -> dict[str, GraphScorer]:
+    """The members that loaded, from this process's cache (loaded here on first use)."""
+    return {s.name: MODEL_CACHE.get(s, len(manifest.features)) for s in manifest.models
+            if s.name not in absent}
+
+
 def _golden_check(manifest: Manifest, absent: list[str]) -> GoldenCheck:
     """The golden-set gate, with the members this process loaded (``load_member``)."""
-    scorers = {s.name: MODEL_CACHE.get(s, len(manifest.features)) for s in manifest.models
-               if s.name not in absent}
-    return check_golden(manifest, scorers, absent)
+    return check_golden(manifest, _present(manifest, absent), absent)
 
 
 def _choose_feed(manifest: Manifest, absent: list[str], in_flight: int) -> FeedChoice:
@@ -89,10 +94,8 @@ def _choose_feed(manifest: Manifest, absent: list[str], in_flight: int) -> FeedC
     processes it measures where the scoring runs (a process that then scores, and loads
     every member anyway). ``in_flight``: partitions scored at once."""
     set_up()
-    n_features = len(manifest.features)
-    scorers = [MODEL_CACHE.get(s, n_features) for s in manifest.models
-               if s.name not in absent]
-    return probe_members(scorers, n_features, in_flight=in_flight)
+    return probe_members(list(_present(manifest, absent).values()), len(manifest.features),
+                         in_flight=in_flight)
 
 
 @functools.wraps(score_partition)
