@@ -1,7 +1,8 @@
 """Arrow record batches to the float32 matrix the models take, without pandas.
 
-Each feature column is copied once, straight from Arrow's buffer into its column of a
-C-contiguous (rows, features) array; no per-row Python runs.
+Each feature column is copied straight from Arrow's buffer into a row of a (features,
+rows) block, which one transposing copy turns into the C-contiguous (rows, features)
+array TensorFlow is fed; no per-row Python runs.
 """
 
 from __future__ import annotations
@@ -57,10 +58,17 @@ def to_matrix(batch: pa.RecordBatch, features: tuple[str, ...], out: np.ndarray 
         out = aligned_matrix(rows, len(features))
     view = out[:rows]
     schema = batch.schema
+    # Each column is written whole into a row of a (features, rows) block, and the block
+    # is transposed into the matrix in one copy. Writing the columns straight into the
+    # matrix's strided columns took 3-4x as long on the 2-core Intel Xeon (0.15 against
+    # 0.04 s per 1M rows of 32 float32 features, 65,536-row batches; 0.05 against 0.04 s
+    # on the AMD EPYC at 16,384 rows): every column's pass touched the whole matrix again.
+    block = np.empty((len(features), rows), dtype=np.float32)
     # A finite value beyond float32's range becomes inf here; find_bad_rows names it.
     with np.errstate(over="ignore"):
         for j, name in enumerate(features):
-            view[:, j] = _column_values(batch.column(schema.get_field_index(name)))
+            block[j] = _column_values(batch.column(schema.get_field_index(name)))
+    np.copyto(view, block.T)
     return view
 
 
