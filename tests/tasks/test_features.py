@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import decimal
+
 import numpy as np
 import pyarrow as pa
+import pytest
 
+import tasks.features as features_module
 from tasks.features import FEED_ALIGNMENT, aligned_matrix, find_bad_rows, to_matrix
 
 
@@ -18,6 +22,31 @@ def test_to_matrix_follows_manifest_order_and_reuses_the_buffer() -> None:
     assert matrix.dtype == np.float32 and matrix.shape == (2, 3)
     assert matrix[0].tolist() == [1.0, 1.5, 3.0]
     assert np.isnan(matrix[1, 0]) and matrix[1, 1:].tolist() == [2.5, 4.0]  # null -> NaN
+
+
+def test_to_matrix_fills_every_block_of_a_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Columns go through (features, rows) blocks; a batch of several blocks, the last one
+    short, and columns that need a cast (nulls, float64, int64, decimal) come out as the
+    columns themselves would, overflow to float32's inf included."""
+    monkeypatch.setattr(features_module, "_BLOCK_ROWS", 4)
+    rows = 11
+    rng = np.random.default_rng(3)
+    f32 = rng.standard_normal(rows).astype(np.float32)
+    f64 = rng.standard_normal(rows) * 1e3
+    f64[5] = 1e39  # finite, beyond float32's range
+    ints = pa.array([None if i % 4 == 1 else i * 7 for i in range(rows)], pa.int64())
+    dec = pa.array([decimal.Decimal(f"{i}.25") for i in range(rows)], pa.decimal128(6, 2))
+    batch = pa.record_batch({"f32": f32, "f64": f64, "ints": ints, "dec": dec})
+    matrix = to_matrix(batch, ("dec", "f32", "ints", "f64"))
+    with np.errstate(over="ignore"):
+        expected = np.column_stack([
+            np.array([float(d) for d in dec.to_pylist()]),
+            f32,
+            np.array([np.nan if v is None else v for v in ints.to_pylist()]),
+            f64,
+        ]).astype(np.float32)
+    np.testing.assert_array_equal(matrix, expected)  # NaN where expected has NaN
+    assert np.isinf(matrix[5, 3]) and matrix.flags.c_contiguous
 
 
 def test_matrices_start_where_tensorflow_feeds_them_without_a_copy() -> None:
