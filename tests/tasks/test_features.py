@@ -28,7 +28,7 @@ def test_to_matrix_fills_every_block_of_a_batch(monkeypatch: pytest.MonkeyPatch)
     """Columns go through (features, rows) blocks; a batch of several blocks, the last one
     short, and columns that need a cast (nulls, float64, int64, decimal) come out as the
     columns themselves would, overflow to float32's inf included."""
-    monkeypatch.setattr(features_module, "_BLOCK_ROWS", 4)
+    monkeypatch.setattr(features_module, "_BLOCK_BYTES", 4 * 4 * 4)  # 4 rows of 4 features
     rows = 11
     rng = np.random.default_rng(3)
     f32 = rng.standard_normal(rows).astype(np.float32)
@@ -47,6 +47,21 @@ def test_to_matrix_fills_every_block_of_a_batch(monkeypatch: pytest.MonkeyPatch)
         ]).astype(np.float32)
     np.testing.assert_array_equal(matrix, expected)  # NaN where expected has NaN
     assert np.isinf(matrix[5, 3]) and matrix.flags.c_contiguous
+
+
+def test_an_integer_column_with_nulls_is_cast_whole_in_every_block(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whether a column is cast is decided on the whole column: a block without the
+    column's null still goes through Arrow's cast, which refuses an integer float64
+    cannot hold exactly, as it does when the column is one block."""
+    values: list[int | None] = [1] * 12
+    values[2], values[10] = 2**53 + 1, None  # the null is in the last block only
+    batch = pa.record_batch({"x": pa.array(values, pa.int64())})
+    with pytest.raises(pa.ArrowInvalid):
+        to_matrix(batch, ("x",))
+    monkeypatch.setattr(features_module, "_BLOCK_BYTES", 4 * 4)  # 4 rows of 1 feature
+    with pytest.raises(pa.ArrowInvalid):
+        to_matrix(batch, ("x",))
 
 
 def test_matrices_start_where_tensorflow_feeds_them_without_a_copy() -> None:
