@@ -65,8 +65,8 @@ def to_matrix(batch: pa.RecordBatch, features: tuple[str, ...], out: np.ndarray 
     if out is None or out.shape[0] < rows or out.shape[1] != len(features):
         out = aligned_matrix(rows, len(features))
     view = out[:rows]
-    schema = batch.schema
-    columns = [batch.column(schema.get_field_index(name)) for name in features]
+    # By name: a missing or repeated name raises (an index of -1 would read the last column).
+    columns = [batch.column(name) for name in features]
     casts = [_needs_cast(column) for column in columns]
     # Each column is written whole into a row of a (features, rows) block, and the block
     # is transposed into the matrix in one copy. Writing the columns straight into the

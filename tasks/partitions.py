@@ -296,6 +296,15 @@ def _check_columns(partition: Partition, schema: pa.Schema, manifest: Manifest) 
             f"partition {partition.relpath} lacks column(s) {missing} named in the manifest "
             f"(it has: {shown}); fix 'features'/'id_column' or the data"
         )
+    # A name that several columns carry has no one value to take (Arrow's lookups by
+    # name refuse it): said here, with the partition, instead of a KeyError mid-run.
+    repeated = sorted({c for c in (manifest.id_column, *manifest.features)
+                       if schema.get_all_field_indices(c)[1:]})
+    if repeated:
+        raise DataError(
+            f"partition {partition.relpath} has several columns named {repeated}; give "
+            "each column of the data a name of its own"
+        )
     wrong = [
         f"{c} ({schema.field(c).type})" for c in manifest.features
         if not is_numeric(schema.field(c).type)

@@ -67,6 +67,16 @@ def test_schema_errors_name_partition_and_column(tmp_path: Path) -> None:
         check_schema(part, _manifest())
 
 
+def test_a_repeated_column_name_is_refused_with_the_partition(tmp_path: Path) -> None:
+    table = pa.Table.from_arrays([pa.array([1]), pa.array([1.0]), pa.array([2.0]),
+                                  pa.array([3.0])], names=["id", "a", "b", "b"])
+    pq.write_table(table, tmp_path / "p.parquet")
+    part = discover_partitions(str(tmp_path))[0]
+    with pytest.raises(DataError, match=r"p.parquet has several columns named \['b'\]"):
+        check_schema(part, _manifest(("a", "b")))
+    check_schema(part, _manifest(("a",)))  # a repeated column the manifest does not use
+
+
 def test_corrupt_footer(tmp_path: Path) -> None:
     path = write_table(tmp_path / "p.parquet", _table(1000))
     data = path.read_bytes()
