@@ -1,8 +1,8 @@
 """Arrow record batches to the float32 matrix the models take, without pandas.
 
-Each feature column is copied straight from Arrow's buffer into a row of a (features,
-rows) block, which one transposing copy turns into the C-contiguous (rows, features)
-array TensorFlow is fed; no per-row Python runs.
+Each feature column is copied straight from Arrow's buffer into the C-contiguous (rows,
+features) array TensorFlow is fed: into its column of a small or narrow matrix, through
+a transposed (features, rows) block for a large one; no per-row Python runs.
 """
 
 from __future__ import annotations
@@ -24,7 +24,11 @@ __all__ = ["FEED_ALIGNMENT", "BadRows", "aligned_matrix", "all_finite", "find_ba
 # members, ~0.5 % of the CPU of a benchmark run. numpy's own allocations are only
 # 16-byte aligned.
 FEED_ALIGNMENT = 64
-_BLOCK_BYTES = 2**21  # the most to_matrix's transposing block holds (2 MiB)
+# to_matrix goes through transposing blocks (_through_blocks) of at most _BLOCK_BYTES for
+# matrices of at least _BLOCK_MIN_FEATURES features and _BLOCK_MIN_BYTES.
+_BLOCK_BYTES = 2**21
+_BLOCK_MIN_FEATURES = 8
+_BLOCK_MIN_BYTES = 2**20
 
 
 def _needs_cast(col: pa.Array) -> bool:
@@ -67,25 +71,38 @@ def to_matrix(batch: pa.RecordBatch, features: tuple[str, ...], out: np.ndarray 
     view = out[:rows]
     # By name: a missing or repeated name raises (an index of -1 would read the last column).
     columns = [batch.column(name) for name in features]
-    casts = [_needs_cast(column) for column in columns]
-    # Each column is written whole into a row of a (features, rows) block, and the block
-    # is transposed into the matrix in one copy. Writing the columns straight into the
-    # matrix's strided columns took 3-4x as long on the 2-core Intel Xeon (0.15 against
-    # 0.04 s per 1M rows of 32 float32 features, 65,536-row batches; on the AMD EPYC a
-    # stacked copy had taken 0.036 against 0.050 s at 16,384 rows): every column's pass
-    # touched the whole matrix again.
-    # The block holds at most _BLOCK_BYTES (16,384 rows of 32 features), which keeps it in
-    # the cache and the memory it adds small whatever the batch size.
-    step = max(1, min(rows, _BLOCK_BYTES // (4 * max(1, len(features)))))
-    block = np.empty((len(features), step), dtype=np.float32)
     # A finite value beyond float32's range becomes inf here; find_bad_rows names it.
     with np.errstate(over="ignore"):
-        for start in range(0, rows, step):
-            part = block[:, :min(step, rows - start)]
+        if len(features) < _BLOCK_MIN_FEATURES or view.nbytes < _BLOCK_MIN_BYTES:
             for j, column in enumerate(columns):
-                part[j] = _column_values(column.slice(start, part.shape[1]), casts[j])
-            np.copyto(view[start:start + part.shape[1]], part.T)
+                view[:, j] = _column_values(column, _needs_cast(column))
+        else:
+            _through_blocks(view, columns)
     return view
+
+
+def _through_blocks(view: np.ndarray, columns: list[pa.Array]) -> None:
+    """Each column is written whole into a row of a (features, rows) block, and the block
+    is transposed into the matrix in one copy.
+
+    Writing the columns straight into the matrix's strided columns touches the whole
+    matrix once per feature: once the matrix outgrows the cache, that took 2.5-3.5x as
+    long on the 2-core Intel Xeon (32 float32 features: 0.15 against 0.045 s per 1M rows
+    at 65,536-row batches; on the AMD EPYC a stacked copy had taken 0.036 against 0.050 s
+    at 16,384 rows). Below ``_BLOCK_MIN_FEATURES`` or ``_BLOCK_MIN_BYTES`` the direct
+    writes stay in the cache and were faster (1.4-5.7x at 2-8 features), so ``to_matrix``
+    keeps them there. A block holds at most ``_BLOCK_BYTES``, counting a cast column's
+    float64 copies of its slice, so the memory it adds stays small whatever the batch.
+    """
+    rows, features = view.shape
+    casts = [_needs_cast(column) for column in columns]
+    step = max(1, min(rows, _BLOCK_BYTES // (4 * features + 16)))
+    block = np.empty((features, step), dtype=np.float32)
+    for start in range(0, rows, step):
+        part = block[:, :min(step, rows - start)]
+        for j, column in enumerate(columns):
+            part[j] = _column_values(column.slice(start, part.shape[1]), casts[j])
+        np.copyto(view[start:start + part.shape[1]], part.T)
 
 
 @dataclass

@@ -24,11 +24,22 @@ def test_to_matrix_follows_manifest_order_and_reuses_the_buffer() -> None:
     assert np.isnan(matrix[1, 0]) and matrix[1, 1:].tolist() == [2.5, 4.0]  # null -> NaN
 
 
-def test_to_matrix_fills_every_block_of_a_batch(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Columns go through (features, rows) blocks; a batch of several blocks, the last one
-    short, and columns that need a cast (nulls, float64, int64, decimal) come out as the
-    columns themselves would, overflow to float32's inf included."""
-    monkeypatch.setattr(features_module, "_BLOCK_BYTES", 4 * 4 * 4)  # 4 rows of 4 features
+def _blocks_for_any_matrix(monkeypatch: pytest.MonkeyPatch, rows: int, features: int
+                           ) -> None:
+    """Make to_matrix take its block path, ``rows`` rows per block, on tiny matrices."""
+    monkeypatch.setattr(features_module, "_BLOCK_MIN_FEATURES", 1)
+    monkeypatch.setattr(features_module, "_BLOCK_MIN_BYTES", 0)
+    monkeypatch.setattr(features_module, "_BLOCK_BYTES", rows * (4 * features + 16))
+
+
+@pytest.mark.parametrize("blocks", [False, True])
+def test_to_matrix_fills_every_block_of_a_batch(monkeypatch: pytest.MonkeyPatch,
+                                                blocks: bool) -> None:
+    """Written directly or through (features, rows) blocks (several, the last one short),
+    columns that need a cast (nulls, float64, int64, decimal) come out as the columns
+    themselves would, overflow to float32's inf included."""
+    if blocks:
+        _blocks_for_any_matrix(monkeypatch, rows=4, features=4)
     rows = 11
     rng = np.random.default_rng(3)
     f32 = rng.standard_normal(rows).astype(np.float32)
@@ -59,7 +70,7 @@ def test_an_integer_column_with_nulls_is_cast_whole_in_every_block(
     batch = pa.record_batch({"x": pa.array(values, pa.int64())})
     with pytest.raises(pa.ArrowInvalid):
         to_matrix(batch, ("x",))
-    monkeypatch.setattr(features_module, "_BLOCK_BYTES", 4 * 4)  # 4 rows of 1 feature
+    _blocks_for_any_matrix(monkeypatch, rows=4, features=1)
     with pytest.raises(pa.ArrowInvalid):
         to_matrix(batch, ("x",))
 
