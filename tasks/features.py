@@ -34,15 +34,22 @@ _BLOCK_MIN_BYTES = 2**20
 def _needs_cast(col: pa.Array) -> bool:
     """Decimals have no numpy form; integers with nulls cast to float so the nulls become
     NaN, and one finiteness check then catches null, NaN and inf alike. Decided on the
-    whole column, not on each block's slice: a slice without nulls would otherwise skip
-    the cast, and with it Arrow's refusal of integers beyond float64's exact range."""
+    whole column, so that every block of a batch converts its slice of a column alike."""
     return pa.types.is_decimal(col.type) or bool(
         col.null_count and not pa.types.is_floating(col.type))
 
 
 def _column_values(col: pa.Array, cast: bool) -> np.ndarray:
+    """The column as numpy values, float64 where it needs a cast.
+
+    The cast is unchecked (``safe=False``), as numpy's own conversion of a column without
+    nulls is: an integer beyond float64's exact range (2**53) rounds to the nearest float
+    either way, as it does again to float32, the models' input. Arrow's checked cast
+    refused such a value only in a column that also held a null, and the refusal was then
+    reported as a corrupt file.
+    """
     if cast:
-        col = pc.cast(col, pa.float64())
+        col = pc.cast(col, pa.float64(), safe=False)
     return col.to_numpy(zero_copy_only=False)
 
 
