@@ -593,6 +593,10 @@ def main(argv: list[str] | None = None) -> int:
     foreigns = [first["foreign"]]
     spans = [first["span"]]
     runs: list[dict[str, Any]] = []
+    # The first run starts without a previous run record in its output, so it runs the
+    # feed probe as a first run anywhere does; the next ones reuse its choice as scheduled
+    # runs into one output do (loaders.feed.reused_feed). Each run's feed line says which.
+    (args.workdir / "out" / w.key / "_run.json").unlink(missing_ok=True)
     for i in range(args.repeat):
         print(f"product run {i + 1}/{args.repeat}: python -m flows.score (fresh process, "
               "ephemeral Prefect) ...", flush=True)

@@ -54,7 +54,14 @@ from loaders.errors import (
     PartitionsFailed,
     ScoringError,
 )
-from loaders.feed import FEED_ROWS, FeedChoice, worth_probing
+from loaders.feed import (
+    FEED_ROWS,
+    FeedChoice,
+    feed_key,
+    probed_now,
+    reused_feed,
+    worth_probing,
+)
 from loaders.manifest import Manifest
 from tasks.drift import render_drift_text
 from tasks.ids import RepeatedIds
@@ -70,7 +77,7 @@ from tasks.steps import (
     load_member,
     score_partition_task,
 )
-from tasks.storage import ENSEMBLE_DIR, store_for
+from tasks.storage import ENSEMBLE_DIR, read_json, store_for
 from tasks.writer import committed_metadata
 
 __all__ = ["score_ensemble"]
@@ -384,11 +391,28 @@ def _feed(params: ScoreParams, manifest: Manifest, plan: Plan, members: list[Mem
             f"an input of about {rows:,} rows is too small for the feed probe to pay"))
     else:
         in_flight = min(params.concurrency, len(plan.partitions))
-        feed = choose_feed.with_options(retries=params.retries).submit(
-            manifest, absent, in_flight).result()
+        key = ("" if params.runner == "dask" else  # a cluster's workers may change
+               feed_key([(m.name, m.digest) for m in members if not m.missing],
+                        len(manifest.features), in_flight=in_flight, runner=params.runner))
+        feed = _previous_feed(plan.output_dir, key) or choose_feed.with_options(
+            retries=params.retries).submit(manifest, absent, in_flight).result()
+        if feed.chosen_by == "probe":
+            feed.key, feed.probed_at = key, probed_now()
     how = "--batch-size" if batch is not None else "the feed size"
     logger.info(f"Batch size: {batch or feed.rows:,} rows ({how}); feeds: {feed.label}")
     return feed
+
+
+def _previous_feed(output_dir: str, key: str) -> FeedChoice | None:
+    """The feed the previous run into ``output_dir`` chose under ``key``, if it still
+    holds (``loaders.feed.reused_feed``); an unreadable record is only a reason to probe."""
+    if not key:
+        return None
+    try:
+        record = read_json(store_for(output_dir).uri(RUN_RECORD))
+    except (OSError, ValueError):
+        return None
+    return reused_feed(record.get("feed") if isinstance(record, dict) else None, key)
 
 
 def _baseline(params: ScoreParams, store: Any, logger: Any) -> tuple[Sketches, str] | None:

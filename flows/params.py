@@ -65,7 +65,9 @@ class ScoreParams(BaseModel):
         "TensorFlow call. Empty: the rows per call, 16,384, or 65,536 where a probe of "
         "about a second before scoring does not find 16,384 at least 10 % faster on this "
         "machine (run on inputs of several million rows, within memory bounds; the run "
-        "record's feed says what was chosen and why)."
+        "record's feed says what was chosen and why; later runs into the same output "
+        "reuse the choice for up to 7 days while the CPU, TensorFlow, members and "
+        "concurrency stay the same)."
     )
     min_members: int | None = Field(
         None, ge=1, le=1024, title="Minimum members per row",

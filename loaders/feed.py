@@ -34,10 +34,23 @@ and 1,056 MiB more on a 64k one, where the difference of their tensors was 770 M
 costs about five 65,536-row feeds per member it uses (0.6-0.7 s for the benchmark's
 MLPs on 2 cores) and saved 3-4 % of the scoring there, so ``worth_probing`` runs it
 only on inputs of at least ``PAYBACK`` times its own work.
+
+One noisy round could still tip the choice: on the 2-core Intel Xeon, where 64k feeds
+scored 3-4 % faster end to end, one probe in about ten took 16k, and that run's flow was
+4 % slower. So the smaller feed must win by the margin in each half of the probe (a small
+and a large round side by side) as well as overall. And a run reuses the choice a
+previous run into the same output recorded (``reused_feed``) when nothing it depends on
+has changed: the CPU (model, every flag, cores), the TensorFlow path and version, the
+members' digests, the features, the partitions in flight and the runner (``feed_key``),
+for ``REPROBE_AFTER`` at most, so that scheduled runs keep one choice and skip the
+probe's ~0.7 s.
 """
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import json
 import os
 import socket
 import time
@@ -46,14 +59,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
+from loaders._tf import tf
 from loaders.base import GraphScorer, Scorer
+from loaders.cpu import cpu_path
 
 __all__ = ["FEED_ROWS", "LARGE_FEED_MAX_EXTRA", "LARGE_FEED_MAX_MATRIX", "PAYBACK",
-           "PROBE_BUDGET_SECONDS", "SMALL_FEED_MARGIN", "FeedChoice", "feed_bytes_per_row",
-           "pick_feed", "probe_evals", "probe_feed", "probe_members", "probed_members",
-           "worth_probing"]
+           "PROBE_BUDGET_SECONDS", "REPROBE_AFTER", "SMALL_FEED_MARGIN", "FeedChoice",
+           "feed_bytes_per_row", "feed_key", "pick_feed", "probe_evals", "probe_feed",
+           "probe_members", "probed_members", "probed_now", "reused_feed", "worth_probing"]
 
 FEED_ROWS = (16_384, 65_536)  # the candidates, smaller first; the smaller is the fallback
 # Two sizes' first windows differed by up to 5 % on the EPYC where they ran alike, and
@@ -67,19 +82,27 @@ _ROUNDS = ("small", "large", "large", "small")
 _ESTIMATE_ROWS = 1_024
 _MIN_ROUND = 0.05
 _MAX_REPEATS = 64
+REPROBE_AFTER = datetime.timedelta(days=7)
+# Part of every feed_key: raised when the probe's rule changes, so that no run reuses a
+# choice made under an older rule.
+_RULES = 2
 
 
 class FeedChoice(BaseModel):
     """The rows per ``Session.run`` a run used, and why (run record)."""
 
     rows: int
-    chosen_by: Literal["probe", "default", "user"]
-    # Row-model evaluations per second at each candidate size, as the probe measured them.
+    chosen_by: Literal["probe", "previous run", "default", "user"]
+    # Row-model evaluations per second at each candidate size, as the probe measured them
+    # (in a previous run, for "previous run"), overall and in each half of the probe.
     rates: dict[str, float] = {}
-    seconds: float = 0.0  # the probe's own time, skipped measurements included
+    half_rates: list[dict[str, float]] = []
+    seconds: float = 0.0  # the probe's own time in this run, skipped measurements included
     why: str = ""
     process: str = ""  # host:pid of the process that probed
     members: list[str] = []  # the members timed
+    key: str = ""  # what the choice depends on (feed_key); empty: not to be reused
+    probed_at: str = ""  # when the probe ran (UTC, ISO 8601)
 
     @property
     def label(self) -> str:
@@ -90,7 +113,10 @@ class FeedChoice(BaseModel):
                                      self.rates.items()) + " row-model evaluations/s"
         if self.why:
             text += f"; {self.why}"
-        if self.process:
+        if self.chosen_by == "previous run":
+            text += (f"; probed at {self.probed_at} in {self.process} on the same CPU, "
+                     "TensorFlow and members")
+        elif self.process:
             text += f"; {self.seconds:.2f} s in {self.process}"
         return text + ")"
 
@@ -114,10 +140,61 @@ def worth_probing(input_rows: int, members: int) -> bool:
     return input_rows * members >= PAYBACK * probe_evals(members)
 
 
-def pick_feed(rates: dict[int, float]) -> int:
-    """The larger feed unless the smaller scored at least ``SMALL_FEED_MARGIN`` faster."""
+def pick_feed(rates: dict[int, float], *halves: dict[int, float]) -> int:
+    """The larger feed unless the smaller scored at least ``SMALL_FEED_MARGIN`` faster,
+    over the whole probe and in each of its ``halves`` (their rates alone)."""
     small, large = FEED_ROWS
-    return small if rates[small] >= rates[large] * (1 + SMALL_FEED_MARGIN) else large
+    return small if all(r[small] >= r[large] * (1 + SMALL_FEED_MARGIN)
+                         for r in (rates, *halves)) else large
+
+
+def feed_key(members: Sequence[tuple[str, str]], n_features: int, *, in_flight: int,
+             runner: str) -> str:
+    """What a probe's choice depends on, as one digest: this machine's CPU (its model,
+    every flag /proc/cpuinfo lists, cores), TensorFlow's path and version, the members
+    (name, digest), the features, the partitions in flight, the task runner, and the
+    probe's rule. Any change and a run probes again."""
+    path = cpu_path()
+    parts = {"cpu": path.model_dump(), "flags": _all_flags(), "tensorflow": tf.__version__,
+             "members": sorted(members), "features": n_features, "in_flight": in_flight,
+             "runner": runner, "rules": _RULES}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _all_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.partition(":")[0].strip() == "flags":
+                    return " ".join(sorted(set(line.partition(":")[2].split())))
+    except OSError:
+        pass
+    return ""
+
+
+def reused_feed(previous: object, key: str, now: datetime.datetime | None = None
+                ) -> FeedChoice | None:
+    """The choice ``previous`` (the ``feed`` of a run record, which may be anything: the
+    output folder is the user's) holds for ``key``: a probe's, made under the same key,
+    of one of the sizes probed, less than ``REPROBE_AFTER`` ago. None otherwise."""
+    if not key or not isinstance(previous, dict) or previous.get("key") != key:
+        return None
+    try:
+        choice = FeedChoice.model_validate(previous)
+        probed = datetime.datetime.fromisoformat(choice.probed_at)
+    except (ValidationError, ValueError):
+        return None
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    if (choice.chosen_by not in ("probe", "previous run") or choice.rows not in FEED_ROWS
+            or probed.tzinfo is None or not datetime.timedelta(0) <= now - probed
+            <= REPROBE_AFTER):
+        return None
+    return choice.model_copy(update={"chosen_by": "previous run", "seconds": 0.0})
+
+
+def probed_now() -> str:
+    """The time stamp a probe's choice is recorded with (``FeedChoice.probed_at``)."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
 
 def feed_bytes_per_row(scorers: Sequence[GraphScorer], n_features: int) -> float:
@@ -221,21 +298,34 @@ def _measure(feed: Callable[..., float], members: int, budget_seconds: float
     if projected > budget_seconds:
         return _too_slow(projected)
     feed(large)
-    spent, evals = {small: 0.0, large: 0.0}, {small: 0, large: 0}
+    rounds: list[tuple[int, int, float]] = []  # (rows per feed, evaluations, seconds)
     for which in _ROUNDS:
-        rows, lasted = (small if which == "small" else large), 0.0
+        rows, lasted, evals = (small if which == "small" else large), 0.0, 0
         for _ in range(_MAX_REPEATS):  # until the round has lasted _MIN_ROUND
             lasted += feed(rows, large // rows)
-            evals[rows] += large * members
+            evals += large * members
             if lasted >= _MIN_ROUND:
                 break
-        spent[rows] += lasted
-    rates = {rows: evals[rows] / spent[rows] for rows in spent}
-    ratio = rates[small] / rates[large]
-    return FeedChoice(rows=pick_feed(rates), chosen_by="probe",
-                      rates={str(k): round(v, 1) for k, v in rates.items()}, why=(
-                          f"{small:,} rows ran at {ratio:.2f} of {large:,}'s rate, taken "
-                          f"at {1 + SMALL_FEED_MARGIN:.2f} or more"))
+        rounds.append((rows, evals, lasted))
+    half = len(rounds) // 2
+    rates, halves = _rates(rounds), [_rates(rounds[:half]), _rates(rounds[half:])]
+    ratios = ", ".join(f"{h[small] / h[large]:.2f}" for h in halves)
+    return FeedChoice(
+        rows=pick_feed(rates, *halves), chosen_by="probe", rates=_rounded(rates),
+        half_rates=[_rounded(h) for h in halves],
+        why=(f"{small:,} rows ran at {rates[small] / rates[large]:.2f} of {large:,}'s rate "
+             f"({ratios} in the probe's halves), taken at {1 + SMALL_FEED_MARGIN:.2f} or "
+             "more in both"))
+
+
+def _rates(rounds: Sequence[tuple[int, int, float]]) -> dict[int, float]:
+    """Evaluations per second of each feed size over ``rounds``."""
+    return {rows: sum(e for r, e, _ in rounds if r == rows)
+            / sum(t for r, _, t in rounds if r == rows) for rows in FEED_ROWS}
+
+
+def _rounded(rates: dict[int, float]) -> dict[str, float]:
+    return {str(k): round(v, 1) for k, v in rates.items()}
 
 
 def _too_slow(projected: float) -> FeedChoice:

@@ -560,7 +560,11 @@ def read_json(location: str) -> Any:
         OSError, ValueError: unreadable, or not JSON.
     """
     with open_input(location) as f:
-        return json.loads(f.read())
+        text = f.read()
+    try:
+        return json.loads(text)
+    except RecursionError as err:  # a document nested deeper than Python's stack allows
+        raise ValueError(f"{location} is nested too deeply to be read as JSON") from err
 
 
 def write_json_atomic(final: str | os.PathLike[str], data: Any) -> None:

@@ -111,9 +111,9 @@ def test_failed_partition_keeps_the_others_and_rerun_finishes(
     assert pq.read_table(tmp_path / "out" / "ensemble" / "p1.parquet").num_rows == 100
     # The user's batch size is the one used, and the record says so.
     record = json.loads((tmp_path / "out" / "_run.json").read_text())
-    assert record["feed"] == {"rows": 64, "chosen_by": "user", "rates": {}, "seconds": 0.0,
-                              "why": "--batch-size 64: each batch is fed whole",
-                              "process": "", "members": []}
+    assert record["feed"] == {"rows": 64, "chosen_by": "user", "rates": {}, "half_rates": [],
+                              "seconds": 0.0, "why": "--batch-size 64: each batch is fed whole",
+                              "process": "", "members": [], "key": "", "probed_at": ""}
     assert record["params"]["batch_size"] == 64
     assert pq.read_metadata(tmp_path / "out" / "ensemble" / "p1.parquet").num_row_groups == 2
 
@@ -156,3 +156,41 @@ def test_ids_repeated_across_partitions_are_reported_not_merged(
     for day, n in (("01", 4), ("02", 5)):
         assert pq.read_metadata(tmp_path / "out" / "ensemble" / f"day={day}" /
                                 "p.parquet").num_rows == n
+
+
+def test_a_probed_feed_is_kept_for_later_runs_until_what_it_depends_on_changes(
+        tmp_path: Path, checkpoints: list[Path], features: list[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run into the same output takes the feed the previous run's probe chose, without
+    probing again, until a member changes; a record the user edited is only a reason to
+    probe."""
+    import flows.ensemble as ensemble
+
+    monkeypatch.setattr(ensemble, "worth_probing", lambda rows, members: True)
+    x = np.random.default_rng(8).standard_normal((50, N_FEATURES)).astype(np.float32)
+    cols: dict[str, object] = {f: x[:, j] for j, f in enumerate(features)}
+    cols["id"] = np.arange(50, dtype=np.int64)
+    write_table(tmp_path / "in" / "p.parquet", cols)
+
+    def run(models: list[Path]) -> dict[str, object]:
+        manifest = write_manifest(tmp_path / "manifest.yaml", {
+            "features": features, "id_column": "id",
+            "models": [ckpt_member(f"m{i}", p) for i, p in enumerate(models)]})
+        score_ensemble(ScoreParams(models=str(manifest), input=str(tmp_path / "in"),
+                                   output=str(tmp_path / "out"), force=True))
+        feed: dict[str, object] = json.loads((tmp_path / "out" / "_run.json").read_text())["feed"]
+        return feed
+
+    first = run(checkpoints[:2])
+    assert first["chosen_by"] == "probe" and first["key"] and first["probed_at"]
+    assert isinstance(first["seconds"], float) and first["seconds"] > 0
+    second = run(checkpoints[:2])
+    assert second["chosen_by"] == "previous run" and second["seconds"] == 0.0
+    assert {k: second[k] for k in ("rows", "rates", "key", "probed_at", "process")} == {
+        k: first[k] for k in ("rows", "rates", "key", "probed_at", "process")}
+    third = run([checkpoints[0], checkpoints[2]])  # another member: probed again
+    assert third["chosen_by"] == "probe" and third["key"] != first["key"]
+    record = json.loads((tmp_path / "out" / "_run.json").read_text())
+    record["feed"]["rows"] = 123  # not a size the probe measures
+    (tmp_path / "out" / "_run.json").write_text(json.dumps(record))
+    assert run([checkpoints[0], checkpoints[2]])["chosen_by"] == "probe"

@@ -5,6 +5,7 @@ smaller size, saying why, where measuring would cost too much or cannot be done.
 
 from __future__ import annotations
 
+import datetime
 import os
 from pathlib import Path
 
@@ -17,13 +18,16 @@ from loaders.feed import (
     FEED_ROWS,
     LARGE_FEED_MAX_EXTRA,
     PAYBACK,
+    REPROBE_AFTER,
     SMALL_FEED_MARGIN,
     feed_bytes_per_row,
+    feed_key,
     pick_feed,
     probe_evals,
     probe_feed,
     probe_members,
     probed_members,
+    reused_feed,
     worth_probing,
 )
 from loaders.inspect import digest_files, resolve_model
@@ -46,6 +50,51 @@ def test_the_smaller_feed_is_taken_only_when_clearly_faster() -> None:
     assert pick_feed({SMALL: 1.0 + SMALL_FEED_MARGIN / 2, LARGE: 1.0}) == LARGE
     assert pick_feed({SMALL: 1.0 + SMALL_FEED_MARGIN, LARGE: 1.0}) == SMALL
     assert pick_feed({SMALL: 1.5, LARGE: 1.0}) == SMALL  # the AVX2 machine's 256-wide MLP
+    # Overall faster by the margin, but not in one half of the probe: one noisy round.
+    halves = ({SMALL: 1.3, LARGE: 1.0}, {SMALL: 1.05, LARGE: 1.0})
+    assert pick_feed({SMALL: 1.15, LARGE: 1.0}, *halves) == LARGE
+    assert pick_feed({SMALL: 1.4, LARGE: 1.0}, halves[0], halves[0]) == SMALL
+
+
+def _probed(**update: object) -> dict[str, object]:
+    """The feed of a run record whose probe chose 65,536 rows an hour before NOW."""
+    return {"rows": LARGE, "chosen_by": "probe", "rates": {str(SMALL): 1.0, str(LARGE): 1.1},
+            "seconds": 0.7, "why": "w", "process": "host:1", "members": ["m0"], "key": "k",
+            "probed_at": "2026-11-30T04:00:00+00:00", **update}
+
+
+NOW = datetime.datetime(2026, 11, 30, 5, 0, tzinfo=datetime.timezone.utc)
+
+
+def test_a_previous_choice_is_reused_only_under_the_same_key_and_not_for_ever() -> None:
+    reused = reused_feed(_probed(), "k", NOW)
+    assert reused is not None and reused.rows == LARGE and reused.chosen_by == "previous run"
+    assert reused.seconds == 0.0 and reused.rates == {str(SMALL): 1.0, str(LARGE): 1.1}
+    assert "probed at 2026-11-30T04:00:00+00:00 in host:1 on the same CPU" in reused.label
+    again = reused_feed(reused.model_dump(), "k", NOW)  # a reuse is reused as well
+    assert again is not None and again.probed_at == reused.probed_at
+    later = NOW + REPROBE_AFTER
+    assert reused_feed(_probed(), "k", later) is None  # probed over a week before
+    for previous, key in [
+        (_probed(), "other"), (_probed(), ""), (_probed(key=""), ""),
+        (_probed(chosen_by="default"), "k"), (_probed(chosen_by="user"), "k"),
+        (_probed(rows=123), "k"), (_probed(rows="65536x"), "k"),
+        (_probed(probed_at="yesterday"), "k"), (_probed(probed_at="2026-11-30T04:00:00"), "k"),
+        (_probed(probed_at="2026-12-30T04:00:00+00:00"), "k"),  # in the future
+        (_probed(rates="fast"), "k"), (None, "k"), ([1, 2], "k"), ("k", "k"),
+    ]:
+        assert reused_feed(previous, key, NOW) is None, previous
+
+
+def test_the_key_changes_with_what_the_choice_depends_on() -> None:
+    members = [("m0", "a" * 64), ("m1", "b" * 64)]
+    key = feed_key(members, 8, in_flight=2, runner="threads")
+    assert key == feed_key(list(reversed(members)), 8, in_flight=2, runner="threads")
+    assert len({key, feed_key(members[:1], 8, in_flight=2, runner="threads"),
+                feed_key([("m0", "c" * 64), members[1]], 8, in_flight=2, runner="threads"),
+                feed_key(members, 9, in_flight=2, runner="threads"),
+                feed_key(members, 8, in_flight=1, runner="threads"),
+                feed_key(members, 8, in_flight=2, runner="processes")}) == 6
 
 
 def test_the_probe_runs_only_where_it_can_pay_for_itself() -> None:
@@ -64,10 +113,13 @@ def test_probe_measures_both_sizes_and_leaves_members_as_they_were(
         assert choice.chosen_by == "probe" and choice.rows in FEED_ROWS
         assert set(choice.rates) == {str(SMALL), str(LARGE)}
         assert all(rate > 0 for rate in choice.rates.values()) and choice.seconds > 0
-        assert choice.rows == pick_feed({int(k): v for k, v in choice.rates.items()})
+        halves = [{int(k): v for k, v in h.items()} for h in choice.half_rates]
+        assert len(halves) == 2 and all(set(h) == {SMALL, LARGE} for h in halves)
+        assert choice.rows == pick_feed({int(k): v for k, v in choice.rates.items()}, *halves)
         assert f"at most {choice.rows:,} rows per Session.run (probe: 16,384 rows" in choice.label
         assert choice.process.endswith(f":{os.getpid()}") and choice.process in choice.label
-        assert "ran at" in choice.why and "taken at 1.10 or more" in choice.why
+        assert "ran at" in choice.why and "in the probe's halves" in choice.why
+        assert "taken at 1.10 or more in both" in choice.why
         # A feed larger than the largest size probed is split, and scores the same.
         for scorer, prefix in zip(scorers, checkpoints, strict=True):
             np.testing.assert_allclose(scorer.predict(x), mlp_reference(prefix, x),
