@@ -394,8 +394,8 @@ def _feed(params: ScoreParams, manifest: Manifest, plan: Plan, members: list[Mem
         key = ("" if params.runner == "dask" else  # a cluster's workers may change
                feed_key([(m.name, m.digest) for m in members if not m.missing],
                         len(manifest.features), in_flight=in_flight, runner=params.runner))
-        feed = _previous_feed(plan.output_dir, key) or choose_feed.with_options(
-            retries=params.retries).submit(manifest, absent, in_flight).result()
+        feed = choose_feed.with_options(retries=params.retries).submit(
+            manifest, absent, in_flight, _previous_feed(plan.output_dir, key)).result()
         if feed.chosen_by == "probe":
             feed.key, feed.probed_at = key, probed_now()
     how = "--batch-size" if batch is not None else "the feed size"

@@ -66,8 +66,8 @@ class ScoreParams(BaseModel):
         "about a second before scoring does not find 16,384 at least 10 % faster on this "
         "machine (run on inputs of several million rows, within memory bounds; the run "
         "record's feed says what was chosen and why; later runs into the same output "
-        "reuse the choice for up to 7 days while the CPU, TensorFlow, members and "
-        "concurrency stay the same)."
+        "reuse a probe's choice for up to 7 days while the CPU, TensorFlow, members, "
+        "features and partitions in flight stay the same, except with the dask runner)."
     )
     min_members: int | None = Field(
         None, ge=1, le=1024, title="Minimum members per row",

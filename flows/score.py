@@ -75,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "16384 at least 10%% faster on this machine; the probe runs on inputs "
                    "of several million rows and within memory bounds; the log and the run "
                    "record's feed say what was chosen and why; later runs into the same "
-                   "output reuse the choice for up to 7 days while the CPU, TensorFlow, "
-                   "members and concurrency stay the same)")
+                   "output reuse a probe's choice for up to 7 days while the CPU, "
+                   "TensorFlow, members, features and partitions in flight stay the same, "
+                   "except with --runner dask)")
     p.add_argument("--min-members", type=int, default=None, metavar="K",
                    help="fewest members with a finite score a row needs, and that must "
                    "load for the run to go on (default: the manifest's min_members, else "

@@ -51,6 +51,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import math
 import os
 import socket
 import time
@@ -109,7 +110,7 @@ class FeedChoice(BaseModel):
         """One line for logs and reports."""
         text = f"at most {self.rows:,} rows per Session.run ({self.chosen_by}"
         if self.rates:
-            text += ": " + ", ".join(f"{int(k):,} rows {v / 1e6:.2f} M" for k, v in
+            text += ": " + ", ".join(f"{_rows_text(k)} rows {v / 1e6:.2f} M" for k, v in
                                      self.rates.items()) + " row-model evaluations/s"
         if self.why:
             text += f"; {self.why}"
@@ -119,6 +120,10 @@ class FeedChoice(BaseModel):
         elif self.process:
             text += f"; {self.seconds:.2f} s in {self.process}"
         return text + ")"
+
+
+def _rows_text(key: str) -> str:
+    return f"{int(key):,}" if key.isdigit() and len(key) < 10 else repr(key[:20])
 
 
 def probed_members(members: int) -> int:
@@ -151,14 +156,27 @@ def pick_feed(rates: dict[int, float], *halves: dict[int, float]) -> int:
 def feed_key(members: Sequence[tuple[str, str]], n_features: int, *, in_flight: int,
              runner: str) -> str:
     """What a probe's choice depends on, as one digest: this machine's CPU (its model,
-    every flag /proc/cpuinfo lists, cores), TensorFlow's path and version, the members
+    every flag /proc/cpuinfo lists, cores, the cores this process may use and the thread
+    variables TensorFlow and OpenMP read), TensorFlow's path and version, the members
     (name, digest), the features, the partitions in flight, the task runner, and the
     probe's rule. Any change and a run probes again."""
     path = cpu_path()
     parts = {"cpu": path.model_dump(), "flags": _all_flags(), "tensorflow": tf.__version__,
+             "usable_cores": _usable_cores(),
+             "threads": {v: os.environ.get(v) for v in _THREAD_VARIABLES},
              "members": sorted(members), "features": n_features, "in_flight": in_flight,
              "runner": runner, "rules": _RULES}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+_THREAD_VARIABLES = ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS")
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _all_flags() -> str:
@@ -187,9 +205,22 @@ def reused_feed(previous: object, key: str, now: datetime.datetime | None = None
     now = now or datetime.datetime.now(datetime.timezone.utc)
     if (choice.chosen_by not in ("probe", "previous run") or choice.rows not in FEED_ROWS
             or probed.tzinfo is None or not datetime.timedelta(0) <= now - probed
-            <= REPROBE_AFTER):
+            <= REPROBE_AFTER or not _as_probed(choice)):
         return None
     return choice.model_copy(update={"chosen_by": "previous run", "seconds": 0.0})
+
+
+def _as_probed(choice: FeedChoice) -> bool:
+    """Whether a recorded choice's figures and texts are what a probe writes: the rates
+    of both sizes, finite and positive, and short printable texts (they are logged and
+    written into every later record)."""
+    sizes = {str(rows) for rows in FEED_ROWS}
+    rates = [choice.rates, *choice.half_rates]
+    texts = [choice.why, choice.process, choice.probed_at, *choice.members]
+    return (len(choice.half_rates) <= 2 and len(choice.members) <= 64
+            and all(set(r) == sizes and all(math.isfinite(v) and v > 0 for v in r.values())
+                    for r in rates)
+            and all(len(t) <= 300 and t.isprintable() for t in texts))
 
 
 def probed_now() -> str:
@@ -211,11 +242,13 @@ def _bytes_per_row(scorer: GraphScorer, n_features: int) -> float:
             - scorer.output_bytes(rows, n_features)) / rows
 
 
-def probe_members(scorers: Sequence[GraphScorer], n_features: int, *, in_flight: int
-                  ) -> FeedChoice:
+def probe_members(scorers: Sequence[GraphScorer], n_features: int, *, in_flight: int,
+                  previous: FeedChoice | None = None) -> FeedChoice:
     """The probe on a run's loaded members: each member's tensors per row are read first,
     for the memory bound and to time the costliest members (the ones a feed size matters
-    most for), whatever their order in the manifest."""
+    most for), whatever their order in the manifest. With ``previous`` (``reused_feed``),
+    nothing is timed: its choice is taken, unless it is the larger feed and the bounds
+    refuse it here (the record it came from is the user's file)."""
     start = time.perf_counter()
     per_row: list[float] = []
     for scorer in scorers:
@@ -227,9 +260,16 @@ def probe_members(scorers: Sequence[GraphScorer], n_features: int, *, in_flight:
                 why=f"member {scorer.name!r}: its memory per row could not be read: "
                     f"{type(exc).__name__}: {exc}"[:300],
                 seconds=round(time.perf_counter() - start, 3), process=_process())
-    costliest = [scorers[i] for i in sorted(range(len(scorers)), key=lambda i: -per_row[i])]
-    choice = probe_feed(costliest, n_features, bytes_per_row=sum(per_row),
-                        in_flight=in_flight)
+    refused = _large_refused(n_features, sum(per_row), in_flight)
+    if previous is not None and (previous.rows == FEED_ROWS[0] or refused is None):
+        choice = previous.model_copy()
+    elif previous is not None:
+        choice = FeedChoice(rows=FEED_ROWS[0], chosen_by="default", why=str(refused))
+    else:
+        costliest = [scorers[i] for i in sorted(range(len(scorers)),
+                                                key=lambda i: -per_row[i])]
+        choice = probe_feed(costliest, n_features, bytes_per_row=sum(per_row),
+                            in_flight=in_flight)
     choice.seconds = round(time.perf_counter() - start, 3)
     choice.process = choice.process or _process()  # also where it stopped before timing
     return choice
@@ -251,17 +291,11 @@ def probe_feed(scorers: Sequence[Scorer], n_features: int, *, bytes_per_row: flo
     """
     small, large = FEED_ROWS
     use = list(scorers)[:probed_members(len(scorers))]
-    extra = bytes_per_row * large * in_flight
     if not use:
         return FeedChoice(rows=small, chosen_by="default", why="no member loaded")
-    if large * n_features * 4 > LARGE_FEED_MAX_MATRIX:
-        return FeedChoice(rows=small, chosen_by="default", why=(
-            f"{n_features} features: a {large:,}-row batch would take over "
-            f"{LARGE_FEED_MAX_MATRIX // 2**20} MiB"))
-    if extra > LARGE_FEED_MAX_EXTRA:
-        return FeedChoice(rows=small, chosen_by="default", why=(
-            f"{large:,}-row feeds would hold up to {extra / 2**30:.1f} GiB, the members' "
-            f"calls of {in_flight} partition(s) in flight"))
+    refused = _large_refused(n_features, bytes_per_row, in_flight)
+    if refused is not None:
+        return FeedChoice(rows=small, chosen_by="default", why=refused)
     start = time.perf_counter()
     features = np.random.default_rng(0).standard_normal((large, n_features),
                                                         dtype=np.float32)
@@ -281,6 +315,20 @@ def probe_feed(scorers: Sequence[Scorer], n_features: int, *, bytes_per_row: flo
     choice.seconds = round(time.perf_counter() - start, 3)
     choice.process, choice.members = _process(), [s.name for s in use]
     return choice
+
+
+def _large_refused(n_features: int, bytes_per_row: float, in_flight: int) -> str | None:
+    """Why the larger feed is out of bounds here (wide rows, or the members' calls would
+    hold too much memory), or None."""
+    large = FEED_ROWS[1]
+    extra = bytes_per_row * large * in_flight
+    if large * n_features * 4 > LARGE_FEED_MAX_MATRIX:
+        return (f"{n_features} features: a {large:,}-row batch would take over "
+                f"{LARGE_FEED_MAX_MATRIX // 2**20} MiB")
+    if extra > LARGE_FEED_MAX_EXTRA:
+        return (f"{large:,}-row feeds would hold up to {extra / 2**30:.1f} GiB, the members' "
+                f"calls of {in_flight} partition(s) in flight")
+    return None
 
 
 def _measure(feed: Callable[..., float], members: int, budget_seconds: float

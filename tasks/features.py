@@ -40,16 +40,18 @@ def _needs_cast(col: pa.Array) -> bool:
 
 
 def _column_values(col: pa.Array, cast: bool) -> np.ndarray:
-    """The column as numpy values, float64 where it needs a cast.
+    """The column as numpy values; where it needs a cast, float32 for integers, float64
+    for decimals.
 
-    The cast is unchecked (``safe=False``), as numpy's own conversion of a column without
-    nulls is: an integer beyond float64's exact range (2**53) rounds to the nearest float
-    either way, as it does again to float32, the models' input. Arrow's checked cast
-    refused such a value only in a column that also held a null, and the refusal was then
-    reported as a corrupt file.
+    An integer column is cast straight to float32, unchecked (``safe=False``), as numpy
+    converts one without nulls: each value rounds once to the nearest float32 whether or
+    not its column holds a null. Arrow's checked cast to float64 refused integers beyond
+    2**53 only in a column that also held a null (reported as a corrupt file), and going
+    through float64 rounded twice, one float32 step off for some values beyond 2**53.
     """
     if cast:
-        col = pc.cast(col, pa.float64(), safe=False)
+        target = pa.float32() if pa.types.is_integer(col.type) else pa.float64()
+        col = pc.cast(col, target, safe=False)
     return col.to_numpy(zero_copy_only=False)
 
 

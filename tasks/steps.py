@@ -89,13 +89,15 @@ def _golden_check(manifest: Manifest, absent: list[str]) -> GoldenCheck:
     return check_golden(manifest, _present(manifest, absent), absent)
 
 
-def _choose_feed(manifest: Manifest, absent: list[str], in_flight: int) -> FeedChoice:
+def _choose_feed(manifest: Manifest, absent: list[str], in_flight: int,
+                 previous: FeedChoice | None = None) -> FeedChoice:
     """The feed probe (``loaders.feed``), submitted to the task runner so that with worker
     processes it measures where the scoring runs (a process that then scores, and loads
-    every member anyway). ``in_flight``: partitions scored at once."""
+    every member anyway). ``in_flight``: partitions scored at once; ``previous``: a
+    previous run's choice to take instead of timing, within this run's bounds."""
     set_up()
     return probe_members(list(_present(manifest, absent).values()), len(manifest.features),
-                         in_flight=in_flight)
+                         in_flight=in_flight, previous=previous)
 
 
 @functools.wraps(score_partition)

@@ -559,6 +559,9 @@ def read_json(location: str) -> Any:
         FileNotFoundError: nothing there.
         OSError, ValueError: unreadable, or not JSON.
     """
+    if s3_uri(location) is None and not stat.S_ISREG(os.stat(location).st_mode):
+        # A FIFO would block the run on open; a directory or device is no document either.
+        raise ValueError(f"{location} is not a regular file")
     with open_input(location) as f:
         text = f.read()
     try:

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from flows.demo import build_mlp_checkpoint, feature_names, mlp_reference
 from loaders.base import GraphScorer
@@ -20,6 +21,7 @@ from loaders.feed import (
     PAYBACK,
     REPROBE_AFTER,
     SMALL_FEED_MARGIN,
+    FeedChoice,
     feed_bytes_per_row,
     feed_key,
     pick_feed,
@@ -82,11 +84,24 @@ def test_a_previous_choice_is_reused_only_under_the_same_key_and_not_for_ever() 
         (_probed(probed_at="yesterday"), "k"), (_probed(probed_at="2026-11-30T04:00:00"), "k"),
         (_probed(probed_at="2026-12-30T04:00:00+00:00"), "k"),  # in the future
         (_probed(rates="fast"), "k"), (None, "k"), ([1, 2], "k"), ("k", "k"),
+        # Figures and texts a probe does not write (they are logged and copied forward).
+        (_probed(rates={"16k": 1.0, "64k": 1.1}), "k"), (_probed(rates={str(LARGE): 1.0}), "k"),
+        (_probed(rates={str(SMALL): float("nan"), str(LARGE): 1.0}), "k"),
+        (_probed(rates={str(SMALL): -1.0, str(LARGE): 1.0}), "k"),
+        (_probed(half_rates=[{"1" * 5000: 1.0}]), "k"), (_probed(why="x" * 301), "k"),
+        (_probed(why="fine\nforged log line"), "k"), (_probed(process="\x1b[31m"), "k"),
+        (_probed(members=["m"] * 65), "k"),
     ]:
         assert reused_feed(previous, key, NOW) is None, previous
 
 
-def test_the_key_changes_with_what_the_choice_depends_on() -> None:
+def test_a_label_names_whatever_sizes_a_choice_holds() -> None:
+    odd = FeedChoice(rows=SMALL, chosen_by="default", rates={"16k": 1.0, "1" * 5000: 2.0})
+    assert "'16k' rows" in odd.label and "'11111111111111111111' rows" in odd.label
+
+
+def test_the_key_changes_with_what_the_choice_depends_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     members = [("m0", "a" * 64), ("m1", "b" * 64)]
     key = feed_key(members, 8, in_flight=2, runner="threads")
     assert key == feed_key(list(reversed(members)), 8, in_flight=2, runner="threads")
@@ -95,6 +110,16 @@ def test_the_key_changes_with_what_the_choice_depends_on() -> None:
                 feed_key(members, 9, in_flight=2, runner="threads"),
                 feed_key(members, 8, in_flight=1, runner="threads"),
                 feed_key(members, 8, in_flight=2, runner="processes")}) == 6
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert feed_key(members, 8, in_flight=2, runner="threads") != key
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    if hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) > 1:
+        everything = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {min(everything)})  # as `taskset -c 0` would
+        try:
+            assert feed_key(members, 8, in_flight=2, runner="threads") != key
+        finally:
+            os.sched_setaffinity(0, everything)
 
 
 def test_the_probe_runs_only_where_it_can_pay_for_itself() -> None:
@@ -120,6 +145,10 @@ def test_probe_measures_both_sizes_and_leaves_members_as_they_were(
         assert choice.process.endswith(f":{os.getpid()}") and choice.process in choice.label
         assert "ran at" in choice.why and "in the probe's halves" in choice.why
         assert "taken at 1.10 or more in both" in choice.why
+        # A previous run's choice is taken as it is, within this run's bounds: nothing timed.
+        before = choice.model_copy(update={"chosen_by": "previous run", "process": "h:1"})
+        again = probe_members(scorers, N_FEATURES, in_flight=2, previous=before)
+        assert again.model_dump(exclude={"seconds"}) == before.model_dump(exclude={"seconds"})
         # A feed larger than the largest size probed is split, and scores the same.
         for scorer, prefix in zip(scorers, checkpoints, strict=True):
             np.testing.assert_allclose(scorer.predict(x), mlp_reference(prefix, x),
@@ -146,12 +175,16 @@ def test_wide_rows_keep_the_smaller_feed(tmp_path: Path) -> None:
                                   hidden=(4,))
     scorer = load_scorer(ModelSpec(name="wide", path=str(prefix), input="features",
                                    output="score"), width)
+    forged = FeedChoice(rows=LARGE, chosen_by="previous run", rates={
+        str(SMALL): 1.0, str(LARGE): 2.0}, process="h:1")  # a record the user wrote
     try:
         choice = probe_feed([scorer], width, bytes_per_row=1e3, in_flight=1)
+        reused = probe_members([scorer], width, in_flight=1, previous=forged)
     finally:
         scorer.close()
-    assert choice.rows == SMALL and choice.chosen_by == "default"
-    assert "300 features" in choice.why and "64 MiB" in choice.why
+    for made in (choice, reused):
+        assert made.rows == SMALL and made.chosen_by == "default"
+        assert "300 features" in made.why and "64 MiB" in made.why
 
 
 class _NoRoomForLargeFeeds:

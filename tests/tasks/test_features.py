@@ -68,7 +68,8 @@ def test_a_null_does_not_change_how_an_integer_column_converts(
     block, even those without the null)."""
     if blocks:
         _blocks_for_any_matrix(monkeypatch, rows=4, features=1)
-    big = [2**53 + 1, 2**63 - 1, -(2**63), 7]
+    # 2**60 + 2**36 + 1 rounds to another float32 through float64 than straight.
+    big = [2**53 + 1, 2**63 - 1, -(2**63), 2**60 + 2**36 + 1]
     values: list[int | None] = big + [1] * 8
     plain = to_matrix(pa.record_batch({"x": pa.array(values, pa.int64())}), ("x",))
     values[10] = None  # in the last block only
@@ -77,8 +78,10 @@ def test_a_null_does_not_change_how_an_integer_column_converts(
     np.testing.assert_array_equal(plain[:4, 0], expected)
     np.testing.assert_array_equal(nulled[:4, 0], expected)
     assert np.isnan(nulled[10, 0]) and np.array_equal(np.delete(plain, 10), np.delete(nulled, 10))
-    unsigned = pa.array([2**64 - 1, None], pa.uint64())
-    assert to_matrix(pa.record_batch({"u": unsigned}), ("u",))[0, 0] == np.float32(2.0**64)
+    for value in (2**64 - 1, 18446743523953737727):
+        unsigned = pa.array([value, None], pa.uint64())
+        assert to_matrix(pa.record_batch({"u": unsigned}), ("u",))[0, 0] == np.array(
+            [value], dtype=np.uint64).astype(np.float32)[0]
 
 
 def test_matrices_start_where_tensorflow_feeds_them_without_a_copy() -> None:

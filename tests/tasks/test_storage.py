@@ -12,6 +12,7 @@ from tasks.storage import (
     check_output_apart,
     is_staging_name,
     output_lock,
+    read_json,
     remove_stale_staging,
     store_for,
 )
@@ -192,3 +193,23 @@ def test_clean_up_never_deletes_through_a_link(tmp_path: Path) -> None:
     (out / "quarantine" / "day=1").symlink_to(elsewhere)
     remove_stale_staging(out)
     assert theirs.read_text() == "another run's"
+
+
+def test_a_record_that_is_no_regular_file_or_too_deep_reads_as_unreadable(
+        tmp_path: Path) -> None:
+    """Run records in the output folder are the user's files: a FIFO in their place must
+    not block the run on open, and JSON nested deeper than Python's stack is refused as
+    unreadable (ValueError), like any other bad record, not as a crash."""
+    fifo = tmp_path / "_run.json"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        read_json(str(fifo))
+    (tmp_path / "dir.json").mkdir()
+    with pytest.raises(ValueError, match="not a regular file"):
+        read_json(str(tmp_path / "dir.json"))
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        read_json(str(deep))
+    with pytest.raises(FileNotFoundError):
+        read_json(str(tmp_path / "missing.json"))
