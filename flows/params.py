@@ -67,7 +67,8 @@ class ScoreParams(BaseModel):
         "machine (run on inputs of several million rows, within memory bounds; the run "
         "record's feed says what was chosen and why; later runs into the same output "
         "reuse a probe's choice for up to 7 days while the CPU, TensorFlow, members, "
-        "features and partitions in flight stay the same, except with the dask runner)."
+        "number of features and partitions in flight stay the same, except with the dask "
+        "runner)."
     )
     min_members: int | None = Field(
         None, ge=1, le=1024, title="Minimum members per row",

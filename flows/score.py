@@ -76,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "of several million rows and within memory bounds; the log and the run "
                    "record's feed say what was chosen and why; later runs into the same "
                    "output reuse a probe's choice for up to 7 days while the CPU, "
-                   "TensorFlow, members, features and partitions in flight stay the same, "
-                   "except with --runner dask)")
+                   "TensorFlow, members, number of features and partitions in flight stay "
+                   "the same, except with --runner dask)")
     p.add_argument("--min-members", type=int, default=None, metavar="K",
                    help="fewest members with a finite score a row needs, and that must "
                    "load for the run to go on (default: the manifest's min_members, else "

@@ -35,13 +35,15 @@ costs about five 65,536-row feeds per member it uses (0.6-0.7 s for the benchmar
 MLPs on 2 cores) and saved 3-4 % of the scoring there, so ``worth_probing`` runs it
 only on inputs of at least ``PAYBACK`` times its own work.
 
-One noisy round could still tip the choice: on the 2-core Intel Xeon, where 64k feeds
-scored 3-4 % faster end to end, one probe in about ten took 16k, and that run's flow was
-4 % slower. So the smaller feed must win by the margin in each half of the probe (a small
-and a large round side by side) as well as overall. And a run reuses the choice a
+One noisy round could still tip the choice: on the 2-core Intel Xeon, where the two
+sizes ran within 10 % of each other in the probe, 2 of some 60 probes took 16k, and one
+such run, in an interleaved set, had a 4 % longer flow. So the smaller feed must win by
+the margin in each half of the probe (a small and a large round side by side) as well as
+overall. And a run reuses the choice a
 previous run into the same output recorded (``reused_feed``) when nothing it depends on
 has changed: the CPU (model, every flag, cores), the TensorFlow path and version, the
-members' digests, the features, the partitions in flight and the runner (``feed_key``),
+members' digests, the number of features, the partitions in flight and the runner
+(``feed_key``),
 for ``REPROBE_AFTER`` at most, so that scheduled runs keep one choice and skip the
 probe's ~0.7 s.
 """
@@ -51,7 +53,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import math
 import os
 import socket
 import time
@@ -84,6 +85,9 @@ _ESTIMATE_ROWS = 1_024
 _MIN_ROUND = 0.05
 _MAX_REPEATS = 64
 REPROBE_AFTER = datetime.timedelta(days=7)
+# Row-model evaluations per second no machine reaches (1e13): a recorded rate above it is
+# not a probe's.
+_MAX_RATE = 1e13
 # Part of every feed_key: raised when the probe's rule changes, so that no run reuses a
 # choice made under an older rule.
 _RULES = 2
@@ -116,7 +120,7 @@ class FeedChoice(BaseModel):
             text += f"; {self.why}"
         if self.chosen_by == "previous run":
             text += (f"; probed at {self.probed_at} in {self.process} on the same CPU, "
-                     "TensorFlow and members")
+                     "TensorFlow and members, not again in this run")
         elif self.process:
             text += f"; {self.seconds:.2f} s in {self.process}"
         return text + ")"
@@ -217,8 +221,8 @@ def _as_probed(choice: FeedChoice) -> bool:
     sizes = {str(rows) for rows in FEED_ROWS}
     rates = [choice.rates, *choice.half_rates]
     texts = [choice.why, choice.process, choice.probed_at, *choice.members]
-    return (len(choice.half_rates) <= 2 and len(choice.members) <= 64
-            and all(set(r) == sizes and all(math.isfinite(v) and v > 0 for v in r.values())
+    return (len(choice.half_rates) <= 2 and len(choice.members) <= 64 and bool(choice.process)
+            and all(set(r) == sizes and all(0 < v <= _MAX_RATE for v in r.values())
                     for r in rates)
             and all(len(t) <= 300 and t.isprintable() for t in texts))
 

@@ -521,9 +521,10 @@ def store_for(location: str | os.PathLike[str] | S3Path) -> Store:
 
 def open_input(location: str) -> pa.NativeFile:
     """A file named by a local path or an ``s3://`` URI (a partition, a committed ensemble
-    file), opened through the store of its folder: the one way files are read, so tests
-    inject read faults there (a faulty store), and S3 uses the process's configured
-    filesystem (pyarrow given the URI itself would ignore AWS_ENDPOINT_URL)."""
+    file), opened through the store of its folder: the one way data files are read, so
+    tests inject read faults there (a faulty store), and S3 uses the process's configured
+    filesystem (pyarrow given the URI itself would ignore AWS_ENDPOINT_URL). Local JSON
+    documents are read by ``read_json`` itself, checked on the opened file."""
     uri = s3_uri(location)
     text = uri[len("s3://"):] if uri is not None else str(location)
     parent, _, name = text.rstrip("/").rpartition("/")
@@ -551,23 +552,52 @@ def remove_stale_staging(location: str | os.PathLike[str] | S3Path) -> int:
     return store_for(location).remove_stale_staging()
 
 
+# The largest JSON document read (run records, drift baselines): a record takes ~180 bytes
+# per partition, so this is a run of some 350,000 partitions; parsed, a document takes
+# several times its size in memory, and the file is the user's.
+MAX_JSON_BYTES = 64 * 2**20
+
+
 def read_json(location: str) -> Any:
     """The JSON document at ``location`` (a local path or an S3 URI), read through
-    ``open_input``.
+    ``open_input``; a local one is opened without blocking and must be a regular file,
+    so a FIFO or device in its place (a user's folder) cannot hang the run.
 
     Raises:
         FileNotFoundError: nothing there.
-        OSError, ValueError: unreadable, or not JSON.
+        OSError, ValueError: unreadable, not a regular file, over ``MAX_JSON_BYTES``, or
+            not JSON.
     """
-    if s3_uri(location) is None and not stat.S_ISREG(os.stat(location).st_mode):
-        # A FIFO would block the run on open; a directory or device is no document either.
-        raise ValueError(f"{location} is not a regular file")
-    with open_input(location) as f:
-        text = f.read()
+    if s3_uri(location) is None:
+        text = _read_local_document(location)
+    else:
+        with open_input(location) as f:
+            if f.size() > MAX_JSON_BYTES:
+                raise ValueError(f"{location} is over {MAX_JSON_BYTES // 2**20} MiB")
+            text = f.read()
     try:
         return json.loads(text)
     except RecursionError as err:  # a document nested deeper than Python's stack allows
         raise ValueError(f"{location} is nested too deeply to be read as JSON") from err
+
+
+def _read_local_document(location: str) -> bytes:
+    """Checked on the opened file itself (``fstat``), so nothing can be swapped in between;
+    reads stay non-blocking, so a file that would block (a kernel log) fails instead."""
+    fd = os.open(location, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{location} is not a regular file")
+        chunks, size = [], 0
+        while size <= MAX_JSON_BYTES and (chunk := os.read(fd, 2**20)):
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    if max(size, info.st_size) > MAX_JSON_BYTES:
+        raise ValueError(f"{location} is over {MAX_JSON_BYTES // 2**20} MiB")
+    return b"".join(chunks)
 
 
 def write_json_atomic(final: str | os.PathLike[str], data: Any) -> None:

@@ -122,7 +122,10 @@ def test_custom_run_filled_by_label_like_a_person(
     # its absence) is what a failure reports. Prefect's server answers 503 ("Service
     # Unavailable", its signal to retry) when SQLite is locked by the worker and runs of
     # the other tests, as happened on a loaded 2-core machine: a person clicks again.
+    statuses: list[int] = []
     for _attempt in range(3):
+        for box, value in typed:  # what a retry submits is still what was typed
+            expect(box).to_have_value(value)
         try:
             with page.expect_response(
                     lambda r: r.request.method == "POST"
@@ -132,14 +135,17 @@ def test_custom_run_filled_by_label_like_a_person(
         except PlaywrightTimeout:
             _shot(page, "custom-run-not-submitted.png")
             raise AssertionError(
-                f"the form sent no create_flow_run in 90 s; boxes held "
+                f"the form sent no create_flow_run in 90 s (answers before: {statuses}); "
+                f"boxes held "
                 f"{[box.input_value() for box, _ in typed]}; the page at {page.url} ends:\n"
                 f"{page.inner_text('body')[-2500:]}") from None
         response = answer.value
+        statuses.append(response.status)
         if response.status != 503:
             break
         page.wait_for_timeout(2_000)
-    assert response.ok, f"the UI's create_flow_run answered {response.status}: {response.text()}"
+    assert response.ok, (f"the UI's create_flow_run answered {statuses}: "
+                         f"{response.text()}")
     assert _flow_runs(stack, deployment_id) == runs_before + 1
     [created] = [r for r in stack.api("POST", "/flow_runs/filter", json={
         "deployments": {"id": {"any_": [deployment_id]}}}).json()

@@ -90,7 +90,8 @@ def test_a_previous_choice_is_reused_only_under_the_same_key_and_not_for_ever() 
         (_probed(rates={str(SMALL): -1.0, str(LARGE): 1.0}), "k"),
         (_probed(half_rates=[{"1" * 5000: 1.0}]), "k"), (_probed(why="x" * 301), "k"),
         (_probed(why="fine\nforged log line"), "k"), (_probed(process="\x1b[31m"), "k"),
-        (_probed(members=["m"] * 65), "k"),
+        (_probed(members=["m"] * 65), "k"), (_probed(process=""), "k"),
+        (_probed(rates={str(SMALL): 1.7e308, str(LARGE): 1.0}), "k"),
     ]:
         assert reused_feed(previous, key, NOW) is None, previous
 

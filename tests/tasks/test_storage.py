@@ -9,6 +9,7 @@ import pytest
 
 from loaders.errors import OutputError
 from tasks.storage import (
+    MAX_JSON_BYTES,
     check_output_apart,
     is_staging_name,
     output_lock,
@@ -195,7 +196,7 @@ def test_clean_up_never_deletes_through_a_link(tmp_path: Path) -> None:
     assert theirs.read_text() == "another run's"
 
 
-def test_a_record_that_is_no_regular_file_or_too_deep_reads_as_unreadable(
+def test_a_record_that_is_no_regular_file_too_large_or_too_deep_reads_as_unreadable(
         tmp_path: Path) -> None:
     """Run records in the output folder are the user's files: a FIFO in their place must
     not block the run on open, and JSON nested deeper than Python's stack is refused as
@@ -213,3 +214,12 @@ def test_a_record_that_is_no_regular_file_or_too_deep_reads_as_unreadable(
         read_json(str(deep))
     with pytest.raises(FileNotFoundError):
         read_json(str(tmp_path / "missing.json"))
+    link = tmp_path / "link.json"
+    link.symlink_to(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        read_json(str(link))
+    huge = tmp_path / "huge.json"
+    with huge.open("wb") as f:
+        f.truncate(MAX_JSON_BYTES + 1)  # sparse: nothing written
+    with pytest.raises(ValueError, match="is over 64 MiB"):
+        read_json(str(huge))
