@@ -39,13 +39,11 @@ One noisy round could still tip the choice: on the 2-core Intel Xeon, where the 
 sizes ran within 10 % of each other in the probe, 2 of some 60 probes took 16k, and one
 such run, in an interleaved set, had a 4 % longer flow. So the smaller feed must win by
 the margin in each half of the probe (a small and a large round side by side) as well as
-overall. And a run reuses the choice a
-previous run into the same output recorded (``reused_feed``) when nothing it depends on
-has changed: the CPU (model, every flag, cores), the TensorFlow path and version, the
-members' digests, the number of features, the partitions in flight and the runner
-(``feed_key``),
-for ``REPROBE_AFTER`` at most, so that scheduled runs keep one choice and skip the
-probe's ~0.7 s.
+overall. And a run reuses the choice a previous run into the same output recorded
+(``reused_feed``) when nothing it depends on has changed: the CPU (model, every flag,
+cores), the TensorFlow path and version, the members' digests, the number of features,
+the partitions in flight and the runner (``feed_key``), for ``REPROBE_AFTER`` at most,
+so that scheduled runs keep one choice and skip the probe's ~0.7 s.
 """
 
 from __future__ import annotations
