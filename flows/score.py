@@ -428,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(args)
     except (KeyboardInterrupt, _Terminated) as stop:
+        _remove_own_lock(args)
         if (record := _completed_record(args, since)) is not None:
             print(f"\n(stopped after the run completed; its record is {record})",
                   file=sys.stderr, flush=True)
@@ -439,6 +440,19 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+
+
+def _remove_own_lock(args: argparse.Namespace) -> None:
+    """The output's lock file, if a stop left it behind as the lock was released
+    (``LocalStore.remove_own_lock``): the next run would report this one as killed."""
+    if not args.output:
+        return
+    with contextlib.suppress(Exception):
+        from tasks.storage import LocalStore, store_for
+
+        store = store_for(args.output)
+        if isinstance(store, LocalStore):
+            store.remove_own_lock()
 
 
 def _completed_record(args: argparse.Namespace, since: float) -> str | None:

@@ -391,7 +391,9 @@ class LocalStore(Store):
             left = os.pread(fd, 4096, 0).decode(errors="replace").strip()
             self.stale_holder = left or None
             os.ftruncate(fd, 0)
-            os.pwrite(fd, _holder_text(), 0)
+            mine = _holder_text()
+            os.pwrite(fd, mine, 0)
+            _WRITTEN_HOLDERS[str(self.root / LOCK_FILE)] = mine
             try:
                 yield
             finally:
@@ -400,6 +402,43 @@ class LocalStore(Store):
                 fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+
+
+    def remove_own_lock(self) -> bool:
+        """Remove the lock file this process wrote and no longer holds; whether it did.
+
+        A stop signal raised in the main thread while the lock is released (between two
+        steps of the release) can leave the file with this process's text, and the next
+        run would then report this one as killed. Nothing else is removed: a file whose
+        text is not what this process wrote, one another run holds, or a link.
+        """
+        path = self.root / LOCK_FILE
+        written = _WRITTEN_HOLDERS.get(str(path))
+        if written is None:
+            return False
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            return False
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                return False
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return False  # held (by this process still, or a run started since)
+            if (os.pread(fd, 4096, 0) != written
+                    or os.stat(path, follow_symlinks=False).st_ino != st.st_ino):
+                return False
+            os.unlink(path)
+            return True
+        finally:
+            os.close(fd)  # also releases the flock
+
+
+# What this process wrote into each local lock file it took (``LocalStore.remove_own_lock``).
+_WRITTEN_HOLDERS: dict[str, bytes] = {}
 
 
 # S3 lock: S3 has no atomic create-if-absent that pyarrow 26 can issue (no If-None-Match

@@ -9,7 +9,9 @@ import pytest
 
 from loaders.errors import OutputError
 from tasks.storage import (
+    LOCK_FILE,
     MAX_JSON_BYTES,
+    LocalStore,
     check_output_apart,
     is_staging_name,
     output_lock,
@@ -223,3 +225,21 @@ def test_a_record_that_is_no_regular_file_too_large_or_too_deep_reads_as_unreada
         f.truncate(MAX_JSON_BYTES + 1)  # sparse: nothing written
     with pytest.raises(ValueError, match="is over 64 MiB"):
         read_json(str(huge))
+
+
+def test_a_lock_file_left_by_a_stop_is_removed_only_when_this_process_wrote_it(
+        tmp_path: Path) -> None:
+    """A stop signal raised while the lock is released can leave the file behind with this
+    process's text (the next run would report a killed run): the CLI removes it then,
+    and nothing else: not a lock still held, not another run's file."""
+    store = store_for(tmp_path / "out")
+    assert isinstance(store, LocalStore)
+    lock = tmp_path / "out" / LOCK_FILE
+    assert not store.remove_own_lock()  # this process never took it
+    with store.lock():
+        text = lock.read_bytes()
+        assert not store.remove_own_lock() and lock.exists()  # held
+    lock.write_bytes(text)  # as a stop between the release's steps leaves it
+    assert store.remove_own_lock() and not lock.exists()
+    lock.write_bytes(b"pid 1 on elsewhere, started 2026-11-30 05:00:00 UTC")
+    assert not store.remove_own_lock() and lock.exists()  # another run's
