@@ -137,7 +137,7 @@ def probe_evals(members: int) -> int:
     """Row-model evaluations the probe spends with ``members`` loaded members, when each
     round needs no repeat (a model too fast to need them costs nothing to repeat)."""
     small, large = FEED_ROWS
-    calls = (len(_ROUNDS) + 1) * large + 2 * small + 2 * _ESTIMATE_ROWS
+    calls = (len(_ROUNDS) + 1) * large + 3 * small + 2 * _ESTIMATE_ROWS
     return calls * probed_members(members)
 
 
@@ -343,7 +343,10 @@ def _measure(feed: Callable[..., float], members: int, budget_seconds: float
     if rough > 10 * budget_seconds:
         return _too_slow(rough)
     feed(small)
-    round_seconds = feed(small) * (large // small)  # one round of either size, projected
+    # One round of either size, projected from the faster of two calls: a single call
+    # slowed by something else on the machine (6x, once, on the Intel Xeon) turned the
+    # probe away as too slow and left a 10M-row run on the smaller feed.
+    round_seconds = min(feed(small), feed(small)) * (large // small)
     projected = round_seconds * (len(_ROUNDS) + 1)
     if projected > budget_seconds:
         return _too_slow(projected)
