@@ -160,8 +160,8 @@ def feed_key(members: Sequence[tuple[str, str]], n_features: int, *, in_flight: 
     """What a probe's choice depends on, as one digest: this machine's CPU (its model,
     every flag /proc/cpuinfo lists, cores, the cores this process may use and the thread
     variables TensorFlow and OpenMP read), TensorFlow's path and version, the members
-    (name, digest), the features, the partitions in flight, the task runner, and the
-    probe's rule. Any change and a run probes again."""
+    (name, digest), the number of features, the partitions in flight, the task runner,
+    and the probe's rule. Any change and a run probes again."""
     path = cpu_path()
     parts = {"cpu": path.model_dump(), "flags": _all_flags(), "tensorflow": tf.__version__,
              "usable_cores": _usable_cores(),
@@ -214,8 +214,8 @@ def reused_feed(previous: object, key: str, now: datetime.datetime | None = None
 
 def _as_probed(choice: FeedChoice) -> bool:
     """Whether a recorded choice's figures and texts are what a probe writes: the rates
-    of both sizes, finite and positive, and short printable texts (they are logged and
-    written into every later record)."""
+    of both sizes, positive and at most ``_MAX_RATE`` (NaN and inf fail both), a prober,
+    and short printable texts (they are logged and written into every later record)."""
     sizes = {str(rows) for rows in FEED_ROWS}
     rates = [choice.rates, *choice.half_rates]
     texts = [choice.why, choice.process, choice.probed_at, *choice.members]
