@@ -598,9 +598,9 @@ MAX_JSON_BYTES = 64 * 2**20
 
 
 def read_json(location: str) -> Any:
-    """The JSON document at ``location`` (a local path or an S3 URI), read through
-    ``open_input``; a local one is opened without blocking and must be a regular file,
-    so a FIFO or device in its place (a user's folder) cannot hang the run.
+    """The JSON document at ``location``: an S3 URI read through ``open_input``, a local
+    path opened without blocking and required to be a regular file, so a FIFO or device
+    in its place (a user's folder) cannot hang the run.
 
     Raises:
         FileNotFoundError: nothing there.
